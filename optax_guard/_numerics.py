@@ -1,0 +1,206 @@
+"""Shared numerics: float32-accumulated norms, the safe scale factor, one psum.
+
+Every transformation of optax_guard computes its statistics with these
+functions, so that they all agree on precision, on non-finite handling and on
+how partial results are combined across devices.
+
+* Norms accumulate in float32 (float64 when the input is float64), whatever
+  the dtype of the leaf. Squaring a float16 leaf in float16 overflows at
+  ``|x| > 256``; squaring it in float32 after a fused convert does not.
+* Reductions produce *partials* (a sum of squares, a sum of absolute values or
+  a maximum absolute value). Partials are combined across leaves, then across
+  devices with a single collective, and only then turned into a norm.
+* The scale factor is ``min(1, c / max(norm, tiny))``: a multiply by one
+  scalar (or per-unit) factor fuses into its consumer, a zero norm gives 1,
+  a norm at or under ``c`` gives exactly 1, an infinite norm gives 0 and a
+  NaN norm gives NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INF_ORDS = (math.inf, "inf", np.inf)
+
+
+def canonical_ord(ord: Any) -> Any:  # noqa: A002
+  """Maps ``None`` to 2 and ``'inf'``/``numpy.inf`` to ``math.inf``."""
+  if ord is None:
+    return 2
+  if isinstance(ord, str) and ord == "inf":
+    return math.inf
+  return ord
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+  """float64 for float64 (and complex128) inputs, float32 otherwise."""
+  dtype = jnp.dtype(dtype)
+  if dtype in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)):
+    return jnp.dtype(jnp.float64)
+  return jnp.dtype(jnp.float32)
+
+
+def _magnitude(x: jax.Array) -> jax.Array:
+  x = jnp.asarray(x)
+  return jnp.abs(x).astype(accumulation_dtype(x.dtype))
+
+
+def partial_norm(
+    x: jax.Array,
+    ord: Any = 2,  # noqa: A002
+    axis: int | Sequence[int] | None = None,
+    keepdims: bool = False,
+) -> jax.Array:
+  """The partial of a norm of ``x`` over ``axis``, accumulated in float32.
+
+  For ``ord`` 2 the sum of squares, for 1 the sum of absolute values, for
+  ``inf`` the maximum absolute value (0 for an empty reduction). Partials of
+  disjoint pieces combine with :func:`combine_partials` and become a norm with
+  :func:`finish_norm`.
+  """
+  ord = canonical_ord(ord)
+  a = _magnitude(x)
+  if ord == 2:
+    return jnp.sum(a * a, axis=axis, keepdims=keepdims)
+  if ord == 1:
+    return jnp.sum(a, axis=axis, keepdims=keepdims)
+  return jnp.max(a, axis=axis, keepdims=keepdims, initial=0.0)
+
+
+def combine_partials(partials: Sequence[jax.Array], ord: Any = 2) -> jax.Array:  # noqa: A002
+  """Combines partials of disjoint pieces (sum, or max for ``inf``)."""
+  ord = canonical_ord(ord)
+  if not partials:
+    return jnp.zeros((), jnp.float32)
+  dtype = jnp.result_type(*partials)
+  partials = [p.astype(dtype) for p in partials]
+  if ord == math.inf:
+    return jnp.max(jnp.stack(partials)) if len(partials) > 1 else partials[0]
+  total = partials[0]
+  for p in partials[1:]:
+    total = total + p
+  return total
+
+
+def finish_norm(partial: jax.Array, ord: Any = 2) -> jax.Array:  # noqa: A002
+  """Turns a combined partial into the norm (``sqrt`` for ``ord`` 2)."""
+  return jnp.sqrt(partial) if canonical_ord(ord) == 2 else partial
+
+
+def cross_device(partials: Any, ord: Any = 2, axis_name: Any = None) -> Any:  # noqa: A002
+  """Combines a tree of partials across devices with one collective.
+
+  ``lax.psum`` for sums (``ord`` 1 and 2), ``lax.pmax`` for ``inf``; the
+  identity when ``axis_name`` is None (plain ``jit`` on sharded arrays already
+  reduces globally).
+  """
+  if axis_name is None:
+    return partials
+  if canonical_ord(ord) == math.inf:
+    return jax.lax.pmax(partials, axis_name)
+  return jax.lax.psum(partials, axis_name)
+
+
+def global_norm(
+    tree: Any,
+    ord: Any = None,  # noqa: A002
+    axis_name: Any = None,
+) -> jax.Array:
+  """The norm of a whole tree, float32-accumulated, across devices if asked.
+
+  Returns a float32 scalar (float64 if a leaf is float64); 0 for an empty tree.
+  """
+  leaves = jax.tree_util.tree_leaves(tree)
+  partial = combine_partials([partial_norm(x, ord) for x in leaves], ord)
+  return finish_norm(cross_device(partial, ord, axis_name), ord)
+
+
+def leaf_norms(tree: Any, ord: Any = None, axis_name: Any = None) -> Any:  # noqa: A002
+  """A tree of per-leaf norms (float32 scalars), one collective for all."""
+  partials = jax.tree_util.tree_map(lambda x: partial_norm(x, ord), tree)
+  partials = cross_device(partials, ord, axis_name)
+  return jax.tree_util.tree_map(lambda p: finish_norm(p, ord), partials)
+
+
+def resolve_unit_axes(
+    ndim: int, axis: int | Sequence[int] | None
+) -> tuple[int, ...]:
+  """The axes a per-unit norm reduces over.
+
+  ``axis=None`` means every axis but the last for ``ndim >= 2`` (the fan-in of
+  a Flax ``Dense`` kernel ``(in, out)`` or an HWIO convolution kernel) and
+  every axis for scalars and vectors. Negative axes are normalised; an axis
+  out of range raises ``ValueError``.
+  """
+  if axis is None:
+    return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  out = []
+  for a in axes:
+    a = int(a)
+    if not -max(ndim, 1) <= a < max(ndim, 1) or ndim == 0:
+      raise ValueError(
+          f"axis={axis!r} is out of range for a leaf with {ndim} dimensions"
+      )
+    out.append(a % ndim)
+  return tuple(sorted(set(out)))
+
+
+def unit_norm(
+    x: jax.Array,
+    axis: int | Sequence[int] | None = None,
+    ord: Any = None,  # noqa: A002
+    axis_name: Any = None,
+) -> jax.Array:
+  """Per-unit norm of ``x`` over ``axis`` (see :func:`resolve_unit_axes`).
+
+  The result keeps the reduced dimensions (size 1), so it broadcasts against
+  ``x``. With ``axis_name`` the per-unit partials are summed across devices
+  (the reduced axes are split over the devices).
+  """
+  x = jnp.asarray(x)
+  axes = resolve_unit_axes(x.ndim, axis)
+  partial = partial_norm(x, ord, axis=axes, keepdims=True)
+  return finish_norm(cross_device(partial, ord, axis_name), ord)
+
+
+def safe_factor(bound: Any, norm: jax.Array) -> jax.Array:
+  """``min(1, bound / max(norm, tiny))`` in the norm's dtype.
+
+  Zero norm gives 1 (for ``bound > 0``); a norm at or under ``bound`` gives
+  exactly 1; an infinite norm gives 0; a NaN norm gives NaN.
+  """
+  norm = jnp.asarray(norm)
+  tiny = jnp.finfo(norm.dtype).tiny
+  bound = jnp.asarray(bound, norm.dtype)
+  return jnp.minimum(1.0, bound / jnp.maximum(norm, tiny)).astype(norm.dtype)
+
+
+def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
+  """``x * factor`` computed in the factor's precision, cast back to x.dtype.
+
+  XLA fuses the converts and the multiply into one elementwise pass (or into
+  the consumer of the result), so no full-size temporary is created.
+  """
+  x = jnp.asarray(x)
+  factor = jnp.asarray(factor)
+  if x.dtype == factor.dtype:
+    return x * factor
+  wide = jnp.promote_types(x.dtype, factor.dtype)
+  return (x.astype(wide) * factor.astype(wide)).astype(x.dtype)
+
+
+def scale_tree(tree: Any, factor: jax.Array) -> Any:
+  """Multiplies every leaf by one scalar factor, keeping each leaf's dtype."""
+  return jax.tree_util.tree_map(lambda x: scale_leaf(x, factor), tree)
+
+
+def is_finite_scalar(x: jax.Array) -> jax.Array:
+  """``jnp.isfinite`` of a scalar statistic (a norm, a loss)."""
+  return jnp.isfinite(jnp.asarray(x))

@@ -1,0 +1,359 @@
+"""The contract every public factory of optax_guard honours (DESIGN.md 4).
+
+One registry lists every public name with a small valid configuration and
+configurations that must be rejected. ``test_registry_covers_public_api``
+fails when a public name is missing, so a new factory cannot land untested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_guard as og
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """A registry entry for a factory returning a GradientTransformation."""
+
+  factory: Callable[..., Any]
+  kwargs: dict = dataclasses.field(default_factory=dict)
+  needs_params: bool = False
+  uses_value: bool = False
+  static_args: tuple[str, ...] = ()
+  bad: tuple[dict, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A registry entry for a factory returning an optax.Schedule."""
+
+  factory: Callable[..., Any]
+  kwargs: dict = dataclasses.field(default_factory=dict)
+  bad: tuple[dict, ...] = ()
+
+
+NAN = float("nan")
+
+# ---------------------------------------------------------------------------
+# The registry. Keep one block per module; every public factory appears once.
+# ---------------------------------------------------------------------------
+TRANSFORMS: dict[str, Transform] = {
+    # --- _clipping.py ---
+    "clip_by_value": Transform(
+        og.clip_by_value, dict(max_value=0.5),
+        bad=(dict(max_value=NAN), dict(max_value=1.0, min_value=2.0),
+             dict(max_value=-1.0), dict(max_value="big")),
+    ),
+    "clip_by_norm": Transform(
+        og.clip_by_norm, dict(max_norm=0.5),
+        bad=(dict(max_norm=0.0), dict(max_norm=-1.0), dict(max_norm=NAN),
+             dict(max_norm=1.0, ord=3)),
+    ),
+    "clip_by_global_norm": Transform(
+        og.clip_by_global_norm, dict(max_norm=0.5),
+        bad=(dict(max_norm=0.0), dict(max_norm=-1.0), dict(max_norm=NAN),
+             dict(max_norm=1.0, ord=0)),
+    ),
+    "clip_by_axis_norm": Transform(
+        og.clip_by_axis_norm, dict(max_norm=0.5),
+        bad=(dict(max_norm=-1.0), dict(max_norm=1.0, axis="rows")),
+    ),
+    "truncate_by_value": Transform(
+        og.truncate_by_value, dict(threshold=1.0),
+        bad=(dict(threshold=0.0), dict(threshold=NAN)),
+    ),
+    "clip_weights": Transform(
+        og.clip_weights, dict(max_value=0.3), needs_params=True,
+        bad=(dict(max_value=0.1, min_value=0.2), dict(max_value=NAN)),
+    ),
+    "clip_weights_by_norm": Transform(
+        og.clip_weights_by_norm, dict(max_norm=0.5), needs_params=True,
+        bad=(dict(max_norm=0.0), dict(max_norm=-2.0)),
+    ),
+    # --- _adaptive.py ---
+    # --- _guards.py ---
+    # --- _feedback.py ---
+    # --- _penalties.py ---
+    # --- _monitor.py ---
+}
+
+SCHEDULES: dict[str, Schedule] = {
+    # --- _schedules.py ---
+}
+
+# Public names that are neither factories nor schedules, with the test module
+# that covers them.
+OTHERS: dict[str, str] = {
+    "__version__": "test_version_is_a_string (below)",
+    # --- _monitor.py ---
+}
+
+
+def _state_class_names():
+  return {n for n in og.__all__ if n.endswith("State")}
+
+
+def test_registry_covers_public_api():
+  registered = set(TRANSFORMS) | set(SCHEDULES) | set(OTHERS) | _state_class_names()
+  missing = sorted(set(og.__all__) - registered)
+  assert not missing, f"public names missing from tests/test_contract.py: {missing}"
+  unknown = sorted(registered - set(og.__all__))
+  assert not unknown, f"registry names that optax_guard does not export: {unknown}"
+
+
+def test_all_is_sorted_and_exported():
+  assert list(og.__all__) == sorted(og.__all__)
+  for name in og.__all__:
+    assert hasattr(og, name), name
+
+
+def test_version_is_a_string():
+  assert isinstance(og.__version__, str) and og.__version__.count(".") >= 1
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _params(dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  return {
+      "dense": {
+          "kernel": jax.random.normal(k1, (4, 3), jnp.float32).astype(dtype),
+          "bias": (0.1 * jax.random.normal(k2, (3,), jnp.float32)).astype(dtype),
+      },
+      "scale": jax.random.normal(k3, (), jnp.float32).astype(dtype),
+  }
+
+
+def _grads(step, dtype=jnp.float32):
+  key = jax.random.PRNGKey(100 + step)
+  g = jax.tree_util.tree_map(
+      lambda p: 2.0 * jax.random.normal(key, p.shape, jnp.float32), _params()
+  )
+  # a spike at step 3 so that adaptive/guard transforms take both branches
+  if step == 3:
+    g = jax.tree_util.tree_map(lambda x: 50.0 * x, g)
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype), g)
+
+
+def _value(step):
+  return jnp.asarray([3.0, 2.5, 2.5, 9.0, 2.4, 2.6][step % 6], jnp.float32)
+
+
+def _run(tx, steps=6, dtype=jnp.float32, jit=True):
+  """Runs ``steps`` updates; returns the list of updates and the final state."""
+  tx = optax.with_extra_args_support(tx)
+  params = _params(dtype)
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  outs = []
+  for i in range(steps):
+    u, state = update(_grads(i, dtype), state, params, value=_value(i))
+    outs.append(u)
+  return outs, state
+
+
+def _make(entry: Transform, **override):
+  return entry.factory(**{**entry.kwargs, **override})
+
+
+transform_names = sorted(TRANSFORMS)
+schedule_names = sorted(SCHEDULES)
+
+
+# ---------------------------------------------------------------------------
+# Transformations
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_is_optax_transformation(name):
+  tx = _make(TRANSFORMS[name])
+  assert isinstance(tx, optax.GradientTransformation)
+  if TRANSFORMS[name].uses_value:
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_jit_no_retrace(name):
+  tx = optax.with_extra_args_support(_make(TRANSFORMS[name]))
+  params = _params()
+  traces = []
+
+  @jax.jit
+  def step(g, s, value):
+    traces.append(1)
+    return tx.update(g, s, params, value=value)
+
+  s = tx.init(params)
+  for i in range(4):
+    _, s = step(_grads(i), s, _value(i))
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_init_on_shape_dtype_struct(name):
+  tx = _make(TRANSFORMS[name])
+  params = _params()
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params
+  )
+  real = tx.init(params)
+  from_struct = tx.init(abstract)
+  assert jax.tree_util.tree_structure(real) == jax.tree_util.tree_structure(from_struct)
+  for a, b in zip(jax.tree_util.tree_leaves(real), jax.tree_util.tree_leaves(from_struct)):
+    assert jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_preserves_dtype_and_shape(name, dtype):
+  outs, _ = _run(_make(TRANSFORMS[name]), steps=4, dtype=dtype)
+  ref = _params(dtype)
+  for u in outs:
+    chex.assert_trees_all_equal_shapes_and_dtypes(u, ref)
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_ignores_unknown_extra_args(name):
+  entry = TRANSFORMS[name]
+  tx = optax.with_extra_args_support(_make(entry))
+  params = _params()
+  s = tx.init(params)
+  a, _ = tx.update(_grads(0), s, params, value=_value(0))
+  b, _ = tx.update(_grads(0), s, params, value=_value(0), unknown_extra=1.0)
+  chex.assert_trees_all_equal(a, b)
+  chained = optax.chain(optax.identity(), _make(entry))
+  c, _ = chained.update(_grads(0), chained.init(params), params, value=_value(0),
+                        unknown_extra=1.0)
+  chex.assert_trees_all_equal(a, c)
+
+
+@pytest.mark.parametrize("name", [n for n in transform_names if TRANSFORMS[n].uses_value])
+def test_transform_value_reaches_it_inside_chain(name):
+  entry = TRANSFORMS[name]
+  direct, s_direct = _run(_make(entry), steps=6, jit=False)
+  chained, s_chain = _run(optax.chain(optax.identity(), _make(entry)), steps=6, jit=False)
+  chex.assert_trees_all_close(direct, chained, rtol=1e-6, atol=0)
+  chex.assert_trees_all_close(s_direct, s_chain[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_same_under_inject_hyperparams(name):
+  entry = TRANSFORMS[name]
+  direct, _ = _run(_make(entry), steps=6)
+  injected_tx = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(
+      **entry.kwargs
+  )
+  injected, _ = _run(injected_tx, steps=6)
+  chex.assert_trees_all_close(direct, injected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_defaults_work_under_inject_hyperparams(name):
+  """With only the required arguments, inject_hyperparams traces the defaults."""
+  entry = TRANSFORMS[name]
+  injected_tx = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(
+      **entry.kwargs
+  )
+  outs, _ = _run(injected_tx, steps=3)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for u in outs for x in jax.tree_util.tree_leaves(u))
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_state_structure_stable_under_cond(name):
+  tx = optax.with_extra_args_support(_make(TRANSFORMS[name]))
+  params = _params()
+  s0 = tx.init(params)
+
+  @jax.jit
+  def step(pred, g, s):
+    def do(g, s):
+      return tx.update(g, s, params, value=_value(1))
+
+    def skip(g, s):
+      return jax.tree_util.tree_map(jnp.zeros_like, g), s
+
+    return jax.lax.cond(pred, do, skip, g, s)
+
+  _, s1 = step(True, _grads(0), s0)
+  _, s2 = step(False, _grads(1), s1)
+  chex.assert_trees_all_equal_shapes_and_dtypes(s0, s1, s2)
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_rejects_invalid_hyperparameters(name):
+  entry = TRANSFORMS[name]
+  assert entry.bad, f"{name}: the registry must list at least one invalid configuration"
+  for bad in entry.bad:
+    with pytest.raises((ValueError, TypeError)) as info:
+      _make(entry, **bad)
+    assert entry.factory.__name__ in str(info.value) or any(
+        k in str(info.value) for k in bad
+    ), str(info.value)
+
+
+@pytest.mark.parametrize("name", [n for n in transform_names if TRANSFORMS[n].needs_params])
+def test_transform_needs_params_error(name):
+  tx = _make(TRANSFORMS[name])
+  with pytest.raises(ValueError, match="params"):
+    tx.update(_grads(0), tx.init(_params()), None)
+
+
+# ---------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", schedule_names)
+def test_schedule_returns_float32_scalar_for_all_step_types(name):
+  entry = SCHEDULES[name]
+  sched = entry.factory(**entry.kwargs)
+  ref = sched(7)
+  assert ref.dtype == jnp.float32 and ref.shape == ()
+  for step in (np.int64(7), np.int32(7), jnp.int32(7), jnp.asarray(7, jnp.float32)):
+    np.testing.assert_array_equal(sched(step), ref)
+  np.testing.assert_array_equal(jax.jit(sched)(7), ref)
+  assert bool(jnp.isfinite(sched(-3))) and sched(-3) == sched(0)
+
+
+@pytest.mark.parametrize("name", schedule_names)
+def test_schedule_jit_no_retrace_and_vmap(name):
+  entry = SCHEDULES[name]
+  sched = entry.factory(**entry.kwargs)
+  traces = []
+
+  @jax.jit
+  def f(t):
+    traces.append(1)
+    return sched(t)
+
+  for t in (0, 5, 1000):
+    f(jnp.asarray(t, jnp.int32))
+  assert len(traces) == 1
+  steps = jnp.arange(10)
+  out = jax.vmap(sched)(steps)
+  assert out.shape == (10,) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out, np.array([sched(int(t)) for t in steps]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", schedule_names)
+def test_schedule_rejects_invalid_arguments(name):
+  entry = SCHEDULES[name]
+  assert entry.bad, f"{name}: the registry must list at least one invalid configuration"
+  for bad in entry.bad:
+    with pytest.raises((ValueError, TypeError)):
+      entry.factory(**{**entry.kwargs, **bad})
+
