@@ -1,1 +1,24 @@
-"""Experiments: gradient explosion reproduced, and each defence shown working."""
+"""Experiments: gradient explosion reproduced, and each defence shown working.
+
+Run the suite with ``python -m experiments`` (``--help`` for the options). Each
+module exposes ``Config`` (its sizes; ``Config()`` is the default run and
+``Config.quick()`` the ``--quick`` one) and ``run(config, guards=None)``
+returning an ``experiments._common.ExperimentResult``.
+
+Importing this package before JAX gives JAX 8 simulated CPU devices (for the
+``data_parallel`` experiment) unless ``XLA_FLAGS`` already sets a host device
+count or ``JAX_PLATFORMS`` excludes the CPU. The flag only affects the CPU
+backend: on a machine with GPUs or TPUs the real devices are used.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count"
+_platforms = os.environ.get("JAX_PLATFORMS", "")
+if (
+    _FLAG not in os.environ.get("XLA_FLAGS", "")
+    and (not _platforms or "cpu" in _platforms.split(","))
+):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
+
+EXPERIMENTS = ("adding_problem", "deep_mlp", "transformer_spikes", "data_parallel")

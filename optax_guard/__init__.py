@@ -1,5 +1,12 @@
 """optax_guard: every defence against exploding gradients, as optax transforms."""
 
+from optax_guard._adaptive import (
+    AutoClipState,
+    ZClipState,
+    adaptive_grad_clip,
+    autoclip,
+    zclip,
+)
 from optax_guard._clipping import (
     clip_by_axis_norm,
     clip_by_global_norm,
@@ -9,16 +16,66 @@ from optax_guard._clipping import (
     clip_weights_by_norm,
     truncate_by_value,
 )
+from optax_guard._feedback import (
+    ReduceOnPlateauState,
+    reduce_on_plateau,
+    scale_by_grad_norm,
+    scale_by_parameter,
+)
+from optax_guard._guards import (
+    SkipNonfiniteState,
+    SkipOnSpikeState,
+    skip_nonfinite,
+    skip_on_spike,
+)
+from optax_guard._monitor import MonitorState, guard_stats, monitor
+from optax_guard._penalties import add_l1_penalty, add_l2_penalty
+from optax_guard._schedules import (
+    exponential_decay,
+    inverse_sqrt_decay,
+    inverse_time_decay,
+    linear_decay,
+    multistep_decay,
+    polynomial_decay,
+    step_decay,
+    warmup,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoClipState",
+    "MonitorState",
+    "ReduceOnPlateauState",
+    "SkipNonfiniteState",
+    "SkipOnSpikeState",
+    "ZClipState",
     "__version__",
+    "adaptive_grad_clip",
+    "add_l1_penalty",
+    "add_l2_penalty",
+    "autoclip",
     "clip_by_axis_norm",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
     "clip_weights",
     "clip_weights_by_norm",
+    "exponential_decay",
+    "guard_stats",
+    "inverse_sqrt_decay",
+    "inverse_time_decay",
+    "linear_decay",
+    "monitor",
+    "multistep_decay",
+    "polynomial_decay",
+    "reduce_on_plateau",
+    "scale_by_grad_norm",
+    "scale_by_parameter",
+    "skip_nonfinite",
+    "skip_on_spike",
+    "step_decay",
     "truncate_by_value",
+    "warmup",
+    "zclip",
 ]

@@ -270,9 +270,12 @@ def clip_weights(
   .. math::
     u \leftarrow \mathrm{clip}(p + u, m, M) - p, \qquad m = -M \text{ by default}
 
-  so that ``optax.apply_updates(p, u)`` lands in the box (up to one rounding
-  of ``p + (w - p)``). This is the weight clipping of Wasserstein GANs. Put it
-  *last* in the chain, after the optimizer, so ``u`` is the final update.
+  so that ``optax.apply_updates(p, u)`` lands in the box, up to the rounding
+  of ``w - p`` and of ``p + (w - p)`` in the leaf dtype (about half an ulp of
+  ``|w - p|`` in bfloat16). Updates whose new weights are already inside the
+  box are returned bitwise unchanged. This is the weight clipping of
+  Wasserstein GANs. Put it *last* in the chain, after the optimizer, so ``u``
+  is the final update.
 
   Args:
     max_value: upper bound of the weights.
@@ -298,11 +301,13 @@ def clip_weights(
 
   def update_fn(updates, state, params=None):
     val.needs_params("clip_weights", params)
-    out = jax.tree_util.tree_map(
-        lambda u, p: (_clamp(p + u, lo, hi) - p).astype(jnp.asarray(u).dtype),
-        updates, params,
-    )
-    return out, state
+    def leaf(u, p):
+      u = jnp.asarray(u)
+      w = p + u
+      inside = (w >= jnp.asarray(lo).astype(w.dtype)) & (w <= jnp.asarray(hi).astype(w.dtype))
+      return jnp.where(inside, u, (_clamp(w, lo, hi) - p).astype(u.dtype))
+
+    return jax.tree_util.tree_map(leaf, updates, params), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -318,8 +323,9 @@ def clip_weights_by_norm(
     u \leftarrow w - p
 
   Units as in :func:`clip_by_axis_norm` (``axis=None``: every axis but the
-  last, which is Keras ``MaxNorm(axis=0)`` for a ``Dense`` kernel). Put it
-  last in the chain.
+  last, which is Keras ``MaxNorm(axis=0)`` for a ``Dense`` kernel; Keras
+  adds ``1e-7`` to the norm, we do not). Units already within the bound get
+  their updates back bitwise unchanged. Put it last in the chain.
 
   Args:
     max_norm: the bound ``c > 0``.
@@ -350,9 +356,11 @@ def clip_weights_by_norm(
 
     def leaf(u, p):
       u = jnp.asarray(u)
-      w = p + u
-      w = num.scale_leaf(w, num.safe_factor(max_norm, num.unit_norm(w, axis)))
-      return (w - p).astype(u.dtype)
+      f = num.safe_factor(max_norm, num.unit_norm(p + u, axis))
+      # (p + u) * f - p, written so that f == 1 returns u bitwise.
+      wide = jnp.promote_types(u.dtype, f.dtype)
+      u32, p32 = u.astype(wide), jnp.asarray(p).astype(wide)
+      return (u32 * f + p32 * (f - 1)).astype(u.dtype)
 
     return jax.tree_util.tree_map(leaf, updates, params), state
 

@@ -81,14 +81,108 @@ TRANSFORMS: dict[str, Transform] = {
         bad=(dict(max_norm=0.0), dict(max_norm=-2.0)),
     ),
     # --- _adaptive.py ---
+    "adaptive_grad_clip": Transform(
+        og.adaptive_grad_clip, dict(clipping=0.05), needs_params=True,
+        bad=(dict(clipping=0.0), dict(clipping=NAN), dict(eps=-1.0),
+             dict(axis="rows")),
+    ),
+    "autoclip": Transform(
+        og.autoclip, dict(percentile=50.0, history_size=3),
+        bad=(dict(percentile=101.0), dict(percentile=-1.0), dict(history_size=0),
+             dict(history_size=2.5)),
+    ),
+    "zclip": Transform(
+        og.zclip, dict(warmup_steps=2, max_norm=100.0),
+        bad=(dict(alpha=1.5), dict(z_threshold=0.0), dict(warmup_steps=0),
+             dict(max_norm=-1.0), dict(eps=-1e-6)),
+    ),
     # --- _guards.py ---
+    "skip_nonfinite": Transform(
+        og.skip_nonfinite,
+        dict(inner=optax.chain(og.clip_by_global_norm(1.0),
+                               og.reduce_on_plateau(patience=1, factor=0.5))),
+        uses_value=True,
+        bad=(dict(inner="sgd"), dict(inner=None)),
+    ),
+    "skip_on_spike": Transform(
+        og.skip_on_spike,
+        dict(inner=optax.chain(og.clip_by_global_norm(1.0), optax.sgd(0.1)),
+             window=4, min_history=2),
+        uses_value=True,
+        bad=(dict(sigma=0.0), dict(sigma=-1.0), dict(sigma=NAN), dict(window=0),
+             dict(window=2.5), dict(min_history=0), dict(min_history=5)),
+    ),
     # --- _feedback.py ---
+    "reduce_on_plateau": Transform(
+        og.reduce_on_plateau, dict(patience=1, factor=0.5, cooldown=1), uses_value=True,
+        bad=(dict(factor=1.0), dict(factor=-0.1), dict(patience=-1), dict(patience=1.5),
+             dict(cooldown=-1), dict(threshold=-1e-4), dict(threshold=NAN),
+             dict(min_scale=-1.0), dict(eps=-1.0), dict(mode="median"),
+             dict(threshold_mode="relative")),
+    ),
+    "scale_by_grad_norm": Transform(
+        og.scale_by_grad_norm, dict(fn=lambda n: 1.0 / (1.0 + n)), static_args=("fn",),
+        bad=(dict(fn=3.0), dict(fn=None)),
+    ),
+    "scale_by_parameter": Transform(
+        og.scale_by_parameter, dict(fn=lambda p, u: 1.0 / (1.0 + jnp.abs(p))),
+        needs_params=True, static_args=("fn",),
+        bad=(dict(fn=0.5),),
+    ),
     # --- _penalties.py ---
+    "add_l1_penalty": Transform(
+        og.add_l1_penalty, dict(weight=0.01), needs_params=True,
+        bad=(dict(weight=-1.0), dict(weight=NAN), dict(weight=float("inf")),
+             dict(weight="big")),
+    ),
+    "add_l2_penalty": Transform(
+        og.add_l2_penalty,
+        dict(weight=0.01, mask=lambda p: jax.tree_util.tree_map(lambda x: x.ndim > 1, p)),
+        needs_params=True, static_args=("mask",),
+        bad=(dict(weight=-0.5), dict(weight=NAN)),
+    ),
     # --- _monitor.py ---
+    "monitor": Transform(og.monitor, dict(per_leaf=True), bad=(dict(per_leaf="yes"),)),
 }
 
 SCHEDULES: dict[str, Schedule] = {
     # --- _schedules.py ---
+    "polynomial_decay": Schedule(
+        og.polynomial_decay, dict(init_value=1.0, decay_steps=8, power=2.0, end_value=0.1),
+        bad=(dict(decay_steps=0), dict(decay_steps=2.5), dict(power=-1.0),
+             dict(init_value=NAN), dict(end_value=float("inf")), dict(cycle="yes")),
+    ),
+    "linear_decay": Schedule(
+        og.linear_decay, dict(init_value=1.0, decay_steps=8, end_value=0.1),
+        bad=(dict(decay_steps=-3), dict(init_value=float("inf")), dict(end_value=NAN)),
+    ),
+    "inverse_sqrt_decay": Schedule(
+        og.inverse_sqrt_decay, dict(init_value=1.0, timescale=4.0),
+        bad=(dict(timescale=0.0), dict(timescale=-1.0), dict(init_value=NAN)),
+    ),
+    "inverse_time_decay": Schedule(
+        og.inverse_time_decay, dict(init_value=1.0, decay_steps=3, decay_rate=0.5),
+        bad=(dict(decay_steps=0), dict(decay_rate=-0.5), dict(power=-1.0),
+             dict(staircase=1)),
+    ),
+    "exponential_decay": Schedule(
+        og.exponential_decay, dict(init_value=1.0, decay_rate=0.9, decay_steps=2),
+        bad=(dict(decay_rate=0.0), dict(decay_rate=-0.9), dict(decay_steps=0),
+             dict(end_value=NAN), dict(init_value=float("inf"))),
+    ),
+    "step_decay": Schedule(
+        og.step_decay, dict(init_value=1.0, step_size=3, factor=0.5),
+        bad=(dict(step_size=0), dict(factor=0.0), dict(factor=-0.1), dict(step_size=1.5)),
+    ),
+    "multistep_decay": Schedule(
+        og.multistep_decay, dict(init_value=1.0, milestones=[2, 5, 9], factor=0.5),
+        bad=(dict(milestones=[5, 2]), dict(milestones=[-1, 3]), dict(factor=0.0),
+             dict(milestones=3)),
+    ),
+    "warmup": Schedule(
+        og.warmup, dict(schedule=optax.constant_schedule(0.5), warmup_steps=4, init_value=0.1),
+        bad=(dict(warmup_steps=-1), dict(schedule=0.5), dict(init_value=NAN)),
+    ),
 }
 
 # Public names that are neither factories nor schedules, with the test module
@@ -96,6 +190,7 @@ SCHEDULES: dict[str, Schedule] = {
 OTHERS: dict[str, str] = {
     "__version__": "test_version_is_a_string (below)",
     # --- _monitor.py ---
+    "guard_stats": "tests/test_monitor.py (test_guard_stats_*)",
 }
 
 
@@ -213,7 +308,9 @@ def test_transform_init_on_shape_dtype_struct(name):
   real = tx.init(params)
   from_struct = tx.init(abstract)
   assert jax.tree_util.tree_structure(real) == jax.tree_util.tree_structure(from_struct)
-  for a, b in zip(jax.tree_util.tree_leaves(real), jax.tree_util.tree_leaves(from_struct)):
+  for a, b in zip(
+      jax.tree_util.tree_leaves(real), jax.tree_util.tree_leaves(from_struct), strict=True
+  ):
     assert jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
 
 

@@ -56,9 +56,35 @@ DIST: dict[str, Dist] = {
     ),
     "clip_by_axis_norm": Dist(lambda a: og.clip_by_axis_norm(0.3, axis_name=a)),
     # --- _adaptive.py ---
+    "autoclip": Dist(lambda a: og.autoclip(50.0, history_size=4, axis_name=a)),
+    "zclip": Dist(lambda a: og.zclip(warmup_steps=2, axis_name=a)),
+    "zclip/max_norm-in-chain": Dist(
+        lambda a: optax.chain(og.zclip(warmup_steps=2, max_norm=30.0, axis_name=a),
+                              optax.adam(0.1))
+    ),
     # --- _guards.py ---
+    "skip_nonfinite": Dist(
+        lambda a: og.skip_nonfinite(
+            optax.chain(og.clip_by_global_norm(0.5, axis_name=a), optax.adam(0.1)),
+            axis_name=a)
+    ),
+    "skip_on_spike": Dist(
+        lambda a: og.skip_on_spike(
+            optax.chain(og.clip_by_global_norm(0.5, axis_name=a), optax.adam(0.1)),
+            window=4, min_history=2, axis_name=a)
+    ),
     # --- _feedback.py ---
+    "scale_by_grad_norm": Dist(lambda a: og.scale_by_grad_norm(lambda n: 1.0 / (1.0 + n),
+                                                               axis_name=a)),
+    "scale_by_grad_norm/with-plateau": Dist(
+        lambda a: optax.chain(og.scale_by_grad_norm(lambda n: 1.0 / (1.0 + n), axis_name=a),
+                              og.reduce_on_plateau(patience=0, factor=0.5))
+    ),
     # --- _monitor.py ---
+    "monitor": Dist(
+        lambda a: optax.chain(og.monitor(per_leaf=True, axis_name=a),
+                              og.clip_by_global_norm(0.5, axis_name=a))
+    ),
 }
 
 

@@ -1,0 +1,191 @@
+"""Markdown and console rendering of a benchmark result dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ms(s: float | None) -> str:
+  if s is None:
+    return "-"
+  ms = 1e3 * s
+  return f"{ms:.1f}" if ms >= 10 else f"{ms:.3f}"
+
+
+def _x(r: float | None) -> str:
+  return "-" if r is None else f"{r:.2f}x"
+
+
+def _pct(p: float | None) -> str:
+  return "-" if p is None else f"{p:+.1f}%"
+
+
+def _mib(b: float | None) -> str:
+  return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def _value(t: dict[str, Any]) -> str:
+  if t["value"] is None:
+    return "-"
+  return _pct(t["value"]) if t["kind"] == "pct" else _x(t["value"])
+
+
+def _limit(t: dict[str, Any]) -> str:
+  return f"<= {t['limit']:+.0f}%" if t["kind"] == "pct" else f"<= {t['limit']:.1f}x"
+
+
+def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
+  out = ["| " + " | ".join(header) + " |",
+         "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+  out += ["| " + " | ".join(r) + " |" for r in rows]
+  return out
+
+
+def header(results: dict[str, Any]) -> list[str]:
+  cfg, env = results["config"], results["environment"]
+  lines = [f"# optax_guard benchmarks: `{cfg['tree']}` tree, {cfg['dtype']}", ""]
+  load = env.get("loadavg_start")
+  load_end = env.get("loadavg_end")
+  load_txt = ""
+  if load:
+    load_txt = f", load average {load[0]:.1f}"
+    if load_end:
+      load_txt += f" -> {load_end[0]:.1f}"
+  lines.append(f"Command: `{cfg['command'].strip()}`  ")
+  lines.append(
+      f"{env['date']}; jax {env['jax']}, optax {env['optax']}, optax_guard "
+      f"{env['optax_guard']}; {env['backend']} ({env['device']}, {env['cpu_count']} "
+      f"cores{load_txt}).  "
+  )
+  lines.append(
+      f"Tree: {cfg['tree_leaves']} leaves, {cfg['tree_params']:,} parameters "
+      f"({cfg['tree_bytes'] / 2**20:.1f} MiB per copy)"
+      + (f", every leaf scaled by {cfg['scale']:g}" if cfg["scale"] != 1 else "") + "."
+  )
+  if not cfg.get("compile_only"):
+    mem = cfg.get("memory", {})
+    lines.append(
+        f"Medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up "
+        f"round(s), {cfg['steps']} step(s) per case per round; parameters and optimizer "
+        f"state donated; buffers {'kept alive' if mem.get('mode') == 'keep' else 'recreated per turn'}."
+    )
+  return lines
+
+
+def step_table(results: dict[str, Any]) -> list[str]:
+  step = results.get("step")
+  if not step:
+    return []
+  rows = []
+  for name, r in step.items():
+    eq = "-"
+    if r.get("ratio_equiv") is not None:
+      eq = f"{_x(r['ratio_equiv'])} `{r['equiv']}`" + ("" if r["equiv_exact"] else " (closest)")
+    rows.append([
+        f"`{r['code']}`", _ms(r["median_s"]),
+        "-" if name == "adam" else _pct(r.get("overhead_pct")),
+        eq, _x(r.get("ratio_bound")), _mib(r.get("temp_bytes")),
+    ])
+  return [
+      "## Optimizer step (`tx.update` + `optax.apply_updates`, jitted, donated)", "",
+      *_table(["step", "median ms", "over adam", "vs optax's equivalent",
+               "vs traffic bound", "XLA temp MiB"], "lrrrrr", rows),
+      "",
+      "Traffic bound: `adam * (1 + k/7)` with `k` the extra full reads of the gradients "
+      "the variant needs (1 for a norm, 0 for an elementwise clip); Adam moves 7 tree-sized "
+      "buffers (reads g, p, mu, nu; writes p, mu, nu). XLA temp: temporary buffer size "
+      "of the compiled step (a full copy of the gradients shows up here).",
+  ]
+
+
+def standalone_table(results: dict[str, Any]) -> list[str]:
+  alone = results.get("standalone")
+  if not alone:
+    return []
+  rows = []
+  for _name, r in alone.items():
+    rows.append([
+        f"`{r['code']}`", _ms(r["median_s"]),
+        "-" if r.get("gb_per_s") is None else f"{r['gb_per_s']:.1f}",
+        "-" if r.get("ratio_equiv") is None else f"{_x(r['ratio_equiv'])} `{r['equiv']}`",
+        _x(r.get("ratio_bound")), _mib(r.get("temp_bytes")),
+    ])
+  return [
+      "## Standalone, on the gradient tree alone", "",
+      *_table(["operation", "median ms", "GB/s", "vs optax", "vs in-place scale",
+               "XLA temp MiB"], "lrrrrr", rows),
+      "",
+      "GB/s counts one read for a norm, one read and one write for a map; maps are "
+      "donated (in place). The in-place scale `x * c` is the practical bandwidth bound.",
+  ]
+
+
+def compile_table(results: dict[str, Any]) -> list[str]:
+  comp = results.get("compile")
+  if not comp:
+    return []
+  trees = list(comp.values())
+  names = list(trees[0]["results"])
+  from benchmarks.cases import step_variants
+
+  equiv = {v.name: (v.equiv, v.code) for v in step_variants()}
+  head = ["chain"]
+  for t in trees:
+    head += [f"{t['leaves']} leaves, s", "vs optax"]
+  rows = []
+  for n in names:
+    row = [f"`{equiv.get(n, (None, n))[1]}`"]
+    for t in trees:
+      rs = t["results"]
+      a = rs[n]["total_s"]
+      e = equiv.get(n, (None,))[0]
+      b = rs.get(e, {}).get("total_s") if e else None
+      row += [f"{a:.2f}", "-" if b is None else _x(a / b)]
+    rows.append(row)
+  rounds = results["config"]["compile_rounds"]
+  return [
+      f"## Compile time (trace + lower + compile of a fresh step, median of {rounds})", "",
+      *_table(head, "l" + "rr" * len(trees), rows),
+  ]
+
+
+def targets_table(results: dict[str, Any]) -> list[str]:
+  ts = results.get("targets", [])
+  if not ts:
+    return []
+  rows = [[t["target"] + (f" ({t['note']})" if t.get("note") else ""), _value(t),
+           _limit(t), f"**{t['status']}**" if t["status"] == "MISS" else t["status"]]
+          for t in ts]
+  return ["## Targets (issue 7)", "", *_table(["target", "measured", "limit", "result"],
+                                              "lrrl", rows)]
+
+
+def skipped_lines(results: dict[str, Any]) -> list[str]:
+  sk = results.get("skipped") or []
+  if not sk:
+    return []
+  return ["## Skipped", ""] + [f"- `{s['name']}`: {s['reason']}" for s in sk]
+
+
+def markdown(results: dict[str, Any]) -> str:
+  parts = [header(results)]
+  for fn in (step_table, standalone_table, compile_table, targets_table, skipped_lines):
+    lines = fn(results)
+    if lines:
+      parts.append(lines)
+  return "\n\n".join("\n".join(p) for p in parts) + "\n"
+
+
+def console(results: dict[str, Any]) -> str:
+  """The tables, then one PASS/MISS/SKIP line per target."""
+  parts = []
+  for fn in (step_table, standalone_table, compile_table, skipped_lines):
+    lines = fn(results)
+    if lines:
+      parts.append("\n".join(lines))
+  ts = results.get("targets", [])
+  if ts:
+    parts.append("\n".join(
+        f"{t['status']:4s}  {t['target']}: {_value(t)} (limit {_limit(t)[3:]})" for t in ts
+    ))
+  return "\n\n".join(parts)

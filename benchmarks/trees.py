@@ -1,0 +1,123 @@
+"""Parameter trees the benchmarks run on (shapes only, and fixed gradients).
+
+* ``gpt2``: the exact GPT-2 small (124M) parameter shapes, 148 leaves, laid
+  out as the Hugging Face / Flax checkpoint: token and position embeddings,
+  12 blocks of (``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``,
+  ``mlp.c_fc``, ``mlp.c_proj``) with a weight and a bias each, and ``ln_f``.
+* ``many``: 2,000 leaves of 10,000 parameters (100 x 100): the many-small-leaves
+  case where per-leaf overheads (fusions, kernel launches, dispatch) dominate.
+* ``uniform:N``: N leaves of 10,000 parameters (used for quick compile tests).
+
+``scale`` shrinks every leaf's element count by about that factor (each
+dimension by ``scale ** (1 / ndim)``, at least 1) for quick runs; the number of
+leaves and the tree structure never change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GPT2_VOCAB, GPT2_CTX, GPT2_WIDTH, GPT2_LAYERS = 50257, 1024, 768, 12
+
+
+def gpt2_shapes() -> dict[str, Any]:
+  """Nested dict of GPT-2 small parameter shapes (124,439,808 parameters)."""
+  d = GPT2_WIDTH
+
+  def dense(n_in, n_out):
+    return {"w": (n_in, n_out), "b": (n_out,)}
+
+  def norm():
+    return {"g": (d,), "b": (d,)}
+
+  blocks = {
+      f"{i:02d}": {
+          "ln_1": norm(),
+          "attn": {"c_attn": dense(d, 3 * d), "c_proj": dense(d, d)},
+          "ln_2": norm(),
+          "mlp": {"c_fc": dense(d, 4 * d), "c_proj": dense(4 * d, d)},
+      }
+      for i in range(GPT2_LAYERS)
+  }
+  return {
+      "wte": (GPT2_VOCAB, d),
+      "wpe": (GPT2_CTX, d),
+      "h": blocks,
+      "ln_f": norm(),
+  }
+
+
+def uniform_shapes(num_leaves: int, leaf_shape=(100, 100)) -> dict[str, Any]:
+  """``num_leaves`` leaves of the same shape (default 10,000 parameters)."""
+  return {f"layer_{i:05d}": tuple(leaf_shape) for i in range(num_leaves)}
+
+
+def tree_shapes(tree: str) -> dict[str, Any]:
+  """Shapes of a named tree: ``gpt2``, ``many`` or ``uniform:N``."""
+  if tree == "gpt2":
+    return gpt2_shapes()
+  if tree == "many":
+    return uniform_shapes(2000)
+  if tree.startswith("uniform:"):
+    return uniform_shapes(int(tree.split(":", 1)[1]))
+  raise ValueError(f"unknown tree {tree!r}; expected 'gpt2', 'many' or 'uniform:N'")
+
+
+def _is_shape(x: Any) -> bool:
+  return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+def scaled(shape: tuple[int, ...], scale: float) -> tuple[int, ...]:
+  """``shape`` with about ``scale`` times as many elements (each dim >= 1)."""
+  if scale == 1.0 or not shape:
+    return shape
+  f = scale ** (1.0 / len(shape))
+  return tuple(max(1, int(round(d * f))) for d in shape)
+
+
+def abstract_tree(tree: str, dtype: Any, scale: float = 1.0) -> Any:
+  """The tree as ``jax.ShapeDtypeStruct`` leaves."""
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(scaled(s, scale), jnp.dtype(dtype)),
+      tree_shapes(tree),
+      is_leaf=_is_shape,
+  )
+
+
+def describe(abstract: Any) -> dict[str, Any]:
+  """Leaf count, parameter count and bytes of an abstract tree."""
+  leaves = jax.tree_util.tree_leaves(abstract)
+  n = sum(math.prod(x.shape) for x in leaves)
+  nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
+  return {"leaves": len(leaves), "params": int(n), "bytes": int(nbytes)}
+
+
+def tree_bytes(abstract: Any) -> int:
+  return describe(abstract)["bytes"]
+
+
+def make_gradients(abstract: Any, seed: int = 0, std: float = 1e-3) -> Any:
+  """Fixed, finite gradients ``N(0, std^2)`` with the abstract tree's shapes.
+
+  With the default ``std`` the GPT-2 tree's global norm is about 11, so
+  clipping at 1.0 is active (every clip really multiplies).
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(abstract)
+  keys = jax.random.split(jax.random.PRNGKey(seed), max(len(leaves), 1))
+  drawers: dict[Any, Any] = {}
+  out = []
+  for key, like in zip(keys, leaves):
+    sig = (tuple(like.shape), jnp.dtype(like.dtype))
+    if sig not in drawers:
+      drawers[sig] = jax.jit(
+          lambda k, s, shape=sig[0], dtype=sig[1]: (
+              s * jax.random.normal(k, shape, jnp.float32)
+          ).astype(dtype)
+      )
+    out.append(drawers[sig](key, np.float32(std)))
+  return jax.tree_util.tree_unflatten(treedef, out)

@@ -1,0 +1,201 @@
+"""The adding problem (Hochreiter & Schmidhuber 1997; Pascanu et al. 2013), vanilla tanh RNN.
+
+Each input is a sequence of ``T`` pairs ``(value, marker)``: values uniform in
+``[0, 1]``, exactly two markers set to 1, the first in the first ``T/10``
+steps and the second in steps ``[T/10, T/2)``. The target is the mean of the
+two marked values, i.e. Hochreiter & Schmidhuber's ``0.5 + (X1 + X2) / 4`` for
+``X`` uniform in ``[-1, 1]``. A prediction is *wrong* when its squared error is
+above 0.04; always predicting the mean 0.5 is then wrong with probability
+``(1 - 0.4)**2 = 0.36`` (checked on the test set below).
+
+The model is a Flax ``SimpleCell`` (``h = tanh(W_x x + W_h h + b)``) with 50
+hidden units read out by a ``Dense`` layer, trained with plain SGD on fresh
+batches of 20 sequences. The recurrent matrix starts as a Gaussian matrix with
+spectral radius ``spectral_radius`` (1.5 by default, past the edge of chaos) so
+that the gradients can explode, as in Pascanu et al.'s Figure 6; every
+(learning rate, seed) pair of one (length, defence) trains in a single
+compiled, ``vmap``-ed ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_guard as og
+from experiments import _common as C
+
+NAME = "adding_problem"
+ERROR_THRESHOLD = 0.04
+MEAN_PREDICTOR_ERROR = 0.36  # P(|(U1 + U2)/2 - 1/2| > 0.2) = (1 - 0.4)**2
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Sizes of the adding-problem experiment (defaults: the suite's default run)."""
+
+  lengths: tuple[int, ...] = (50, 100)
+  learning_rates: tuple[float, ...] = (0.01, 0.1, 0.3)
+  seeds: int = 2
+  steps: int = 600
+  batch: int = 20
+  hidden: int = 50
+  spectral_radius: float = 1.5
+  clip_norm: float = 1.0
+  clip_value: float = 0.1
+  test_size: int = 10_000
+  defences: tuple[str, ...] = ("none", "clip_global", "clip_value", "zclip", "autoclip")
+
+  @classmethod
+  def quick(cls) -> Config:
+    return cls(lengths=(50,), learning_rates=(0.01, 0.3), steps=400)
+
+
+def defence_factories(config: Config) -> dict[str, tuple[tuple[str, ...], Callable]]:
+  """name -> (optax_guard names it needs, ``lr -> optimizer``)."""
+  return {
+      "none": ((), lambda lr: optax.sgd(lr)),
+      "clip_global": (("clip_by_global_norm",), lambda lr: optax.chain(
+          og.clip_by_global_norm(config.clip_norm), optax.sgd(lr))),
+      "clip_value": (("clip_by_value",), lambda lr: optax.chain(
+          og.clip_by_value(config.clip_value), optax.sgd(lr))),
+      "zclip": (("zclip",), lambda lr: optax.chain(og.zclip(), optax.sgd(lr))),
+      "autoclip": (("autoclip",), lambda lr: optax.chain(og.autoclip(10.0), optax.sgd(lr))),
+  }
+
+
+def _recurrent_init(radius: float):
+  """Gaussian ``N(0, radius**2 / n)`` matrix: spectral radius ~ ``radius`` (circular law)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return radius * jax.random.normal(key, shape, dtype) / math.sqrt(shape[0])
+
+  return init
+
+
+class TanhRNN(nn.Module):
+  """Vanilla tanh RNN; the last hidden state is read out by a linear layer."""
+
+  hidden: int
+  spectral_radius: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cell = nn.SimpleCell(self.hidden, recurrent_kernel_init=_recurrent_init(self.spectral_radius))
+    h = nn.RNN(cell)(x)
+    return nn.Dense(1)(h[:, -1])[:, 0]
+
+
+def make_batch(key: jax.Array, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
+  """``batch`` sequences ``[batch, length, 2]`` and their targets ``[batch]``."""
+  kv, k1, k2 = jax.random.split(key, 3)
+  values = jax.random.uniform(kv, (batch, length))
+  first = jax.random.randint(k1, (batch,), 0, max(length // 10, 1))
+  second = jax.random.randint(k2, (batch,), max(length // 10, 1), max(length // 2, 2))
+  markers = jax.nn.one_hot(first, length) + jax.nn.one_hot(second, length)
+  target = 0.5 * jnp.sum(values * markers, axis=1)
+  return jnp.stack([values, markers], axis=-1), target
+
+
+def wrong_fraction(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """Fraction with squared error above 0.04; a non-finite prediction counts as wrong."""
+  return jnp.mean(~((pred - target) ** 2 <= ERROR_THRESHOLD))
+
+
+def _train(config: Config, length: int, make_tx: Callable, bar) -> dict[str, np.ndarray]:
+  model = TanhRNN(config.hidden, config.spectral_radius)
+  lrs = np.repeat(np.asarray(config.learning_rates, np.float32), config.seeds)
+  seeds = np.tile(np.arange(config.seeds), len(config.learning_rates))
+  test_x, test_y = make_batch(jax.random.PRNGKey(10_000 + length), config.test_size, length)
+
+  def loss_fn(params, x, y):
+    return jnp.mean((model.apply(params, x) - y) ** 2)
+
+  def init(lr, seed):
+    key = jax.random.PRNGKey(seed)
+    params = model.init(key, jnp.zeros((1, length, 2)))
+    return params, make_tx(lr).init(params), jax.random.fold_in(key, 1)
+
+  def step(carry, t):
+    def one(lr, params, opt_state, key):
+      x, y = make_batch(jax.random.fold_in(key, t), config.batch, length)
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+      updates, opt_state = make_tx(lr).update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads),
+              C.skipped_count(opt_state))
+
+    params, opt_state, keys = carry
+    params, opt_state, loss, gnorm, skipped = jax.vmap(one)(lrs, params, opt_state, keys)
+    return (params, opt_state, keys), (loss, gnorm, skipped)
+
+  carry = jax.jit(jax.vmap(init))(lrs, seeds)
+  (params, _, _), (loss, gnorm, skipped) = C.scan_loop(step, carry, config.steps, bar=bar)
+  err = jax.jit(jax.vmap(lambda p: wrong_fraction(model.apply(p, test_x), test_y)))(params)
+  return {"loss": loss.T, "grad_norm": gnorm.T, "test_error": np.asarray(err),
+          "skipped": skipped[-1]}
+
+
+def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
+        progress: bool | None = None) -> C.ExperimentResult:
+  """Trains every (length, defence) pair; one run row per (length, lr, defence)."""
+  factories = defence_factories(config)
+  names = C.select([d for d in config.defences if d in factories], guards)
+  notes, runs = [], []
+
+  # The baseline: always predict the mean target 0.5.
+  checks = {}
+  for length in config.lengths:
+    x, y = make_batch(jax.random.PRNGKey(10_000 + length), config.test_size, length)
+    checks[f"mean_predictor_error_T{length}"] = float(wrong_fraction(jnp.full_like(y, 0.5), y))
+  base = float(np.mean(list(checks.values())))
+  if abs(base - MEAN_PREDICTOR_ERROR) > 4 * math.sqrt(0.36 * 0.64 / config.test_size) + 1e-9:
+    raise AssertionError(f"predict-the-mean baseline {base:.4f} != {MEAN_PREDICTOR_ERROR}")
+  runs.append(C.Run(setting="any T", defence="baseline: predict 0.5",
+                    loss=np.full((1, 1), np.nan), grad_norm=np.full((1, 1), np.nan),
+                    skipped=np.zeros(1), metrics={"test_error": [base]},
+                    note=f"expected {MEAN_PREDICTOR_ERROR}"))
+
+  todo = []
+  for name in names:
+    needs, make_tx = factories[name]
+    lacking = C.missing(*needs)
+    if lacking:
+      notes.append(f"{name}: skipped, optax_guard lacks {', '.join(lacking)}")
+    else:
+      todo.append((name, make_tx))
+
+  chunks = C.num_chunks(config.steps)
+  bar = C.progress(len(config.lengths) * len(todo) * chunks, NAME, progress)
+  with C.Timer() as total:
+    for length in config.lengths:
+      for name, make_tx in todo:
+        with C.Timer() as timer:
+          out = _train(config, length, make_tx, bar)
+        per = config.seeds
+        for i, lr in enumerate(config.learning_rates):
+          sl = slice(i * per, (i + 1) * per)
+          runs.append(C.Run(
+              setting=f"T={length} lr={lr:g}", defence=name,
+              loss=out["loss"][sl], grad_norm=out["grad_norm"][sl], skipped=out["skipped"][sl],
+              metrics={"test_error": out["test_error"][sl].tolist()},
+              wall_s=timer.s / len(config.learning_rates)))
+  bar.close()
+  runs = [runs[0]] + sorted(runs[1:], key=lambda r: (int(r.setting.split()[0][2:]),
+                                                     float(r.setting.split("lr=")[1])))
+  for r in runs[1:]:
+    bad = r.first_nonfinite_step()
+    if any(b is not None for b in bad):
+      r.note = "NaN at step " + ",".join("-" if b is None else str(b) for b in bad)
+  return C.ExperimentResult(
+      name=NAME,
+      title=(f"Adding problem, tanh RNN ({config.hidden} units, spectral radius "
+             f"{config.spectral_radius}), SGD, median of {config.seeds} seeds"),
+      config=dataclasses.asdict(config), runs=runs, metric="test_error",
+      metric_label="test err", notes=notes, checks=checks, wall_s=total.s)

@@ -1,0 +1,323 @@
+"""Learning rates from feedback: the loss, the gradient norm, the parameters.
+
+* :func:`reduce_on_plateau` scales the updates down when the loss (or any
+  metric passed as ``value=``) stops improving, with exactly the decision rule
+  of ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (``eta = f(L_t)``).
+* :func:`scale_by_grad_norm` scales them by a function of the global gradient
+  norm (``eta_t = g(||grad L_t||)``).
+* :func:`scale_by_parameter` scales each leaf by a function of its parameter
+  and update (``eta_{t,i} = h_i(theta_t)``, e.g. a LARS trust ratio).
+
+All three scale by multiplying with one factor (see ``_numerics.scale_leaf``),
+so every leaf keeps its dtype and shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.typing import ArrayLike
+
+from optax_guard import _numerics as num
+from optax_guard import _validation as val
+
+
+class ReduceOnPlateauState(NamedTuple):
+  """State of :func:`reduce_on_plateau`.
+
+  Attributes:
+    scale: float32 scalar, the factor the updates are multiplied by (torch's
+      ``lr / initial_lr``); starts at 1.
+    best: float32 scalar, the best finite value seen so far (``+inf`` in
+      ``"min"`` mode, ``-inf`` in ``"max"`` mode before the first one).
+    num_bad_steps: int32, steps since the last improvement (torch's
+      ``num_bad_epochs``); reset to 0 on improvement, during cooldown and
+      after a reduction; saturates at the int32 maximum.
+    cooldown_counter: int32, steps left in the cooldown after a reduction.
+    count: int32, the number of updates (values) seen; saturates.
+  """
+
+  scale: jax.Array
+  best: jax.Array
+  num_bad_steps: jax.Array
+  cooldown_counter: jax.Array
+  count: jax.Array
+
+
+def reduce_on_plateau(
+    *,
+    factor: ArrayLike = 0.1,
+    patience: ArrayLike = 10,
+    threshold: ArrayLike = 1e-4,
+    threshold_mode: str = "rel",
+    cooldown: ArrayLike = 0,
+    min_scale: ArrayLike = 0.0,
+    mode: str = "min",
+    eps: ArrayLike = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Scales the updates down when the loss passed as ``value=`` plateaus.
+
+  Each update reads the loss or metric ``a = value`` and applies, in order,
+  the rule of ``torch.optim.lr_scheduler.ReduceLROnPlateau.step(a)``:
+
+  .. math::
+    \text{better} = \begin{cases}
+      a < b\,(1 - \tau) & \text{min, rel} \qquad a < b - \tau \quad
+        \text{min, abs} \\
+      a > b\,(1 + \tau) & \text{max, rel} \qquad a > b + \tau \quad
+        \text{max, abs}
+    \end{cases}
+
+  then ``best <- a, bad <- 0`` if better, else ``bad <- bad + 1``; if in
+  cooldown (``cooldown_counter > 0``): ``cooldown_counter -= 1, bad <- 0``;
+  if ``bad > patience``: ``s' = max(s * factor, min_scale)``, the scale
+  becomes ``s'`` only if ``s - s' > eps``, and (whether or not it changed)
+  ``cooldown_counter <- cooldown, bad <- 0``. The updates are returned
+  multiplied by the *new* scale, so after the k-th update ``state.scale``
+  equals torch's ``lr / initial_lr`` after its k-th ``step(value)``.
+
+  ``min_scale`` and ``eps`` are in units of the scale (the learning rate
+  divided by the initial one): to reproduce torch with an initial learning
+  rate ``lr0`` pass ``min_scale=min_lr / lr0`` and ``eps=torch_eps / lr0``.
+  ``best`` starts at ``+inf`` (``"min"``) or ``-inf`` (``"max"``), so the first
+  finite value always improves on it (torch's ``_reset``). The comparisons run
+  in float32 (torch uses Python floats), which only matters for a value
+  within one float32 rounding of the threshold.
+
+  Negative values follow torch's formula too. In ``"rel"`` mode the margin
+  ``b * tau`` has the sign of ``b``, so for a negative ``best`` a value up to
+  ``|b| tau`` *worse* than it still counts as better: a flat negative plateau
+  never reduces the scale (in torch, and in ``optax.contrib``). Use
+  ``threshold_mode="abs"`` (or pass ``-loss`` with ``mode="max"`` and a
+  positive metric) when the monitored quantity can be negative.
+
+  Non-finite values: a NaN or infinite ``value`` is never "better" and never
+  becomes ``best``; it counts as a bad step (like torch for NaN and for
+  ``+inf`` in min mode). This differs from torch only for ``-inf`` in min mode
+  (``+inf`` in max mode), which torch would store as an unbeatable ``best``.
+
+  Under ``optax.inject_hyperparams`` the string options ``mode`` and
+  ``threshold_mode`` stay static by themselves; every numeric one (``factor``,
+  ``patience``, ``threshold``, ``cooldown``, ``min_scale``, ``eps``) may be
+  traced or scheduled.
+
+  Args:
+    factor: multiplies the scale on a reduction, ``0 <= factor < 1``.
+    patience: number of bad steps tolerated; the scale is reduced on the
+      ``patience + 1``-th consecutive bad step (int ``>= 0``).
+    threshold: ``tau >= 0``, the margin a value must beat ``best`` by.
+    threshold_mode: ``"rel"`` (margin ``best * tau``) or ``"abs"`` (``tau``).
+    cooldown: number of steps after a reduction during which bad steps are
+      not counted (int ``>= 0``).
+    min_scale: lower bound of the scale, ``>= 0``.
+    mode: ``"min"`` (lower is better, a loss) or ``"max"`` (an accuracy).
+    eps: a reduction changing the scale by ``eps`` or less is not applied.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with
+    :class:`ReduceOnPlateauState`; its update needs ``value=`` (a scalar) and
+    raises ``ValueError`` without it.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> opt = optax.chain(optax.sgd(1.0), og.reduce_on_plateau(patience=1, factor=0.5))
+    >>> g = jnp.ones(2)
+    >>> s = opt.init(g)
+    >>> for loss in [3.0, 2.0, 2.0, 2.5]:
+    ...   u, s = opt.update(g, s, g, value=loss)
+    >>> s[1].scale, u
+    (Array(0.5, dtype=float32), Array([-0.5, -0.5], dtype=float32))
+
+  References:
+    PyTorch, ``torch.optim.lr_scheduler.ReduceLROnPlateau``,
+    https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.ReduceLROnPlateau.html
+  """
+  fn = "reduce_on_plateau"
+  val.choice(fn, "mode", mode, ("min", "max"))
+  val.choice(fn, "threshold_mode", threshold_mode, ("rel", "abs"))
+  val.in_range(fn, "factor", factor, 0.0, 1.0, hi_open=True)
+  val.integer(fn, "patience", patience, minimum=0)
+  val.non_negative(fn, "threshold", threshold, finite=True)
+  val.integer(fn, "cooldown", cooldown, minimum=0)
+  val.non_negative(fn, "min_scale", min_scale, finite=True)
+  val.non_negative(fn, "eps", eps)
+
+  def init_fn(params):
+    del params
+    worst = jnp.inf if mode == "min" else -jnp.inf
+    return ReduceOnPlateauState(
+        scale=jnp.ones((), jnp.float32),
+        best=jnp.asarray(worst, jnp.float32),
+        num_bad_steps=jnp.zeros((), jnp.int32),
+        cooldown_counter=jnp.zeros((), jnp.int32),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+  def is_better(a, best):
+    tau = jnp.asarray(threshold, jnp.float32)
+    if mode == "min":
+      bound = best * (1.0 - tau) if threshold_mode == "rel" else best - tau
+      return a < bound
+    bound = best * (1.0 + tau) if threshold_mode == "rel" else best + tau
+    return a > bound
+
+  def update_fn(updates, state, params=None, *, value=None, **extra_args):
+    del params, extra_args
+    if value is None:
+      raise ValueError(
+          f"{fn} needs the monitored loss or metric: call "
+          "update(updates, state, params, value=loss)"
+      )
+    if jnp.ndim(value) != 0:
+      raise ValueError(f"{fn}(value=...) must be a scalar, got shape {jnp.shape(value)}")
+    a = jnp.asarray(value).astype(jnp.float32)
+    better = is_better(a, state.best) & num.is_finite_scalar(a)
+    best = jnp.where(better, a, state.best)
+    bad = jnp.where(better, 0, optax.safe_increment(state.num_bad_steps))
+    in_cooldown = state.cooldown_counter > 0
+    cooldown_counter = jnp.where(
+        in_cooldown, state.cooldown_counter - 1, state.cooldown_counter
+    )
+    bad = jnp.where(in_cooldown, 0, bad)
+
+    reduce = bad > jnp.asarray(patience).astype(jnp.int32)
+    old = state.scale
+    new = jnp.maximum(old * jnp.asarray(factor, jnp.float32),
+                      jnp.asarray(min_scale, jnp.float32))
+    apply = reduce & (old - new > jnp.asarray(eps, jnp.float32))
+    scale = jnp.where(apply, new, old)
+    cooldown_counter = jnp.where(
+        reduce, jnp.asarray(cooldown).astype(jnp.int32), cooldown_counter
+    )
+    bad = jnp.where(reduce, 0, bad)
+
+    new_state = ReduceOnPlateauState(
+        scale=scale.astype(jnp.float32),
+        best=best.astype(jnp.float32),
+        num_bad_steps=bad.astype(jnp.int32),
+        cooldown_counter=cooldown_counter.astype(jnp.int32),
+        count=optax.safe_increment(state.count),
+    )
+    return num.scale_tree(updates, new_state.scale), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _callable_fn(fn_name: str, fn: Any) -> None:
+  if not callable(fn):
+    raise TypeError(
+        f"{fn_name}(fn=...) must be callable, got {fn!r}; under "
+        f"optax.inject_hyperparams pass static_args=('fn',) (callables are "
+        f"otherwise taken for schedules)"
+    )
+
+
+def scale_by_grad_norm(
+    fn: Callable[[jax.Array], ArrayLike], *, axis_name: Any = None
+) -> optax.GradientTransformation:
+  r"""Multiplies the updates by a function of their global norm.
+
+  .. math::
+    G \leftarrow G \cdot f(\lVert G\rVert), \qquad
+    \lVert G\rVert = \Big(\sum_\ell \lVert g_\ell\rVert^2\Big)^{1/2}
+
+  the learning rate as a function of the gradient norm,
+  ``eta_t = f(||grad L_t||)``. The norm is accumulated in float32 (see
+  ``_numerics.global_norm``) and ``f`` must be traceable (``jnp`` operations,
+  no Python ``if`` on the norm) and return a scalar. Nothing is hidden: a NaN
+  or infinite norm is passed to ``f`` as is. ``f(n) = min(1, c / n)`` is
+  clipping by global norm; ``f(n) = 1 / (1 + n)`` is a smooth alternative.
+
+  Under ``optax.inject_hyperparams`` pass ``static_args=("fn",)``: optax
+  otherwise takes every callable argument for a schedule of the step count.
+
+  Args:
+    fn: scalar function of the float32 global norm.
+    axis_name: inside ``pmap``/``shard_map`` when each device holds a
+      different shard of the updates, the mapped axis to ``psum`` the partial
+      sums over (one collective). Leave None under plain ``jit``.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``optax.EmptyState``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.scale_by_grad_norm(lambda n: 1.0 / (1.0 + n))
+    >>> tx.update(jnp.array([3.0, 4.0]), tx.init(None))[0]
+    Array([0.5      , 0.6666667], dtype=float32)
+  """
+  _callable_fn("scale_by_grad_norm", fn)
+
+  def update_fn(updates, state, params=None):
+    del params
+    factor = jnp.asarray(fn(num.global_norm(updates, None, axis_name)))
+    if factor.ndim != 0:
+      raise ValueError(
+          f"scale_by_grad_norm(fn=...) must return a scalar, got shape {factor.shape}"
+      )
+    return num.scale_tree(updates, factor), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def scale_by_parameter(
+    fn: Callable[[jax.Array, jax.Array], ArrayLike],
+) -> optax.GradientTransformation:
+  r"""Multiplies each leaf of the updates by a function of its parameter.
+
+  .. math::
+    u_\ell \leftarrow u_\ell \cdot h(p_\ell, u_\ell)
+
+  a per-parameter learning rate ``eta_{t,i} = h_i(theta_t)``. ``h`` receives
+  the parameter leaf and the update leaf (in their own dtypes) and returns a
+  scalar or an array that broadcasts to the leaf's shape (a per-unit factor).
+  For instance the LARS trust ratio
+  ``h(p, u) = eta * ||p|| / (||u|| + wd * ||p||)``. The product is computed
+  in the factor's precision and cast back to the leaf's dtype.
+
+  Under ``optax.inject_hyperparams`` pass ``static_args=("fn",)``.
+
+  Args:
+    fn: ``(param_leaf, update_leaf) -> factor``, traceable.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
+    raises ``ValueError`` when ``params`` is None.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_guard as og
+    >>> tx = og.scale_by_parameter(lambda p, u: jnp.abs(p))
+    >>> p = jnp.array([0.5, 2.0])
+    >>> tx.update(jnp.array([1.0, 1.0]), tx.init(p), p)[0]
+    Array([0.5, 2. ], dtype=float32)
+
+  References:
+    You, Gitman, Ginsburg, 2017, *Large Batch Training of Convolutional
+    Networks* (LARS), https://arxiv.org/abs/1708.03888
+  """
+  _callable_fn("scale_by_parameter", fn)
+
+  def update_fn(updates, state, params=None):
+    val.needs_params("scale_by_parameter", params)
+
+    def leaf(u, p):
+      u = jnp.asarray(u)
+      factor = jnp.asarray(fn(p, u))
+      try:
+        ok = jnp.broadcast_shapes(u.shape, factor.shape) == u.shape
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ValueError(
+            f"scale_by_parameter(fn=...) returned shape {factor.shape}, which does "
+            f"not broadcast to the leaf shape {u.shape}"
+        )
+      return num.scale_leaf(u, factor)
+
+    return jax.tree_util.tree_map(leaf, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)

@@ -1,0 +1,289 @@
+"""Tests of the shared numerics (optax_guard/_numerics.py) against NumPy float64.
+
+Every reference below is an independent NumPy float64 computation written
+here; nothing calls back into the code under test to get an expected value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from optax_guard import _numerics as num
+
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+ORDS = (1, 2, math.inf)
+SHAPES = ((), (0,), (3, 0), (1,), (5,), (2, 3), (3, 1, 4))
+
+
+def _rtol(dtype) -> float:
+  """Tolerance of a float32-accumulated norm of inputs that are exact in ``dtype``."""
+  del dtype  # the inputs are exact; only the float32 accumulation rounds
+  return 2e-6
+
+
+def _np_norm(x, ord, axis=None, keepdims=False):  # noqa: A002
+  a = np.abs(np.asarray(x, np.float64))
+  if ord in (None, 2):
+    return np.sqrt(np.sum(a * a, axis=axis, keepdims=keepdims))
+  if ord == 1:
+    return np.sum(a, axis=axis, keepdims=keepdims)
+  return np.max(a, axis=axis, keepdims=keepdims, initial=0.0)
+
+
+def _np_partial(x, ord, axis=None, keepdims=False):  # noqa: A002
+  a = np.abs(np.asarray(x, np.float64))
+  if ord == 2:
+    return np.sum(a * a, axis=axis, keepdims=keepdims)
+  return _np_norm(x, ord, axis, keepdims)
+
+
+def _f64(x):
+  return np.asarray(x).astype(np.float64)
+
+
+@st.composite
+def arrays(draw, shapes=SHAPES, dtypes=DTYPES):
+  shape = draw(st.sampled_from(shapes))
+  dtype = draw(st.sampled_from(dtypes))
+  scale = draw(st.sampled_from([1e-3, 1.0, 100.0]))
+  rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+  vals = (rng.standard_normal(shape) * scale).astype(np.float32)
+  return jnp.asarray(vals).astype(dtype)
+
+
+@st.composite
+def axes_for(draw, ndim):
+  if ndim == 0:
+    return None
+  picked = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+  return tuple(sorted(picked))
+
+
+# ---------------------------------------------------------------------------
+# Norms
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@given(x=arrays(), data=st.data(), keepdims=st.booleans())
+def test_partial_norm_matches_numpy_float64(ord, x, data, keepdims):  # noqa: A002
+  axis = data.draw(axes_for(x.ndim))
+  got = num.partial_norm(x, ord, axis=axis, keepdims=keepdims)
+  want = _np_partial(_f64(x), ord, axis=axis, keepdims=keepdims)
+  assert got.dtype == jnp.float32
+  assert got.shape == np.shape(want)
+  np.testing.assert_allclose(_f64(got), want, rtol=_rtol(x.dtype), atol=0)
+
+
+@pytest.mark.parametrize("ord", (None, *ORDS))
+@given(leaves=st.lists(arrays(), max_size=4))
+def test_global_norm_matches_numpy_float64(ord, leaves):  # noqa: A002
+  tree = {f"l{i}": x for i, x in enumerate(leaves)}
+  got = num.global_norm(tree, ord)
+  flat = np.concatenate([_f64(x).ravel() for x in leaves]) if leaves else np.zeros(0)
+  assert got.dtype == jnp.float32 and got.shape == ()
+  np.testing.assert_allclose(_f64(got), _np_norm(flat, ord), rtol=_rtol(None), atol=0)
+
+
+@pytest.mark.parametrize("ord", (None, *ORDS))
+@given(leaves=st.lists(arrays(), min_size=1, max_size=4))
+def test_leaf_norms_matches_numpy_float64(ord, leaves):  # noqa: A002
+  tree = [leaves[0], {"rest": leaves[1:]}]
+  got = num.leaf_norms(tree, ord)
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(tree)
+  for g, x in zip(jax.tree_util.tree_leaves(got), leaves, strict=True):
+    assert g.dtype == jnp.float32 and g.shape == ()
+    np.testing.assert_allclose(_f64(g), _np_norm(_f64(x), ord), rtol=_rtol(None), atol=0)
+
+
+def _np_unit_axes(ndim, axis):
+  if axis is None:
+    return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
+  axes = (axis,) if isinstance(axis, int) else axis
+  return tuple(sorted({a % ndim for a in axes}))
+
+
+@pytest.mark.parametrize("ord", (None, *ORDS))
+@given(x=arrays(), data=st.data())
+def test_unit_norm_matches_numpy_float64(ord, x, data):  # noqa: A002
+  axis = data.draw(st.one_of(st.none(), axes_for(x.ndim)))
+  got = num.unit_norm(x, axis, ord)
+  axes = _np_unit_axes(x.ndim, axis)
+  want = _np_norm(_f64(x), ord, axis=axes, keepdims=True)
+  assert got.dtype == jnp.float32 and got.shape == want.shape
+  np.testing.assert_allclose(_f64(got), want, rtol=_rtol(x.dtype), atol=0)
+
+
+def test_unit_norm_default_axes():
+  kernel = np.arange(6.0, dtype=np.float32).reshape(2, 3)  # (in, out)
+  np.testing.assert_allclose(num.unit_norm(kernel), np.sqrt((kernel**2).sum(0, keepdims=True)),
+                             rtol=1e-6)
+  conv = np.ones((3, 3, 2, 4), np.float32)  # HWIO: 4 units of 18 entries
+  out = num.unit_norm(conv)
+  assert out.shape == (1, 1, 1, 4)
+  np.testing.assert_allclose(out, np.full((1, 1, 1, 4), math.sqrt(18.0)), rtol=1e-6)
+  vec = np.array([3.0, 4.0], np.float32)
+  np.testing.assert_allclose(num.unit_norm(vec), [5.0])
+  np.testing.assert_allclose(num.unit_norm(np.float32(-2.0)), 2.0)
+
+
+def test_resolve_unit_axes():
+  assert num.resolve_unit_axes(0, None) == ()
+  assert num.resolve_unit_axes(1, None) == (0,)
+  assert num.resolve_unit_axes(2, None) == (0,)
+  assert num.resolve_unit_axes(4, None) == (0, 1, 2)
+  assert num.resolve_unit_axes(3, -1) == (2,)
+  assert num.resolve_unit_axes(3, (2, 0, -3)) == (0, 2)
+  assert num.resolve_unit_axes(2, np.int64(1)) == (1,)
+  for ndim, axis in ((2, 2), (2, -3), (0, 0), (1, (0, 1))):
+    with pytest.raises(ValueError, match="out of range"):
+      num.resolve_unit_axes(ndim, axis)
+
+
+def test_partial_norm_float16_does_not_overflow():
+  # 300**2 = 90000 > float16 max 65504: squaring in float16 would give inf.
+  x = jnp.full((4,), 300.0, jnp.float16)
+  with np.errstate(over="ignore"):
+    assert not np.isfinite(np.float16(300.0) * np.float16(300.0))
+  assert float(num.partial_norm(x, 2)) == 4 * 90000.0
+  assert float(num.global_norm({"x": x})) == 600.0
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_norms_propagate_nan_and_inf(ord):  # noqa: A002
+  nan = jnp.array([1.0, jnp.nan, 2.0], jnp.bfloat16)
+  inf = jnp.array([1.0, -jnp.inf, 2.0], jnp.float16)
+  assert np.isnan(num.global_norm([nan, inf], ord))
+  assert np.isnan(num.partial_norm(nan, ord))
+  assert np.isposinf(num.partial_norm(inf, ord))
+  assert np.isposinf(num.global_norm({"a": inf, "b": jnp.ones(3)}, ord))
+
+
+def test_norms_of_empty_things_are_zero():
+  for ord in (None, *ORDS):
+    for tree in ({}, [], {"a": jnp.zeros((0,)), "b": jnp.zeros((3, 0), jnp.float16)}):
+      n = num.global_norm(tree, ord)
+      assert n.dtype == jnp.float32 and float(n) == 0.0
+  assert num.combine_partials([], 2).dtype == jnp.float32
+
+
+def test_combine_partials_sum_or_max():
+  parts = [jnp.float32(1.0), jnp.float32(4.0), jnp.float32(2.5)]
+  assert float(num.combine_partials(parts, 2)) == 7.5
+  assert float(num.combine_partials(parts, 1)) == 7.5
+  assert float(num.combine_partials(parts, math.inf)) == 4.0
+  assert float(num.combine_partials(parts[:1], "inf")) == 1.0
+
+
+def test_cross_device_is_identity_without_axis_name():
+  tree = {"a": jnp.ones(2)}
+  assert num.cross_device(tree, 2, None) is tree
+  assert num.cross_device(tree, math.inf, None) is tree
+
+
+def test_canonical_ord_and_accumulation_dtype():
+  assert num.canonical_ord(None) == 2
+  assert num.canonical_ord("inf") == math.inf
+  assert num.canonical_ord(np.inf) == math.inf
+  assert num.canonical_ord(1) == 1
+  for d in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.int32):
+    assert num.accumulation_dtype(d) == jnp.float32
+  assert num.accumulation_dtype(np.float64) == jnp.float64
+
+
+def test_norms_accumulate_in_float64_for_float64_inputs():
+  """With jax_enable_x64, float64 leaves are reduced in float64 (DESIGN 1.2)."""
+  with jax.enable_x64(True):
+    # 1e8 + 1 is not representable in float32 (spacing 8 there).
+    x = jnp.asarray(np.array([1e8, 1.0, 0.5], np.float64))
+    assert x.dtype == jnp.float64
+    p1 = num.partial_norm(x, 1)
+    assert p1.dtype == jnp.float64 and float(p1) == 100000001.5
+    n2 = num.global_norm({"x": x, "y": jnp.ones((2,), jnp.float32)})
+    assert n2.dtype == jnp.float64
+    assert float(n2) == math.sqrt(1e16 + 1.0 + 0.25 + 2.0)
+    f = num.safe_factor(1.0, n2)
+    assert f.dtype == jnp.float64
+    # float32 leaves still accumulate in float32 under x64
+    assert num.partial_norm(jnp.ones(3, jnp.float32), 2).dtype == jnp.float32
+    assert num.partial_norm(jnp.ones(3, jnp.float16), 2).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------
+# Safe factor and scaling
+# ---------------------------------------------------------------------------
+
+
+def test_safe_factor_edge_cases():
+  f32 = jnp.float32
+  assert float(num.safe_factor(1.0, f32(0.0))) == 1.0
+  assert float(num.safe_factor(1e-30, f32(0.0))) == 1.0
+  for c in (0.1, 1.0, 3.7, 1e-20, 1e30):
+    # a norm equal to the bound (in float32) gives exactly 1
+    assert float(num.safe_factor(c, f32(c))) == 1.0
+    assert float(num.safe_factor(c, f32(c) * f32(0.5))) == 1.0
+  assert float(num.safe_factor(1.0, f32(jnp.inf))) == 0.0
+  assert np.isnan(num.safe_factor(1.0, f32(jnp.nan)))
+  assert float(num.safe_factor(2.0, f32(4.0))) == 0.5
+  assert num.safe_factor(2.0, f32(4.0)).dtype == jnp.float32
+  # the bound is cast to the norm's dtype: a traced float32 bound works under jit
+  assert float(jax.jit(num.safe_factor)(jnp.float32(3.0), f32(6.0))) == 0.5
+
+
+@given(c=st.floats(1e-6, 1e6), n=st.floats(0.0, 1e7))
+def test_safe_factor_matches_closed_form(c, n):
+  got = float(num.safe_factor(c, jnp.float32(n)))
+  c32, n32 = float(np.float32(c)), float(np.float32(n))
+  want = 1.0 if n32 <= c32 else c32 / n32
+  assert 0.0 <= got <= 1.0
+  assert got == pytest.approx(want, rel=2e-7, abs=0)
+  if n32 <= c32:
+    assert got == 1.0
+
+
+def test_safe_factor_per_unit():
+  norms = jnp.array([[0.0, 1.0, 4.0, jnp.inf]], jnp.float32)
+  np.testing.assert_array_equal(num.safe_factor(2.0, norms), [[1.0, 1.0, 0.5, 0.0]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_leaf_keeps_dtype_and_is_exact_at_one(dtype):
+  x = jnp.asarray(np.linspace(-3, 3, 7, dtype=np.float32)).astype(dtype)
+  one = num.scale_leaf(x, jnp.float32(1.0))
+  assert one.dtype == dtype and one.shape == x.shape
+  assert np.asarray(one).tobytes() == np.asarray(x).tobytes()
+  half = num.scale_leaf(x, jnp.float32(0.3))
+  assert half.dtype == dtype
+  # x * f is exact in float64, then rounded to float32 (the multiply), then to dtype
+  want = (_f64(x) * np.float64(np.float32(0.3))).astype(np.float32).astype(np.asarray(x).dtype)
+  np.testing.assert_array_equal(np.asarray(half), want)
+  per_unit = num.scale_leaf(x.reshape(7, 1), jnp.zeros((1, 1), jnp.float32))
+  assert per_unit.dtype == dtype and per_unit.shape == (7, 1)
+  assert not np.any(_f64(per_unit))
+
+
+def test_scale_leaf_float16_near_max_stays_finite():
+  x = jnp.array([65504.0, -65504.0], jnp.float16)
+  out = num.scale_leaf(x, jnp.float32(0.999))
+  assert out.dtype == jnp.float16 and np.all(np.isfinite(_f64(out)))
+
+
+def test_scale_tree_keeps_structure_and_dtypes():
+  tree = {"a": jnp.ones((2,), jnp.bfloat16), "b": [jnp.ones((), jnp.float16)], "c": {}}
+  out = num.scale_tree(tree, jnp.float32(0.5))
+  assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(tree)
+  assert out["a"].dtype == jnp.bfloat16 and out["b"][0].dtype == jnp.float16
+  assert float(out["b"][0]) == 0.5
+
+
+def test_is_finite_scalar():
+  assert bool(num.is_finite_scalar(jnp.float32(1.0)))
+  assert not bool(num.is_finite_scalar(jnp.float32(jnp.inf)))
+  assert not bool(num.is_finite_scalar(jnp.float32(jnp.nan)))
