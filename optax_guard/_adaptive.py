@@ -28,17 +28,6 @@ from jax.typing import ArrayLike
 from optax_guard import _numerics as num
 from optax_guard import _validation as val
 
-
-def _factor(threshold: jax.Array, norm: jax.Array) -> jax.Array:
-  """``safe_factor`` that also gives 0 for an infinite norm under an inf bound.
-
-  ``safe_factor(inf, inf)`` is ``inf / inf = NaN``; principle 4 wants factor 0
-  for an infinite norm whatever the bound, and NaN only for a NaN norm.
-  """
-  f = num.safe_factor(threshold, norm)
-  return jnp.where(jnp.isposinf(norm), jnp.zeros((), f.dtype), f)
-
-
 # ---------------------------------------------------------------------------
 # AGC
 # ---------------------------------------------------------------------------
@@ -250,7 +239,7 @@ def autoclip(
     threshold = jnp.where(
         n_valid > 0, _percentile_of_valid(history, n_valid, percentile), x
     )
-    updates = num.scale_tree(updates, _factor(threshold, norm))
+    updates = num.scale_tree(updates, num.safe_factor(threshold, norm))
     return updates, AutoClipState(count, history, x, threshold)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -395,7 +384,7 @@ def zclip(
     threshold = jnp.where(spike, mu + zt * zt * sigma / z, jnp.inf)
     if max_norm is not None:
       threshold = jnp.minimum(threshold, jnp.asarray(max_norm, f32))
-    updates = num.scale_tree(updates, _factor(threshold, norm))
+    updates = num.scale_tree(updates, num.safe_factor(threshold, norm))
 
     # Warm-up: running mean and population variance of the raw norms.
     k = state.count.astype(f32)

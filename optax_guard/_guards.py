@@ -266,7 +266,11 @@ def skip_on_spike(
   same test runs on it with its own history (a non-finite value skips too),
   and the step is skipped if either test fires. Every finite observation is
   recorded, skipped or not, so a genuine level shift enters the statistics and
-  is accepted after a while. A skipped step returns zero updates and leaves
+  is accepted after a while (with ``sigma=3`` a 10x shift is accepted once
+  about 10% of the window holds the new level). The flip side: a recorded
+  spike inflates the standard deviation for the next ``window`` steps, so a
+  second spike of similar size within one window may pass (put a clipping
+  transformation inside the guard). A skipped step returns zero updates and leaves
   the inner state untouched (``jax.lax.cond``, as :func:`skip_nonfinite`).
   ``value=`` and all other keyword extras are passed through to ``inner``.
 

@@ -48,6 +48,9 @@ def monitor(*, per_leaf: bool = False, axis_name: Any = None) -> optax.GradientT
   The updates pass through bitwise unchanged. Put ``monitor()`` first in the
   chain to watch raw gradients, or after a clipping transformation to watch
   what the optimizer receives; read the numbers with :func:`guard_stats`.
+  Inside a guard (``skip_on_spike(chain(monitor(), ...))``) its state, like
+  every inner state, keeps the last *applied* step's numbers on skipped steps;
+  put it before the guard to see every step.
   All statistics come from one read of each leaf (the reductions fuse);
   counting non-finite elements is the one per-element test of the library,
   and it is here only because a monitor is for looking.
@@ -200,7 +203,8 @@ def guard_stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
   order: ``"zclip_1/threshold"``, ``"zclip_2/threshold"``. The structure of the
   result depends only on the structure of ``opt_state``, so this is safe inside
   ``jax.jit`` (it returns the state's arrays, or tracers under ``jit``) and
-  costs nothing at run time.
+  costs nothing at run time. (A dict returned from a jitted function comes
+  back with its keys sorted, as JAX flattens dicts.)
 
   Args:
     opt_state: any optimizer state.

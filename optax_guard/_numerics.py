@@ -174,12 +174,14 @@ def safe_factor(bound: Any, norm: jax.Array) -> jax.Array:
   """``min(1, bound / max(norm, tiny))`` in the norm's dtype.
 
   Zero norm gives 1 (for ``bound > 0``); a norm at or under ``bound`` gives
-  exactly 1; an infinite norm gives 0; a NaN norm gives NaN.
+  exactly 1; an infinite norm gives 0, even for an infinite bound (where
+  ``inf / inf`` would be NaN); a NaN norm gives NaN.
   """
   norm = jnp.asarray(norm)
   tiny = jnp.finfo(norm.dtype).tiny
   bound = jnp.asarray(bound, norm.dtype)
-  return jnp.minimum(1.0, bound / jnp.maximum(norm, tiny)).astype(norm.dtype)
+  factor = jnp.minimum(1.0, bound / jnp.maximum(norm, tiny)).astype(norm.dtype)
+  return jnp.where(jnp.isposinf(norm), jnp.zeros((), norm.dtype), factor)
 
 
 def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:

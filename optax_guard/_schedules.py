@@ -582,7 +582,8 @@ def warmup(
   of the ramp. ``warmup_steps=0`` gives ``s`` itself (with our step
   handling: float32 output, negative steps act as 0). ``schedule`` may be any
   optax schedule; it is called with an int32 step. Equivalent to torch
-  ``SequentialLR([LinearLR(init/s0, 1, W), sched], milestones=[W])`` and to
+  ``SequentialLR([LinearLR(init/s0, 1, W), sched], milestones=[W])`` (torch
+  needs ``init > 0``) and to
   ``optax.join_schedules([optax.linear_schedule(init, s0, W), s], [W])``.
 
   Args:

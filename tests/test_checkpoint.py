@@ -23,7 +23,7 @@ def _grads(i):
   """Gradients with a NaN at step 5 and a x50 spike at step 7."""
   leaves, treedef = jax.tree_util.tree_flatten(_params())
   keys = jax.random.split(jax.random.PRNGKey(100 + i), len(leaves))
-  g = [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  g = [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
   if i == 5:
     g[0] = g[0].at[0].set(jnp.nan)
   if i == 7:

@@ -31,7 +31,7 @@ def _grads(seed, scale=1.0):
   leaves, treedef = jax.tree_util.tree_flatten(_params())
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   return jax.tree_util.tree_unflatten(
-      treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+      treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
   )
 
 
@@ -66,7 +66,7 @@ def _numpy_stats(tree):
   return norm, max_abs, int(np.sum(~np.isfinite(flat)))
 
 
-@settings(max_examples=25)
+@settings(max_examples=15)
 @given(tree=_trees())
 def test_monitor_statistics_match_numpy(tree):
   tx = og.monitor(per_leaf=True)
@@ -125,7 +125,8 @@ def test_monitor_shard_map_state_matches_single_device(devices):
   out = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=P("d"), out_specs=P()))(g)
   chex.assert_trees_all_close(out, ref, rtol=1e-6)
   assert int(out.num_nonfinite) == 1 and float(out.max_abs) == math.inf
-  out = jax.pmap(run, axis_name="d")(jax.tree_util.tree_map(lambda x: x.reshape(8, -1, *x.shape[1:]), g))
+  shards = jax.tree_util.tree_map(lambda x: x.reshape(8, -1, *x.shape[1:]), g)
+  out = jax.pmap(run, axis_name="d")(shards)
   chex.assert_trees_all_close(jax.tree_util.tree_map(lambda x: x[3], out), ref, rtol=1e-6)
 
 

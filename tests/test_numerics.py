@@ -231,6 +231,9 @@ def test_safe_factor_edge_cases():
     assert float(num.safe_factor(c, f32(c) * f32(0.5))) == 1.0
   assert float(num.safe_factor(1.0, f32(jnp.inf))) == 0.0
   assert np.isnan(num.safe_factor(1.0, f32(jnp.nan)))
+  assert float(num.safe_factor(jnp.inf, f32(jnp.inf))) == 0.0  # not inf/inf = NaN
+  assert float(num.safe_factor(jnp.inf, f32(3.0))) == 1.0
+  assert np.isnan(num.safe_factor(jnp.inf, f32(jnp.nan)))
   assert float(num.safe_factor(2.0, f32(4.0))) == 0.5
   assert num.safe_factor(2.0, f32(4.0)).dtype == jnp.float32
   # the bound is cast to the norm's dtype: a traced float32 bound works under jit
