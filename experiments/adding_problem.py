@@ -20,6 +20,7 @@ compiled, ``vmap``-ed ``lax.scan``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -109,36 +110,54 @@ def wrong_fraction(pred: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.mean(~((pred - target) ** 2 <= ERROR_THRESHOLD))
 
 
+@functools.lru_cache(maxsize=None)
+def _model_fns(hidden: int, radius: float, length: int, test_size: int):
+  """Jitted pieces shared by every defence of one length (compiled once)."""
+  model = TanhRNN(hidden, radius)
+  test_x, test_y = jax.jit(make_batch, static_argnums=(1, 2))(
+      jax.random.PRNGKey(10_000 + length), test_size, length)
+
+  @jax.jit
+  @jax.vmap
+  def init_params(seed):
+    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, length, 2)))
+
+  @jax.jit
+  @jax.vmap
+  def test_error(params):
+    return wrong_fraction(model.apply(params, test_x), test_y)
+
+  return model, init_params, test_error, (test_x, test_y)
+
+
 def _train(config: Config, length: int, make_tx: Callable, bar) -> dict[str, np.ndarray]:
-  model = TanhRNN(config.hidden, config.spectral_radius)
+  model, init_params, test_error, _ = _model_fns(
+      config.hidden, config.spectral_radius, length, config.test_size)
   lrs = np.repeat(np.asarray(config.learning_rates, np.float32), config.seeds)
   seeds = np.tile(np.arange(config.seeds), len(config.learning_rates))
-  test_x, test_y = make_batch(jax.random.PRNGKey(10_000 + length), config.test_size, length)
 
   def loss_fn(params, x, y):
     return jnp.mean((model.apply(params, x) - y) ** 2)
 
-  def init(lr, seed):
-    key = jax.random.PRNGKey(seed)
-    params = model.init(key, jnp.zeros((1, length, 2)))
-    return params, make_tx(lr).init(params), jax.random.fold_in(key, 1)
+  def one(t, lr, params, opt_state, seed):
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_000 + t)
+    x, y = make_batch(key, config.batch, length)
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    updates, opt_state = make_tx(lr).update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads),
+            C.skipped_count(opt_state))
 
   def step(carry, t):
-    def one(lr, params, opt_state, key):
-      x, y = make_batch(jax.random.fold_in(key, t), config.batch, length)
-      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-      updates, opt_state = make_tx(lr).update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads),
-              C.skipped_count(opt_state))
+    params, opt_state = carry
+    params, opt_state, loss, gnorm, skipped = jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(
+        t, lrs, params, opt_state, seeds)
+    return (params, opt_state), (loss, gnorm, skipped)
 
-    params, opt_state, keys = carry
-    params, opt_state, loss, gnorm, skipped = jax.vmap(one)(lrs, params, opt_state, keys)
-    return (params, opt_state, keys), (loss, gnorm, skipped)
-
-  carry = jax.jit(jax.vmap(init))(lrs, seeds)
-  (params, _, _), (loss, gnorm, skipped) = C.scan_loop(step, carry, config.steps, bar=bar)
-  err = jax.jit(jax.vmap(lambda p: wrong_fraction(model.apply(p, test_x), test_y)))(params)
-  return {"loss": loss.T, "grad_norm": gnorm.T, "test_error": np.asarray(err),
+  params = init_params(seeds)
+  opt_state = jax.jit(jax.vmap(lambda lr, p: make_tx(lr).init(p)))(lrs, params)
+  (params, _), (loss, gnorm, skipped) = C.scan_loop(step, (params, opt_state), config.steps,
+                                                    bar=bar)
+  return {"loss": loss.T, "grad_norm": gnorm.T, "test_error": np.asarray(test_error(params)),
           "skipped": skipped[-1]}
 
 
@@ -152,7 +171,8 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
   # The baseline: always predict the mean target 0.5.
   checks = {}
   for length in config.lengths:
-    x, y = make_batch(jax.random.PRNGKey(10_000 + length), config.test_size, length)
+    _, _, _, (x, y) = _model_fns(config.hidden, config.spectral_radius, length,
+                                 config.test_size)
     checks[f"mean_predictor_error_T{length}"] = float(wrong_fraction(jnp.full_like(y, 0.5), y))
   base = float(np.mean(list(checks.values())))
   if abs(base - MEAN_PREDICTOR_ERROR) > 4 * math.sqrt(0.36 * 0.64 / config.test_size) + 1e-9:

@@ -66,9 +66,9 @@ def reduce_on_plateau(
 
   .. math::
     \text{better} = \begin{cases}
-      a < b\,(1 - \tau) & \text{min, rel} \qquad a < b - \tau \quad
+      a < b - \tau |b| & \text{min, rel} \qquad a < b - \tau \quad
         \text{min, abs} \\
-      a > b\,(1 + \tau) & \text{max, rel} \qquad a > b + \tau \quad
+      a > b + \tau |b| & \text{max, rel} \qquad a > b + \tau \quad
         \text{max, abs}
     \end{cases}
 
@@ -88,12 +88,14 @@ def reduce_on_plateau(
   in float32 (torch uses Python floats), which only matters for a value
   within one float32 rounding of the threshold.
 
-  Negative values follow torch's formula too. In ``"rel"`` mode the margin
-  ``b * tau`` has the sign of ``b``, so for a negative ``best`` a value up to
-  ``|b| tau`` *worse* than it still counts as better: a flat negative plateau
-  never reduces the scale (in torch, and in ``optax.contrib``). Use
-  ``threshold_mode="abs"`` (or pass ``-loss`` with ``mode="max"`` and a
-  positive metric) when the monitored quantity can be negative.
+  Negative values: for ``b >= 0`` the ``"rel"`` rule above is torch's
+  ``a < b (1 - tau)`` (``a > b (1 + tau)`` in max mode), computed the same way.
+  For a negative ``best`` torch's margin ``b * tau`` flips sign, so a value up
+  to ``|b| tau`` *worse* than ``best`` counts as better and a flat negative
+  plateau never reduces the scale (pytorch issue 47513; ``optax.contrib``
+  has the same flaw). Here the margin is ``tau |b|`` whatever the sign, so
+  negative losses (e.g. log-likelihood bounds) plateau as positive ones do.
+  This is the one deliberate difference from torch's decision rule.
 
   Non-finite values: a NaN or infinite ``value`` is never "better" and never
   becomes ``best``; it counts as a bad step (like torch for NaN and for
@@ -103,7 +105,8 @@ def reduce_on_plateau(
   Under ``optax.inject_hyperparams`` the string options ``mode`` and
   ``threshold_mode`` stay static by themselves; every numeric one (``factor``,
   ``patience``, ``threshold``, ``cooldown``, ``min_scale``, ``eps``) may be
-  traced or scheduled.
+  traced or scheduled (with bfloat16 parameters optax casts them to bfloat16;
+  pass ``hyperparam_dtype=jnp.float32`` to keep them exact).
 
   Args:
     factor: multiplies the scale on a reduction, ``0 <= factor < 1``.
@@ -159,10 +162,12 @@ def reduce_on_plateau(
 
   def is_better(a, best):
     tau = jnp.asarray(threshold, jnp.float32)
+    # rel: the margin is tau * |best| (torch's best * (1 -+ tau) for best >= 0)
+    lower, upper = best * (1.0 - tau), best * (1.0 + tau)
     if mode == "min":
-      bound = best * (1.0 - tau) if threshold_mode == "rel" else best - tau
+      bound = jnp.where(best >= 0, lower, upper) if threshold_mode == "rel" else best - tau
       return a < bound
-    bound = best * (1.0 + tau) if threshold_mode == "rel" else best + tau
+    bound = jnp.where(best >= 0, upper, lower) if threshold_mode == "rel" else best + tau
     return a > bound
 
   def update_fn(updates, state, params=None, *, value=None, **extra_args):

@@ -153,9 +153,15 @@ def _is_scalar(x: Any) -> bool:
 
 
 def _scalars(prefix: str, tree: Any):
-  """``(name, scalar)`` for every scalar leaf of ``tree``; arrays are skipped."""
+  """``(name, scalar)`` for every scalar leaf of ``tree``; arrays are skipped.
+
+  A trailing ``.value`` attribute in the path (the array inside a variable
+  wrapper, e.g. the state of Flax NNX's ``nnx.Optimizer``) is not named.
+  """
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if _is_scalar(leaf):
+      if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
       parts = ([prefix] if prefix else []) + [_key_str(k) for k in path]
       yield "/".join(parts), leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
 
@@ -193,7 +199,10 @@ def guard_stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
   ``monitor``, or for other states the snake-cased class name without
   ``State``. Arrays with dimensions (history buffers) are left out; a field
   holding a tree of scalars (``monitor(per_leaf=True)``'s ``leaf_norms``)
-  gives one entry per leaf, ``"monitor/leaf_norms/<path>"``.
+  gives one entry per leaf, ``"monitor/leaf_norms/<path>"``. Variable
+  wrappers holding the array in ``.value`` (the state of Flax NNX's
+  ``nnx.Optimizer``, so ``guard_stats(optimizer.opt_state)`` works) are looked
+  through without adding ``/value`` to the name.
 
   The numeric hyperparameters of every ``optax.inject_hyperparams`` state are
   reported too, as ``"hyperparams/<name>"`` (a scheduled learning rate or

@@ -27,11 +27,18 @@ import optax_guard as og
 
 
 class TorchPlateau:
-  """torch.optim.lr_scheduler.ReduceLROnPlateau.step, for one group, lr0 = 1."""
+  """torch.optim.lr_scheduler.ReduceLROnPlateau.step, for one group, lr0 = 1.
+
+  With ``sign_safe`` (the default, our documented deviation, pytorch issue
+  47513) the rel margin is ``threshold * |best|``: for ``best >= 0`` this is
+  torch's own ``best * (1 -+ threshold)``, for negative ``best`` the margin no
+  longer flips sign.
+  """
 
   def __init__(self, *, mode="min", factor=0.1, patience=10, threshold=1e-4,
                threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8,
-               nonfinite_is_bad=False):
+               nonfinite_is_bad=False, sign_safe=True):
+    self.sign_safe = sign_safe
     self.mode, self.factor, self.patience = mode, factor, patience
     self.threshold, self.threshold_mode = threshold, threshold_mode
     self.cooldown, self.min_lr, self.eps = cooldown, min_lr, eps
@@ -42,12 +49,13 @@ class TorchPlateau:
     self.cooldown_counter = 0
 
   def is_better(self, a, best):
+    flip = self.sign_safe and best < 0
     if self.mode == "min" and self.threshold_mode == "rel":
-      return a < best * (1.0 - self.threshold)
+      return a < best * ((1.0 + self.threshold) if flip else (1.0 - self.threshold))
     if self.mode == "min" and self.threshold_mode == "abs":
       return a < best - self.threshold
     if self.mode == "max" and self.threshold_mode == "rel":
-      return a > best * (self.threshold + 1.0)
+      return a > best * ((1.0 - self.threshold) if flip else (self.threshold + 1.0))
     return a > best + self.threshold
 
   def step(self, metrics):
@@ -237,11 +245,18 @@ def test_reduce_on_plateau_negative_values():
   s = _run([-3.0, -2.5, -2.0, -1.5, -1.0], patience=1, factor=0.5)
   np.testing.assert_array_equal(s.scale, [1, 1, 0.5, 0.5, 0.25])
   np.testing.assert_array_equal(s.best, [-3.0] * 5)
-  # rel mode keeps torch's formula: a flat negative plateau counts as improving
+  # rel mode: a flat negative plateau is reduced too (torch's own formula, and
+  # optax.contrib's, would count it as improving forever and never reduce)
   values = [-3.0] * 6
   s = _run(values, patience=1, factor=0.5)
   np.testing.assert_array_equal(s.scale, _reference(values, patience=1, factor=0.5)[0])
-  np.testing.assert_array_equal(s.scale, np.ones(6))
+  np.testing.assert_array_equal(s.scale, [1, 1, 0.5, 0.5, 0.25, 0.25])
+  assert TorchPlateau(sign_safe=False).is_better(-3.0, -3.0)  # torch's flaw
+  contrib = optax.contrib.reduce_on_plateau(patience=1, factor=0.5)
+  cs = contrib.init(jnp.zeros(()))
+  for v in values:
+    _, cs = contrib.update(jnp.zeros(()), cs, value=jnp.float32(v))
+  assert float(cs.scale) == 1.0  # optax.contrib never reduces on a negative plateau
   # mixed signs crossing zero, all modes
   values = [2.0, 1.0, 0.0, -1.0, -1.0, -0.5, 0.0, 0.0, -2.0, -2.0, -2.0]
   for mode in ("min", "max"):
@@ -517,3 +532,17 @@ def test_scale_by_parameter_errors():
     tx.update(p, tx.init(p), p)
   with pytest.raises(ValueError, match="params"):
     og.scale_by_parameter(lambda p, u: 1.0).update(p, optax.EmptyState(), None)
+
+
+def test_scale_by_parameter_matches_optax_scale_by_trust_ratio():
+  params, grads = _tree(21), _tree(22, scale=0.1)
+  params["zero"], grads["zero"] = jnp.zeros(3), jnp.ones(3)
+
+  def ratio(p, u):
+    pn, un = jnp.linalg.norm(p), jnp.linalg.norm(u)
+    return jnp.where((pn == 0) | (un == 0), 1.0, pn / un)
+
+  ours, _ = og.scale_by_parameter(ratio).update(grads, optax.EmptyState(), params)
+  ref_tx = optax.scale_by_trust_ratio()
+  theirs, _ = ref_tx.update(grads, ref_tx.init(params), params)
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-6)

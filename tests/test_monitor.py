@@ -288,3 +288,24 @@ def test_guard_stats_logging_recipe_runs_under_scan():
   assert np.flatnonzero(np.asarray(logs["skip_on_spike/last_skipped"])).tolist() == [9]
   np.testing.assert_array_equal(logs["skip_on_spike/num_skipped"], np.arange(12) >= 9)
 
+
+
+def test_guard_stats_reads_a_flax_nnx_optimizer_state():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  tx = optax.chain(og.monitor(per_leaf=True),
+                   og.skip_on_spike(optax.adam(1e-3), window=4, min_history=2))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, scale):
+    loss, grads = nnx.value_and_grad(lambda m: scale * jnp.sum(m(jnp.ones((1, 3))) ** 2))(model)
+    optimizer.update(model, grads, value=loss)
+    return og.guard_stats(optimizer.opt_state)
+
+  for i in range(4):
+    stats = step(model, optimizer, jnp.float32(1e4 if i == 3 else 1.0))
+  assert {"monitor/global_norm", "monitor/leaf_norms/kernel", "monitor/leaf_norms/bias",
+          "skip_on_spike/num_skipped", "skip_on_spike/value"} <= set(stats)
+  assert not any(k.endswith("/value/value") or "history" in k for k in stats)
+  assert int(stats["skip_on_spike/num_skipped"]) == 1
