@@ -432,6 +432,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("--rounds, --steps and --compile-rounds must be >= 1, --warmup >= 0")
   if not 0 < args.scale <= 1:
     p.error(f"--scale must be in (0, 1], got {args.scale}")
+  for tree in [args.tree, *args.compile_trees.split(",")]:
+    try:
+      tr.tree_shapes(tree)
+    except ValueError as e:
+      p.error(str(e))
   return args
 
 

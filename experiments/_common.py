@@ -194,21 +194,26 @@ def scan_loop(
     carry: Any,
     steps: int,
     *,
+    xs: Any = None,
     bar: Any = None,
     chunks: int = 10,
 ) -> tuple[Any, Any]:
-  """Runs ``steps`` steps of ``step_fn(carry, t) -> (carry, out)`` with ``lax.scan``.
+  """Runs ``steps`` steps of ``step_fn(carry, (t, x_t)) -> (carry, out)`` with ``lax.scan``.
 
-  The steps run in ``num_chunks(steps, chunks)`` jitted chunks of equal length
-  (compiled once), so a progress bar can advance between them. ``out`` leaves
-  come back as NumPy arrays with the step axis first.
+  ``xs`` (optional) is a tree whose leaves have a leading axis of ``steps``
+  (e.g. pre-generated batches); ``x_t`` is its slice for step ``t`` (None
+  without ``xs``). The steps run in ``num_chunks(steps, chunks)`` jitted chunks
+  of equal length (compiled once), so a progress bar can advance between
+  them. ``out`` leaves come back as NumPy arrays with the step axis first.
   """
   n = num_chunks(steps, chunks)
   size = steps // n
-  run = jax.jit(lambda c, ts: jax.lax.scan(step_fn, c, ts))
+  run = jax.jit(lambda c, ts, x: jax.lax.scan(step_fn, c, (ts, x)))
   outs = []
   for i in range(n):
-    carry, out = run(carry, jnp.arange(i * size, (i + 1) * size, dtype=jnp.int32))
+    x = None if xs is None else jax.tree_util.tree_map(
+        lambda a, i=i: a[i * size:(i + 1) * size], xs)
+    carry, out = run(carry, jnp.arange(i * size, (i + 1) * size, dtype=jnp.int32), x)
     jax.block_until_ready(carry)
     outs.append(out)
     if bar is not None:
@@ -334,7 +339,7 @@ def _nanmedian(x: np.ndarray) -> np.ndarray:
   return np.where(bad, np.nan, m)
 
 
-def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 1500) -> str | None:
+def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 600) -> str | None:
   """Loss and raw gradient norm per step, one line per defence, log scale.
 
   One row of two panels per setting. Curves are the median over seeds; a run
@@ -348,21 +353,26 @@ def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 1500) ->
   except ImportError:  # pragma: no cover - matplotlib is in the experiments extra
     return None
 
-  settings = list(dict.fromkeys(r.setting for r in result.runs))
-  defences = list(dict.fromkeys(r.defence for r in result.runs))
+  runs = [r for r in result.runs if r.steps > 1]
+  if not runs:
+    return None
+  settings = list(dict.fromkeys(r.setting for r in runs))
+  defences = list(dict.fromkeys(r.defence for r in runs))
   cmap = plt.get_cmap("tab10")
   colour = {d: cmap(i % 10) for i, d in enumerate(defences)}
-  fig, axes = plt.subplots(len(settings), 2, figsize=(10, 2.6 * len(settings) + 0.6),
+  fig, axes = plt.subplots(len(settings), 2, figsize=(10, 2.3 * len(settings) + 0.8),
                            squeeze=False)
+  handles = {}
   for row, setting in enumerate(settings):
-    for run in (r for r in result.runs if r.setting == setting):
+    for run in (r for r in runs if r.setting == setting):
       for col, data in enumerate((run.loss, run.grad_norm)):
         ax = axes[row, col]
         idx, y = _downsample(data, max_points)
         y = _nanmedian(y)
         style = "--" if run.defence == "none" else "-"
-        ax.plot(idx, np.where(y > 0, y, np.nan), style, color=colour[run.defence], lw=1.0,
-                label=run.defence)
+        (line,) = ax.plot(idx, np.where(y > 0, y, np.nan), style, color=colour[run.defence],
+                          lw=0.9, label=run.defence)
+        handles.setdefault(run.defence, line)
         finite = np.flatnonzero(np.isfinite(y) & (y > 0))
         if np.isnan(y).any() and finite.size:
           ax.plot(idx[finite[-1]], y[finite[-1]], "x", color=colour[run.defence], ms=8, mew=2)
@@ -374,13 +384,11 @@ def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 1500) ->
       ax.tick_params(labelsize=8)
       if row == len(settings) - 1:
         ax.set_xlabel("step", fontsize=8)
-  handles, labels = axes[0, 0].get_legend_handles_labels()
-  by_label = dict(zip(labels, handles, strict=False))
-  fig.legend(by_label.values(), by_label.keys(), loc="upper center",
-             ncol=min(len(by_label), 6), fontsize=8, frameon=False)
-  fig.suptitle(result.title, fontsize=10, y=1.0)
-  fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
-  fig.savefig(path, dpi=72)
+  fig.suptitle(result.title, fontsize=10)
+  fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.985),
+             ncol=min(len(handles), 7), fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))
+  fig.savefig(path, dpi=64)
   plt.close(fig)
   return path
 

@@ -89,19 +89,24 @@ class TanhRNN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    cell = nn.SimpleCell(self.hidden, recurrent_kernel_init=_recurrent_init(self.spectral_radius))
+    lecun = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    cell = nn.SimpleCell(self.hidden, kernel_init=lecun,
+                         recurrent_kernel_init=_recurrent_init(self.spectral_radius))
     h = nn.RNN(cell)(x)
-    return nn.Dense(1)(h[:, -1])[:, 0]
+    return nn.Dense(1, kernel_init=lecun)(h[:, -1])[:, 0]
 
 
-def make_batch(key: jax.Array, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
-  """``batch`` sequences ``[batch, length, 2]`` and their targets ``[batch]``."""
-  kv, k1, k2 = jax.random.split(key, 3)
-  values = jax.random.uniform(kv, (batch, length))
-  first = jax.random.randint(k1, (batch,), 0, max(length // 10, 1))
-  second = jax.random.randint(k2, (batch,), max(length // 10, 1), max(length // 2, 2))
+def make_batch(key: jax.Array, batch: int | tuple[int, ...],
+               length: int) -> tuple[jax.Array, jax.Array]:
+  """Sequences ``[*batch, length, 2]`` and their targets ``[*batch]``."""
+  batch = (batch,) if isinstance(batch, int) else tuple(batch)
+  u = jax.random.uniform(key, (*batch, length + 2))  # one draw: values, then two positions
+  values = u[..., :length]
+  lo, hi = max(length // 10, 1), max(length // 2, 2)
+  first = jnp.floor(u[..., length] * lo).astype(jnp.int32)  # uniform in [0, lo)
+  second = lo + jnp.floor(u[..., length + 1] * (hi - lo)).astype(jnp.int32)  # in [lo, hi)
   markers = jax.nn.one_hot(first, length) + jax.nn.one_hot(second, length)
-  target = 0.5 * jnp.sum(values * markers, axis=1)
+  target = 0.5 * jnp.sum(values * markers, axis=-1)
   return jnp.stack([values, markers], axis=-1), target
 
 
@@ -127,11 +132,18 @@ def _model_fns(hidden: int, radius: float, length: int, test_size: int):
   def test_error(params):
     return wrong_fraction(model.apply(params, test_x), test_y)
 
-  return model, init_params, test_error, (test_x, test_y)
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def train_data(seeds, steps, batch):
+    """``[steps, seeds, batch, ...]`` batches: every defence sees the same data."""
+    x, y = jax.vmap(lambda s: make_batch(jax.random.fold_in(jax.random.PRNGKey(s), 1),
+                                         (steps, batch), length))(seeds)
+    return jnp.swapaxes(x, 0, 1), jnp.swapaxes(y, 0, 1)
+
+  return model, init_params, test_error, (test_x, test_y), train_data
 
 
 def _train(config: Config, length: int, make_tx: Callable, bar) -> dict[str, np.ndarray]:
-  model, init_params, test_error, _ = _model_fns(
+  model, init_params, test_error, _, train_data = _model_fns(
       config.hidden, config.spectral_radius, length, config.test_size)
   lrs = np.repeat(np.asarray(config.learning_rates, np.float32), config.seeds)
   seeds = np.tile(np.arange(config.seeds), len(config.learning_rates))
@@ -139,24 +151,23 @@ def _train(config: Config, length: int, make_tx: Callable, bar) -> dict[str, np.
   def loss_fn(params, x, y):
     return jnp.mean((model.apply(params, x) - y) ** 2)
 
-  def one(t, lr, params, opt_state, seed):
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), 1_000_000 + t)
-    x, y = make_batch(key, config.batch, length)
+  def one(lr, params, opt_state, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
     updates, opt_state = make_tx(lr).update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads),
             C.skipped_count(opt_state))
 
-  def step(carry, t):
-    params, opt_state = carry
-    params, opt_state, loss, gnorm, skipped = jax.vmap(one, in_axes=(None, 0, 0, 0, 0))(
-        t, lrs, params, opt_state, seeds)
+  def step(carry, inputs):
+    (params, opt_state), (_, (x, y)) = carry, inputs
+    params, opt_state, loss, gnorm, skipped = jax.vmap(one)(
+        lrs, params, opt_state, x[seeds], y[seeds])
     return (params, opt_state), (loss, gnorm, skipped)
 
   params = init_params(seeds)
   opt_state = jax.jit(jax.vmap(lambda lr, p: make_tx(lr).init(p)))(lrs, params)
+  data = train_data(jnp.arange(config.seeds), config.steps, config.batch)
   (params, _), (loss, gnorm, skipped) = C.scan_loop(step, (params, opt_state), config.steps,
-                                                    bar=bar)
+                                                    xs=data, bar=bar)
   return {"loss": loss.T, "grad_norm": gnorm.T, "test_error": np.asarray(test_error(params)),
           "skipped": skipped[-1]}
 
@@ -171,7 +182,7 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
   # The baseline: always predict the mean target 0.5.
   checks = {}
   for length in config.lengths:
-    _, _, _, (x, y) = _model_fns(config.hidden, config.spectral_radius, length,
+    _, _, _, (x, y), _ = _model_fns(config.hidden, config.spectral_radius, length,
                                  config.test_size)
     checks[f"mean_predictor_error_T{length}"] = float(wrong_fraction(jnp.full_like(y, 0.5), y))
   base = float(np.mean(list(checks.values())))

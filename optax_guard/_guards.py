@@ -68,7 +68,8 @@ class SkipOnSpikeState(NamedTuple):
     value_history: float32 ring buffer of the last finite ``value=``
       arguments (the loss), like ``norm_history``.
     value_count: int32, number of finite values recorded so far.
-    value: float32, the most recent ``value=`` (0 until one is passed).
+    value: float32, the most recent ``value=`` as tested (the mean over
+      devices with ``axis_name``; 0 until one is passed).
     value_threshold: float32, the threshold the most recent value was
       compared with (``inf`` while the value history is too short).
   """
@@ -156,12 +157,14 @@ def skip_nonfinite(
     (u, s) \leftarrow \begin{cases} (0,\ s) & n \notin \mathbb{R} \\
     \mathrm{inner}(g, s) & \text{otherwise} \end{cases}
 
-  The decision reads only the global norm, one reduction pass with no
-  per-element test: a NaN or ``+-inf`` element makes the norm NaN or ``inf``,
-  and so does a sum of squares beyond float32 range (for example gradients
-  scaled by ``1e30``, or any element above ``~1.8e19``), which no float32
-  optimizer state could absorb anyway. (For float64 updates the sum
-  accumulates in float64 and only float64 overflow counts.)
+  The decision reads only the squared global norm (the float32-accumulated
+  sum of squares), one reduction pass with no per-element test: a NaN or
+  ``+-inf`` element makes it NaN or ``inf``, and so does a sum of squares
+  beyond float32 range (for example gradients scaled by ``1e30``, or any
+  element above ``~1.8e19``), which no float32 optimizer state could absorb
+  anyway. (For float64 updates the sum accumulates in float64 and only float64
+  overflow counts.) The test is on the sum, not on its square root, because
+  XLA may rewrite ``sqrt(x * x)`` as ``|x|`` for a one-element tree.
 
   The branch is taken with ``jax.lax.cond``: a skipped step returns
   ``jnp.zeros`` with the inner's output shapes and dtypes and leaves the inner
@@ -269,9 +272,10 @@ def skip_on_spike(
   is accepted after a while (with ``sigma=3`` a 10x shift is accepted once
   about 10% of the window holds the new level). The flip side: a recorded
   spike inflates the standard deviation for the next ``window`` steps, so a
-  second spike of similar size within one window may pass (put a clipping
-  transformation inside the guard). A skipped step returns zero updates and leaves
-  the inner state untouched (``jax.lax.cond``, as :func:`skip_nonfinite`).
+  second spike of similar size within one window may pass (keep a clipping
+  transformation inside the guard). A skipped step returns zero updates and
+  leaves the inner state untouched (``jax.lax.cond``, as
+  :func:`skip_nonfinite`). Norms above float32 range count as non-finite.
   ``value=`` and all other keyword extras are passed through to ``inner``.
 
   ``window`` is read back from the history shape inside ``update``, so under

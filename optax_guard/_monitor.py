@@ -51,7 +51,7 @@ def monitor(*, per_leaf: bool = False, axis_name: Any = None) -> optax.GradientT
   Inside a guard (``skip_on_spike(chain(monitor(), ...))``) its state, like
   every inner state, keeps the last *applied* step's numbers on skipped steps;
   put it before the guard to see every step.
-  All statistics come from one read of each leaf (the reductions fuse);
+  All statistics come from one read of each leaf (one variadic reduction);
   counting non-finite elements is the one per-element test of the library,
   and it is here only because a monitor is for looking.
 
@@ -89,21 +89,19 @@ def monitor(*, per_leaf: bool = False, axis_name: Any = None) -> optax.GradientT
   def update_fn(updates, state, params=None):
     del params
     f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
-    ssq = jax.tree_util.tree_map(lambda x: num.partial_norm(x, 2), updates)
-    max_abs = [num.partial_norm(x, "inf") for x in jax.tree_util.tree_leaves(updates)]
-    bad = [
-        jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=jnp.int32)
-        for x in jax.tree_util.tree_leaves(updates)
-    ]
-    bad = sum(bad[1:], bad[0]) if bad else jnp.zeros((), jnp.int32)
-    max_abs = f32(num.combine_partials(max_abs, "inf"))
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    stats = [num.partial_stats(x) for x in leaves]  # one read of each leaf
+    ssq = [s[0] for s in stats]
+    max_abs = f32(num.combine_partials([s[1] for s in stats], "inf"))
+    bad = sum((s[2] for s in stats), jnp.zeros((), jnp.int32))
     if per_leaf:
       ssq, bad = num.cross_device((ssq, bad), 2, axis_name)
-      total = num.combine_partials(jax.tree_util.tree_leaves(ssq))
-      leaf_norms = jax.tree_util.tree_map(lambda p: f32(num.finish_norm(p)), ssq)
+      total = num.combine_partials(ssq)
+      leaf_norms = jax.tree_util.tree_unflatten(
+          treedef, [f32(num.finish_norm(p)) for p in ssq]
+      )
     else:
-      total = num.combine_partials(jax.tree_util.tree_leaves(ssq))
-      total, bad = num.cross_device((total, bad), 2, axis_name)
+      total, bad = num.cross_device((num.combine_partials(ssq), bad), 2, axis_name)
       leaf_norms = None
     max_abs = num.cross_device(max_abs, "inf", axis_name)
     return updates, MonitorState(f32(num.finish_norm(total)), max_abs, bad, leaf_norms)

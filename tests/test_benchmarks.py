@@ -1,0 +1,211 @@
+"""The benchmark runner works end to end and its bookkeeping is right.
+
+No timing assertions: timings depend on the machine. The end-to-end test runs
+``python -m benchmarks`` at a tiny scale with two rounds and checks that the
+JSON and Markdown it writes are complete and well-formed; the other tests
+check the tree shapes, case selection and the PASS/MISS logic on synthetic
+numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from benchmarks import cases, report, runner, trees
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------
+# Trees
+
+
+def test_trees_gpt2_small_shapes():
+  abstract = trees.abstract_tree("gpt2", "float32")
+  info = trees.describe(abstract)
+  assert info["leaves"] == 148
+  assert info["params"] == 124_439_808  # GPT-2 small, tied embedding counted once
+  assert info["bytes"] == 4 * 124_439_808
+  assert abstract["wte"].shape == (50257, 768)
+  assert abstract["wpe"].shape == (1024, 768)
+  block = abstract["h"]["00"]
+  assert block["attn"]["c_attn"]["w"].shape == (768, 2304)
+  assert block["mlp"]["c_proj"]["w"].shape == (3072, 768)
+  assert len(abstract["h"]) == 12
+
+
+def test_trees_many_and_uniform():
+  info = trees.describe(trees.abstract_tree("many", "bfloat16"))
+  assert info == {"leaves": 2000, "params": 20_000_000, "bytes": 40_000_000}
+  assert trees.describe(trees.abstract_tree("uniform:3", "float32"))["leaves"] == 3
+  with pytest.raises(ValueError, match="unknown tree"):
+    trees.tree_shapes("resnet")
+
+
+def test_trees_scale_keeps_structure():
+  full = trees.abstract_tree("gpt2", "float32")
+  small = trees.abstract_tree("gpt2", "float32", scale=1e-3)
+  assert jax.tree_util.tree_structure(full) == jax.tree_util.tree_structure(small)
+  ratio = trees.describe(small)["params"] / trees.describe(full)["params"]
+  assert 0.5e-3 < ratio < 2e-3
+  assert all(min(x.shape) >= 1 for x in jax.tree_util.tree_leaves(small))
+
+
+def test_trees_gradients_finite_and_fixed():
+  abstract = trees.abstract_tree("uniform:2", "bfloat16", scale=0.01)
+  g1 = trees.make_gradients(abstract, seed=3)
+  g2 = trees.make_gradients(abstract, seed=3)
+  for a, b, s in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2),
+                     jax.tree_util.tree_leaves(abstract)):
+    assert a.dtype == s.dtype and a.shape == s.shape
+    assert bool(jax.numpy.all(jax.numpy.isfinite(a)))
+    assert bool(jax.numpy.array_equal(a, b))
+
+
+# ---------------------------------------------------------------------------
+# Case selection and targets
+
+
+def test_runner_only_adds_references():
+  chosen, skipped = runner.select_steps(["og.clip_by_global_norm"])
+  names = [v.name for v in chosen]
+  assert names == ["adam", "og.clip_by_global_norm", "optax.clip_by_global_norm"]
+  assert skipped == []
+  alone, _ = runner.select_standalone(["clip:og"])
+  assert [s.name for s in alone] == ["clip:og", "clip:optax", "scale (bound)"]
+
+
+def test_runner_skips_unexported_factories(monkeypatch):
+  import optax_guard as og
+
+  exported = [n for n in og.__all__ if n != "zclip"]
+  monkeypatch.setattr(og, "__all__", exported)
+  chosen, skipped = runner.select_steps(None)
+  assert "og.zclip" not in [v.name for v in chosen]
+  assert {"name": "og.zclip", "reason": "og.zclip not exported"} in skipped
+  assert "adam" in [v.name for v in chosen]
+
+
+def test_runner_every_variant_has_valid_references():
+  variants = {v.name: v for v in cases.step_variants()}
+  assert list(variants)[0] == "adam"
+  for v in variants.values():
+    assert v.equiv is None or variants[v.equiv].group == "optax"
+    assert v.extra_passes in (0, 1)
+  specs = {s.name: s for s in cases.standalone_cases()}
+  assert sum(s.bound for s in specs.values()) == 1
+  assert all(s.equiv is None or s.equiv in specs for s in specs.values())
+
+
+def _fake_results(step_ms, alone_ms, compile_s):
+  res = {
+      "step": {k: {"median_s": v / 1e3} for k, v in step_ms.items()},
+      "standalone": {k: {"median_s": v / 1e3} for k, v in alone_ms.items()},
+      "compile": {"t": {"leaves": 7, "results": {k: {"total_s": v}
+                                                  for k, v in compile_s.items()}}},
+  }
+  return res
+
+
+def test_runner_targets_pass_and_miss():
+  step = {"adam": 100.0, "og.clip_by_global_norm": 115.0, "optax.clip_by_global_norm": 150.0,
+          "og.skip_nonfinite": 130.0, "og.zclip": 120.0, "og.clip_by_value": 101.0,
+          "optax.clip": 100.0, "optax.apply_if_finite": 180.0}
+  alone = {"norm:og": 9.0, "clip:og": 21.0, "scale (bound)": 10.0}
+  comp = {"og.clip_by_global_norm": 1.0, "optax.clip_by_global_norm": 1.0,
+          "og.clip_by_value": 1.2, "optax.clip": 1.0}
+  targets = {t["target"]: t for t in runner.evaluate_targets(_fake_results(step, alone, comp))}
+  get = lambda prefix: next(t for k, t in targets.items() if k.startswith(prefix))
+  t = get("og.clip_by_global_norm + adam: overhead")
+  assert t["status"] == "PASS" and math.isclose(t["value"], 15.0)
+  t = get("og.clip_by_global_norm + adam vs optax")
+  assert t["status"] == "PASS" and math.isclose(t["value"], 115 / 150)
+  assert get("og.skip_nonfinite + adam: overhead")["status"] == "MISS"  # +30% > +25%
+  assert get("og.zclip + adam")["status"] == "PASS"
+  assert get("og.autoclip + adam")["status"] == "SKIP"  # not measured
+  assert get("standalone global norm")["status"] == "PASS"  # 0.9x <= 1.0x
+  assert get("standalone clip")["status"] == "MISS"  # 2.1x > 2.0x
+  assert get("compile og.clip_by_global_norm")["status"] == "PASS"  # 1.0x <= 1.1x
+  assert get("compile og.clip_by_value")["status"] == "MISS"  # 1.2x > 1.1x
+  assert get("compile og.skip_nonfinite")["status"] == "SKIP"
+  assert get("og.clip_by_value + adam vs optax.clip")["status"] == "MISS"  # 1.01x
+  assert get("og.skip_nonfinite + adam vs optax")["status"] == "PASS"
+  assert {t["status"] for t in targets.values()} <= {"PASS", "MISS", "SKIP"}
+
+
+def test_runner_rejects_bad_arguments():
+  for argv in (["--scale", "0"], ["--scale", "2"], ["--rounds", "0"], ["--tree", "resnet"]):
+    with pytest.raises(SystemExit):
+      runner.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------
+# End to end
+
+
+def _check_section(section: dict, names: list[str], rounds: int) -> None:
+  assert sorted(section) == sorted(names)
+  for r in section.values():
+    assert len(r["samples_s"]) == rounds
+    assert all(s > 0 and math.isfinite(s) for s in r["samples_s"])
+    assert r["min_s"] <= r["median_s"]
+    assert r["finite"] is True
+    assert r["ratio_bound"] > 0
+
+
+def test_runner_end_to_end_tiny(tmp_path):
+  cmd = [
+      sys.executable, "-m", "benchmarks", "--scale", "1e-4", "--rounds", "2", "--warmup", "1",
+      "--only", "og.clip_by_global_norm,og.skip_nonfinite,clip:og", "--compile-trees",
+      "uniform:2", "--compile-rounds", "1", "--out", str(tmp_path), "--name", "tiny",
+  ]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "PASS" in proc.stdout or "MISS" in proc.stdout
+
+  res = json.loads((tmp_path / "tiny.json").read_text())
+  assert res["config"]["tree_leaves"] == 148
+  assert res["config"]["rounds"] == 2
+  assert res["environment"]["jax"] == jax.__version__
+  steps = ["adam", "og.clip_by_global_norm", "optax.clip_by_global_norm",
+           "og.skip_nonfinite", "optax.apply_if_finite"]
+  _check_section(res["step"], steps, 2)
+  assert res["step"]["og.skip_nonfinite"]["skipped_steps"] == 0
+  assert res["step"]["adam"]["overhead_pct"] == 0.0
+  assert res["step"]["og.clip_by_global_norm"]["equiv"] == "optax.clip_by_global_norm"
+  _check_section(res["standalone"], ["clip:og", "clip:optax", "scale (bound)"], 2)
+  comp = res["compile"]["uniform:2"]
+  assert comp["leaves"] == 2 and sorted(comp["results"]) == sorted(steps)
+  assert all(r["total_s"] > 0 for r in comp["results"].values())
+  statuses = {t["target"]: t["status"] for t in res["targets"]}
+  assert statuses["og.clip_by_global_norm + adam: overhead over adam"] in ("PASS", "MISS")
+  assert statuses["og.zclip + adam: overhead over adam"] == "SKIP"  # not selected
+
+  md = (tmp_path / "tiny.md").read_text()
+  assert md == report.markdown(res)
+  for heading in ("## Optimizer step", "## Standalone", "## Compile time", "## Targets"):
+    assert heading in md
+  assert "`chain(og.clip_by_global_norm(1), adam)`" in md
+  rows = [line for line in md.splitlines() if line.startswith("|")]
+  assert all(line.endswith("|") for line in rows)
+  # Every row of a table has as many cells as its header.
+  tables: list[list[str]] = []
+  for line in md.splitlines():
+    if line.startswith("|"):
+      if not tables or not tables[-1]:
+        tables.append([])
+      tables[-1].append(line)
+    elif tables and tables[-1]:
+      tables.append([])
+  for table in filter(None, tables):
+    widths = {line.count("|") for line in table}
+    assert len(widths) == 1, table
