@@ -339,7 +339,7 @@ def _nanmedian(x: np.ndarray) -> np.ndarray:
   return np.where(bad, np.nan, m)
 
 
-def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 600) -> str | None:
+def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 500) -> str | None:
   """Loss and raw gradient norm per step, one line per defence, log scale.
 
   One row of two panels per setting. Curves are the median over seeds; a run
@@ -360,8 +360,8 @@ def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 600) -> 
   defences = list(dict.fromkeys(r.defence for r in runs))
   cmap = plt.get_cmap("tab10")
   colour = {d: cmap(i % 10) for i, d in enumerate(defences)}
-  fig, axes = plt.subplots(len(settings), 2, figsize=(10, 2.3 * len(settings) + 0.8),
-                           squeeze=False)
+  height = 2.1 * len(settings) + 0.9
+  fig, axes = plt.subplots(len(settings), 2, figsize=(10, height), squeeze=False)
   handles = {}
   for row, setting in enumerate(settings):
     for run in (r for r in runs if r.setting == setting):
@@ -384,10 +384,11 @@ def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 600) -> 
       ax.tick_params(labelsize=8)
       if row == len(settings) - 1:
         ax.set_xlabel("step", fontsize=8)
-  fig.suptitle(result.title, fontsize=10)
-  fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.985),
-             ncol=min(len(handles), 7), fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_figheight()))
+  fig.suptitle(result.title, fontsize=10, y=1 - 0.08 / height, va="top")
+  fig.legend(handles.values(), handles.keys(), loc="upper center",
+             bbox_to_anchor=(0.5, 1 - 0.32 / height), ncol=min(len(handles), 7), fontsize=8,
+             frameon=False)
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.62 / height))
   fig.savefig(path, dpi=64)
   plt.close(fig)
   return path
