@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
 import optax_guard as og
@@ -161,7 +162,7 @@ def _optax_clip(tree, c):
 
 
 def _scale(tree, c):
-  return optax.tree.scale(c, tree)
+  return jax.tree_util.tree_map(lambda x: x * c.astype(x.dtype), tree)
 
 
 def standalone_cases() -> list[Standalone]:
@@ -174,6 +175,6 @@ def standalone_cases() -> list[Standalone]:
                  needs=("clip_by_global_norm",), equiv="clip:optax"),
       Standalone("clip:optax", "optax.clip_by_global_norm(1).update(g)", "map",
                  _optax_clip),
-      Standalone("scale (bound)", "tree_map(lambda x: x * c, g)", "map", _scale,
+      Standalone("scale (bound)", "tree_map(lambda x: x * c.astype(x.dtype), g)", "map", _scale,
                  bound=True),
   ]

@@ -67,7 +67,8 @@ def header(results: dict[str, Any]) -> list[str]:
     lines.append(
         f"Medians of {cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up "
         f"round(s), {cfg['steps']} step(s) per case per round; parameters and optimizer "
-        f"state donated; buffers {'kept alive' if mem.get('mode') == 'keep' else 'recreated per turn'}."
+        f"state donated; buffers "
+        + ("kept alive." if mem.get("mode") == "keep" else "recreated per turn.")
     )
   return lines
 

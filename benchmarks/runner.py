@@ -372,7 +372,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
       ("og.clip_by_value", "optax.clip"),
       ("og.skip_nonfinite", "optax.apply_if_finite"),
   ):
-    for tname, c in comp.items():
+    for c in comp.values():
       rs = c["results"]
       a = rs.get(ours, {}).get("total_s")
       b = rs.get(theirs, {}).get("total_s")

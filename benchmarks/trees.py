@@ -111,7 +111,7 @@ def make_gradients(abstract: Any, seed: int = 0, std: float = 1e-3) -> Any:
   keys = jax.random.split(jax.random.PRNGKey(seed), max(len(leaves), 1))
   drawers: dict[Any, Any] = {}
   out = []
-  for key, like in zip(keys, leaves):
+  for key, like in zip(keys[: len(leaves)], leaves, strict=True):
     sig = (tuple(like.shape), jnp.dtype(like.dtype))
     if sig not in drawers:
       drawers[sig] = jax.jit(

@@ -16,6 +16,7 @@ settings.register_profile(
     "ci",
     max_examples=30,
     deadline=None,
+    derandomize=True,  # CI runs are reproducible; run with --hypothesis-seed to explore
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

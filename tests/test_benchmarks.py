@@ -64,7 +64,7 @@ def test_trees_gradients_finite_and_fixed():
   g1 = trees.make_gradients(abstract, seed=3)
   g2 = trees.make_gradients(abstract, seed=3)
   for a, b, s in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2),
-                     jax.tree_util.tree_leaves(abstract)):
+                     jax.tree_util.tree_leaves(abstract), strict=True):
     assert a.dtype == s.dtype and a.shape == s.shape
     assert bool(jax.numpy.all(jax.numpy.isfinite(a)))
     assert bool(jax.numpy.array_equal(a, b))
@@ -163,7 +163,8 @@ def _check_section(section: dict, names: list[str], rounds: int) -> None:
 
 def test_runner_end_to_end_tiny(tmp_path):
   cmd = [
-      sys.executable, "-m", "benchmarks", "--scale", "1e-4", "--rounds", "2", "--warmup", "1",
+      sys.executable, "-m", "benchmarks", "--tree", "uniform:4", "--scale", "0.01",
+      "--rounds", "2", "--warmup", "1",
       "--only", "og.clip_by_global_norm,og.skip_nonfinite,clip:og", "--compile-trees",
       "uniform:2", "--compile-rounds", "1", "--out", str(tmp_path), "--name", "tiny",
   ]
@@ -173,7 +174,7 @@ def test_runner_end_to_end_tiny(tmp_path):
   assert "PASS" in proc.stdout or "MISS" in proc.stdout
 
   res = json.loads((tmp_path / "tiny.json").read_text())
-  assert res["config"]["tree_leaves"] == 148
+  assert res["config"]["tree_leaves"] == 4 and res["config"]["tree_params"] == 400
   assert res["config"]["rounds"] == 2
   assert res["environment"]["jax"] == jax.__version__
   steps = ["adam", "og.clip_by_global_norm", "optax.clip_by_global_norm",

@@ -1,0 +1,273 @@
+"""A 32-layer ReLU MLP with a too-large initialisation: NaN without defences.
+
+Synthetic classification: inputs ``x ~ N(0, I_32)``, 10 classes given by a
+fixed random linear teacher ``argmax(x W)``; 4096 training and 2048 test
+examples; SGD on minibatches of 128.
+
+The model is a Flax ``linen`` MLP of ``depth`` ReLU layers of ``width`` units
+whose weights start at ``N(0, gain**2 / fan_in)`` with ``gain = 1.6``; He
+initialisation is ``gain = sqrt(2)``, so every layer multiplies the activation
+variance by ``1.6**2 / 2 = 1.28`` and the logits start ``~1.28**16 = 52`` times
+too large (loss ~300, gradient norm ~4e3). The first SGD step then throws the
+weights so far that the second forward pass overflows: the loss is NaN from
+step 2 on. Each defence changes one thing (two for the combinations):
+
+* ``clip_global`` / ``agc``: ``og.clip_by_global_norm`` / ``og.adaptive_grad_clip``;
+* ``skip_nonfinite``: ``og.skip_nonfinite`` alone (it cannot undo the first,
+  finite, step that did the damage: shown for honesty);
+* ``he_init`` / ``xavier_init``: the right initialisation instead of the bad one;
+* ``batchnorm``: the bad initialisation with ``BatchNorm`` after every layer;
+* ``l2_penalty``: ``og.add_l2_penalty`` alone, then with clipping;
+* ``warmup+inv_sqrt``: ``og.warmup(og.inverse_sqrt_decay(...))`` learning rate;
+  ``clip+exp_decay``: clipping with an ``og.exponential_decay`` learning rate;
+* ``clip+plateau``: clipping then ``og.reduce_on_plateau`` fed the loss as
+  ``value=`` (feedback learning rate).
+
+Seeds train together under ``vmap`` in one compiled ``lax.scan`` per defence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_guard as og
+from experiments import _common as C
+
+NAME = "deep_mlp"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Sizes of the deep-MLP experiment (defaults: the suite's default run)."""
+
+  steps: int = 400
+  seeds: int = 2
+  depth: int = 32
+  width: int = 64
+  inputs: int = 32
+  classes: int = 10
+  train_size: int = 4096
+  test_size: int = 2048
+  batch: int = 128
+  learning_rate: float = 0.02
+  init_gain: float = 1.6
+  clip_norm: float = 1.0
+  l2_weight: float = 1e-3
+  warmup_steps: int = 100
+  defences: tuple[str, ...] = (
+      "none", "clip_global", "agc", "skip_nonfinite", "he_init", "xavier_init", "batchnorm",
+      "l2_penalty", "clip+l2_penalty", "warmup+inv_sqrt", "exp_decay", "clip+exp_decay",
+      "clip+plateau")
+
+  @classmethod
+  def quick(cls) -> Config:
+    return cls(steps=200, depth=24, defences=(
+        "none", "clip_global", "he_init", "batchnorm", "clip+l2_penalty", "warmup+inv_sqrt",
+        "clip+plateau"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Defence:
+  needs: tuple[str, ...]
+  make_tx: Callable[[Config], optax.GradientTransformation]
+  init: str = "bad"  # "bad", "he" or "xavier"
+  batchnorm: bool = False
+
+
+def _sgd(config: Config) -> optax.GradientTransformation:
+  return optax.sgd(config.learning_rate)
+
+
+def _clip(config: Config) -> optax.GradientTransformation:
+  return og.clip_by_global_norm(config.clip_norm)
+
+
+def _exp_decay(config: Config):
+  return og.exponential_decay(config.learning_rate, 0.5, decay_steps=max(config.steps // 8, 1))
+
+
+DEFENCES: dict[str, Defence] = {
+    "none": Defence((), _sgd),
+    "clip_global": Defence(("clip_by_global_norm",), lambda c: optax.chain(_clip(c), _sgd(c))),
+    "agc": Defence(("adaptive_grad_clip",),
+                   lambda c: optax.chain(og.adaptive_grad_clip(0.05), _sgd(c))),
+    "skip_nonfinite": Defence(("skip_nonfinite",), lambda c: og.skip_nonfinite(_sgd(c))),
+    "he_init": Defence((), _sgd, init="he"),
+    "xavier_init": Defence((), _sgd, init="xavier"),
+    "batchnorm": Defence((), _sgd, batchnorm=True),
+    "l2_penalty": Defence(("add_l2_penalty",), lambda c: optax.chain(
+        og.add_l2_penalty(c.l2_weight), _sgd(c))),
+    "clip+l2_penalty": Defence(("clip_by_global_norm", "add_l2_penalty"), lambda c: optax.chain(
+        _clip(c), og.add_l2_penalty(c.l2_weight), _sgd(c))),
+    "warmup+inv_sqrt": Defence(("warmup", "inverse_sqrt_decay"), lambda c: optax.sgd(
+        og.warmup(og.inverse_sqrt_decay(c.learning_rate, timescale=c.warmup_steps),
+                  c.warmup_steps))),
+    "exp_decay": Defence(("exponential_decay",), lambda c: optax.sgd(_exp_decay(c))),
+    "clip+exp_decay": Defence(("clip_by_global_norm", "exponential_decay"), lambda c: optax.chain(
+        _clip(c), optax.sgd(_exp_decay(c)))),
+    "clip+plateau": Defence(("clip_by_global_norm", "reduce_on_plateau"), lambda c: optax.chain(
+        _clip(c), _sgd(c), og.reduce_on_plateau(factor=0.5, patience=25, cooldown=10))),
+}
+
+
+def _kernel_init(kind: str, gain: float):
+  if kind == "he":
+    return nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+  if kind == "xavier":
+    return nn.initializers.variance_scaling(1.0, "fan_avg", "normal")
+  return nn.initializers.variance_scaling(gain ** 2, "fan_in", "normal")  # too large
+
+
+class Block(nn.Module):
+  """Dense -> [BatchNorm] -> ReLU, written for ``nn.scan`` over the depth."""
+
+  width: int
+  init_kind: str
+  gain: float
+  batchnorm: bool
+  train: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
+    x = nn.Dense(self.width, kernel_init=_kernel_init(self.init_kind, self.gain))(x)
+    if self.batchnorm:
+      x = nn.BatchNorm(use_running_average=not self.train, momentum=0.9)(x)
+    return nn.relu(x), None
+
+
+class MLP(nn.Module):
+  """Dense input layer, ``depth - 1`` scanned hidden blocks, Dense read-out.
+
+  Hidden blocks are stacked with ``nn.scan`` (one compiled layer body instead
+  of ``depth``); the kernels have shape ``[depth - 1, width, width]``.
+  """
+
+  depth: int
+  width: int
+  classes: int
+  init_kind: str = "bad"
+  gain: float = 1.6
+  batchnorm: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    x, _ = Block(self.width, self.init_kind, self.gain, self.batchnorm, train)(x, None)
+    blocks = nn.scan(Block, variable_axes={"params": 0, "batch_stats": 0},
+                     split_rngs={"params": True}, length=self.depth - 1)
+    x, _ = blocks(self.width, self.init_kind, self.gain, self.batchnorm, train)(x, None)
+    return nn.Dense(self.classes, kernel_init=_kernel_init(self.init_kind, self.gain))(x)
+
+
+@functools.lru_cache(maxsize=None)
+def make_data(inputs: int, classes: int, train_size: int, test_size: int):
+  """``(x_train, y_train), (x_test, y_test)`` from a fixed random linear teacher."""
+  kt, kx = jax.random.split(jax.random.PRNGKey(1234))
+  teacher = jax.random.normal(kt, (inputs, classes))
+  x = jax.random.normal(kx, (train_size + test_size, inputs))
+  y = jnp.argmax(x @ teacher, axis=-1)
+  return (x[:train_size], y[:train_size]), (x[train_size:], y[train_size:])
+
+
+def _train(config: Config, defence: Defence, bar) -> dict[str, Any]:
+  model = MLP(config.depth, config.width, config.classes, defence.init, config.init_gain,
+              defence.batchnorm)
+  tx = optax.with_extra_args_support(defence.make_tx(config))
+  (x_train, y_train), (x_test, y_test) = make_data(
+      config.inputs, config.classes, config.train_size, config.test_size)
+  seeds = jnp.arange(config.seeds)
+  # minibatch indices [steps, seeds, batch], shared by every defence
+  idx = jax.random.randint(jax.random.PRNGKey(99), (config.steps, config.seeds, config.batch),
+                           0, config.train_size)
+
+  @jax.vmap
+  def init(seed):
+    variables = model.init(jax.random.PRNGKey(seed), x_train[:2])
+    params = variables["params"]
+    return params, variables.get("batch_stats", {}), tx.init(params)
+
+  def one(params, stats, opt_state, x, y):
+    def loss_fn(p):
+      logits, new = model.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      return loss, new.get("batch_stats", {})
+
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+    guard = og.guard_stats(opt_state) if hasattr(og, "guard_stats") else {}
+    scale = C.stat(guard, "reduce_on_plateau/scale", 1.0)
+    return (optax.apply_updates(params, updates), stats, opt_state, loss,
+            optax.global_norm(grads), C.skipped_count(opt_state), scale)
+
+  def step(carry, inputs):
+    params, stats, opt_state = carry
+    batch = inputs[1]
+    params, stats, opt_state, loss, gnorm, skipped, scale = jax.vmap(one)(
+        params, stats, opt_state, x_train[batch], y_train[batch])
+    return (params, stats, opt_state), (loss, gnorm, skipped, scale)
+
+  carry = jax.jit(init)(seeds)
+  (params, stats, _), (loss, gnorm, skipped, scale) = C.scan_loop(
+      step, carry, config.steps, xs=idx, bar=bar)
+
+  @jax.jit
+  @jax.vmap
+  def accuracy(params, stats):
+    logits = model.apply({"params": params, "batch_stats": stats}, x_test, train=False)
+    return jnp.mean(jnp.argmax(logits, -1) == y_test)
+
+  acc = np.asarray(accuracy(params, stats))
+  return {"loss": loss.T, "grad_norm": gnorm.T, "skipped": skipped[-1], "accuracy": acc,
+          "lr_scale": scale.T}
+
+
+def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
+        progress: bool | None = None) -> C.ExperimentResult:
+  """Trains the MLP once per defence (all seeds together); one row per defence."""
+  names = C.select([d for d in config.defences if d in DEFENCES], guards)
+  notes, todo, runs = [], [], []
+  for name in names:
+    lacking = C.missing(*DEFENCES[name].needs)
+    if lacking:
+      notes.append(f"{name}: skipped, optax_guard lacks {', '.join(lacking)}")
+    else:
+      todo.append(name)
+  setting = f"depth {config.depth} gain {config.init_gain:g} lr {config.learning_rate:g}"
+  bar = C.progress(len(todo) * C.num_chunks(config.steps), NAME, progress)
+  with C.Timer() as total:
+    for name in todo:
+      with C.Timer() as timer:
+        out = _train(config, DEFENCES[name], bar)
+      r = C.Run(setting=setting, defence=name, loss=out["loss"], grad_norm=out["grad_norm"],
+                skipped=out["skipped"], metrics={"test_acc": out["accuracy"].tolist()},
+                wall_s=timer.s)
+      if name.endswith("plateau"):
+        r.extra["lr_scale"] = out["lr_scale"]
+        r.note = f"final lr scale {float(np.mean(out['lr_scale'][:, -1])):g}"
+      bad = r.first_nonfinite_step()
+      if any(b is not None for b in bad):
+        r.note = "NaN at step " + ",".join("-" if b is None else str(b) for b in bad)
+      runs.append(r)
+  bar.close()
+  chance = 1.0 / config.classes
+  (_, _), (_, y_test) = make_data(config.inputs, config.classes, config.train_size,
+                                  config.test_size)
+  majority = float(np.max(np.bincount(np.asarray(y_test), minlength=config.classes)) /
+                   config.test_size)
+  return C.ExperimentResult(
+      name=NAME,
+      title=(f"Deep MLP ({config.depth} ReLU layers x {config.width}, init gain "
+             f"{config.init_gain:g} vs He {math.sqrt(2):.3g}), SGD lr {config.learning_rate:g}, "
+             f"median of {config.seeds} seeds"),
+      config=dataclasses.asdict(config), runs=runs, metric="test_acc", metric_label="test acc",
+      notes=notes, checks={"chance_accuracy": chance, "majority_class_accuracy": majority},
+      wall_s=total.s)
