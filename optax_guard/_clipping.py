@@ -99,6 +99,11 @@ def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
     >>> tx = og.truncate_by_value(1.0)
     >>> tx.update(jnp.array([-3.0, 0.5, jnp.nan]), tx.init(None))[0]
     Array([0. , 0.5, 0. ], dtype=float32)
+
+  References:
+    Mikolov, 2012, *Statistical language models based on neural networks*
+    (gradient truncation and clipping for recurrent networks), PhD thesis,
+    Brno University of Technology.
   """
   val.positive("truncate_by_value", "threshold", threshold)
 
@@ -143,6 +148,10 @@ def clip_by_norm(
     >>> out, _ = tx.update(g, tx.init(None))
     >>> out["a"], out["b"]
     (Array([0.6, 0.8], dtype=float32), Array([0.3, 0.4], dtype=float32))
+
+  References:
+    Keras, ``clipnorm`` optimizer argument,
+    https://keras.io/api/optimizers/#base-optimizer-class
   """
   val.positive("clip_by_norm", "max_norm", max_norm)
   val.norm_ord("clip_by_norm", ord)
@@ -246,6 +255,11 @@ def clip_by_axis_norm(
     >>> tx.update(kernel, tx.init(None))[0]
     Array([[0.6, 0.1],
            [0.8, 0. ]], dtype=float32)
+
+  References:
+    Brock, De, Smith, Simonyan, 2021, *High-performance large-scale image
+    recognition without normalization* (unit-wise norms),
+    https://arxiv.org/abs/2102.06171
   """
   val.positive("clip_by_axis_norm", "max_norm", max_norm)
   val.unit_axis("clip_by_axis_norm", axis)

@@ -254,6 +254,10 @@ def scale_by_grad_norm(
     >>> tx = og.scale_by_grad_norm(lambda n: 1.0 / (1.0 + n))
     >>> tx.update(jnp.array([3.0, 4.0]), tx.init(None))[0]
     Array([0.5      , 0.6666667], dtype=float32)
+
+  References:
+    Pascanu, Mikolov, Bengio, 2013, *On the difficulty of training recurrent
+    neural networks* (norm-dependent step sizes), https://arxiv.org/abs/1211.5063
   """
   _callable_fn("scale_by_grad_norm", fn)
 

@@ -75,6 +75,10 @@ def monitor(*, per_leaf: bool = False, axis_name: Any = None) -> optax.GradientT
     (inf, 1)
     >>> og.guard_stats(state)["monitor/global_norm"]
     Array(inf, dtype=float32)
+
+  References:
+    Zhang et al., 2022, *OPT: Open Pre-trained Transformer Language Models*
+    (logbook of gradient-norm spikes), https://arxiv.org/abs/2205.01068
   """
   if not isinstance(per_leaf, (bool, np.bool_)):
     raise TypeError(f"monitor(per_leaf=...) must be a bool, got {per_leaf!r}")

@@ -277,6 +277,10 @@ def linear_decay(
     >>> sched = og.linear_decay(1.0, 4, end_value=0.5)
     >>> [float(sched(t)) for t in (0, 1, 4, 5)]
     [1.0, 0.875, 0.5, 0.5]
+
+  References:
+    ``torch.optim.lr_scheduler.LinearLR``,
+    https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.LinearLR.html
   """
   fn = "linear_decay"
   val.finite(fn, "init_value", init_value)
@@ -435,6 +439,10 @@ def exponential_decay(
     >>> sched = og.exponential_decay(1.0, 0.5, decay_steps=2, end_value=0.2)
     >>> [float(sched(t)) for t in (0, 2, 4, 100)]
     [1.0, 0.5, 0.25, 0.2]
+
+  References:
+    ``torch.optim.lr_scheduler.ExponentialLR`` and Keras ``ExponentialDecay``,
+    https://keras.io/api/optimizers/learning_rate_schedules/exponential_decay/
   """
   fn = "exponential_decay"
   val.finite(fn, "init_value", init_value)
@@ -532,6 +540,10 @@ def multistep_decay(
     >>> sched = og.multistep_decay(1.0, [3, 5], factor=0.5)
     >>> [float(sched(t)) for t in (0, 2, 3, 5, 9)]
     [1.0, 1.0, 0.5, 0.25, 0.25]
+
+  References:
+    ``torch.optim.lr_scheduler.MultiStepLR``,
+    https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.MultiStepLR.html
   """
   fn = "multistep_decay"
   val.finite(fn, "init_value", init_value)
