@@ -235,6 +235,47 @@ class Timer:
     self.s = time.perf_counter() - self.t0
 
 
+def path_name(path: Sequence[Any]) -> str:
+  """``"params/Dense_0/kernel"`` for a ``tree_map_with_path`` key path."""
+  parts = []
+  for k in path:
+    parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+  return "/".join(parts)
+
+
+def numpy_init(abstract: Any, seed: int,
+               kernel_std: Callable[[str, tuple[int, ...]], float]) -> Any:
+  """Fills a tree of ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape(model.init, ...)``).
+
+  Leaves named ``kernel`` or ``embedding`` get ``N(0, kernel_std(name, shape)**2)``
+  draws; ``bias`` and ``mean`` zeros; ``scale`` and ``var`` ones. The draws come
+  from NumPy's PCG64 seeded with ``seed``: the same values as a Flax
+  ``variance_scaling(..., "normal")`` initialiser in distribution, without
+  compiling JAX's PRNG for every shape (seconds each on a small CPU).
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path_name(path)
+    last = name.rsplit("/", 1)[-1]
+    if last in ("kernel", "embedding"):
+      value = rng.standard_normal(leaf.shape) * kernel_std(name, tuple(leaf.shape))
+    elif last in ("bias", "mean"):
+      value = np.zeros(leaf.shape)
+    elif last in ("scale", "var"):
+      value = np.ones(leaf.shape)
+    else:
+      raise ValueError(f"numpy_init: no rule for {name}")
+    return np.asarray(value, dtype=leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """Stacks equal-structure trees along a new leading (seed) axis."""
+  return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *trees)
+
+
 def missing(*names: str) -> list[str]:
   """The names among ``names`` that ``optax_guard`` does not export."""
   return [n for n in names if not hasattr(og, n)]

@@ -10,17 +10,17 @@ above 0.04; always predicting the mean 0.5 is then wrong with probability
 
 The model is a Flax ``SimpleCell`` (``h = tanh(W_x x + W_h h + b)``) with 50
 hidden units read out by a ``Dense`` layer, trained with plain SGD on fresh
-batches of 20 sequences. The recurrent matrix starts as a Gaussian matrix with
-spectral radius ``spectral_radius`` (1.5 by default, past the edge of chaos) so
-that the gradients can explode, as in Pascanu et al.'s Figure 6; every
-(learning rate, seed) pair of one (length, defence) trains in a single
-compiled, ``vmap``-ed ``lax.scan``.
+batches of 20 sequences (the same batches for every defence). The recurrent
+matrix starts as a Gaussian matrix with spectral radius ``spectral_radius``
+(1.5 by default): Pascanu et al. show that a largest singular value above 1 is
+necessary for a tanh RNN's gradients to explode. Every (learning rate, seed)
+pair of one (length, defence) trains in a single compiled, ``vmap``-ed
+``lax.scan``; batches and initial weights are drawn with NumPy on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -72,81 +72,62 @@ def defence_factories(config: Config) -> dict[str, tuple[tuple[str, ...], Callab
   }
 
 
-def _recurrent_init(radius: float):
-  """Gaussian ``N(0, radius**2 / n)`` matrix: spectral radius ~ ``radius`` (circular law)."""
-
-  def init(key, shape, dtype=jnp.float32):
-    return radius * jax.random.normal(key, shape, dtype) / math.sqrt(shape[0])
-
-  return init
-
-
 class TanhRNN(nn.Module):
   """Vanilla tanh RNN; the last hidden state is read out by a linear layer."""
 
   hidden: int
-  spectral_radius: float
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    lecun = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
-    cell = nn.SimpleCell(self.hidden, kernel_init=lecun,
-                         recurrent_kernel_init=_recurrent_init(self.spectral_radius))
-    h = nn.RNN(cell)(x)
-    return nn.Dense(1, kernel_init=lecun)(h[:, -1])[:, 0]
+    h = nn.RNN(nn.SimpleCell(self.hidden))(x)
+    return nn.Dense(1)(h[:, -1])[:, 0]
 
 
-def make_batch(key: jax.Array, batch: int | tuple[int, ...],
-               length: int) -> tuple[jax.Array, jax.Array]:
-  """Sequences ``[*batch, length, 2]`` and their targets ``[*batch]``."""
+def init_params(model: TanhRNN, length: int, seed: int, radius: float):
+  """Input and read-out kernels ``N(0, 1/fan_in)``; recurrent ``N(0, radius**2/hidden)``.
+
+  A ``hidden x hidden`` Gaussian matrix with entries of variance ``r**2/n``
+  has spectral radius close to ``r`` (circular law).
+  """
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, length, 2)))
+
+  def std(name, shape):
+    return (radius if name.endswith("h/kernel") else 1.0) / math.sqrt(shape[-2])
+
+  return C.numpy_init(abstract, seed, std)
+
+
+def make_batch(rng: np.random.Generator, batch: int | tuple[int, ...],
+               length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Sequences ``[*batch, length, 2]`` (float32) and their targets ``[*batch]``."""
   batch = (batch,) if isinstance(batch, int) else tuple(batch)
-  u = jax.random.uniform(key, (*batch, length + 2))  # one draw: values, then two positions
-  values = u[..., :length]
+  values = rng.random((*batch, length), dtype=np.float32)
   lo, hi = max(length // 10, 1), max(length // 2, 2)
-  first = jnp.floor(u[..., length] * lo).astype(jnp.int32)  # uniform in [0, lo)
-  second = lo + jnp.floor(u[..., length + 1] * (hi - lo)).astype(jnp.int32)  # in [lo, hi)
-  markers = jax.nn.one_hot(first, length) + jax.nn.one_hot(second, length)
-  target = 0.5 * jnp.sum(values * markers, axis=-1)
-  return jnp.stack([values, markers], axis=-1), target
+  first = rng.integers(0, lo, batch)
+  second = rng.integers(lo, hi, batch)
+  markers = np.zeros_like(values)
+  np.put_along_axis(markers, first[..., None], 1.0, axis=-1)
+  np.put_along_axis(markers, second[..., None], 1.0, axis=-1)
+  target = 0.5 * np.sum(values * markers, axis=-1)
+  return np.stack([values, markers], axis=-1), target.astype(np.float32)
 
 
-def wrong_fraction(pred: jax.Array, target: jax.Array) -> jax.Array:
+def test_set(length: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """``size`` fresh sequences, never used for training (their own seed)."""
+  return make_batch(np.random.default_rng(10_000 + length), size, length)
+
+
+def wrong_fraction(pred, target):
   """Fraction with squared error above 0.04; a non-finite prediction counts as wrong."""
   return jnp.mean(~((pred - target) ** 2 <= ERROR_THRESHOLD))
 
 
-@functools.lru_cache(maxsize=None)
-def _model_fns(hidden: int, radius: float, length: int, test_size: int):
-  """Jitted pieces shared by every defence of one length (compiled once)."""
-  model = TanhRNN(hidden, radius)
-  test_x, test_y = jax.jit(make_batch, static_argnums=(1, 2))(
-      jax.random.PRNGKey(10_000 + length), test_size, length)
-
-  @jax.jit
-  @jax.vmap
-  def init_params(seed):
-    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, length, 2)))
-
-  @jax.jit
-  @jax.vmap
-  def test_error(params):
-    return wrong_fraction(model.apply(params, test_x), test_y)
-
-  @functools.partial(jax.jit, static_argnums=(1, 2))
-  def train_data(seeds, steps, batch):
-    """``[steps, seeds, batch, ...]`` batches: every defence sees the same data."""
-    x, y = jax.vmap(lambda s: make_batch(jax.random.fold_in(jax.random.PRNGKey(s), 1),
-                                         (steps, batch), length))(seeds)
-    return jnp.swapaxes(x, 0, 1), jnp.swapaxes(y, 0, 1)
-
-  return model, init_params, test_error, (test_x, test_y), train_data
-
-
-def _train(config: Config, length: int, make_tx: Callable, bar) -> dict[str, np.ndarray]:
-  model, init_params, test_error, _, train_data = _model_fns(
-      config.hidden, config.spectral_radius, length, config.test_size)
+def _train(config: Config, length: int, make_tx: Callable, data, bar) -> dict[str, np.ndarray]:
+  model = TanhRNN(config.hidden)
   lrs = np.repeat(np.asarray(config.learning_rates, np.float32), config.seeds)
   seeds = np.tile(np.arange(config.seeds), len(config.learning_rates))
+  params = C.stack([init_params(model, length, int(s), config.spectral_radius) for s in seeds])
+  (train_x, train_y), (test_x, test_y) = data
 
   def loss_fn(params, x, y):
     return jnp.mean((model.apply(params, x) - y) ** 2)
@@ -163,12 +144,12 @@ def _train(config: Config, length: int, make_tx: Callable, bar) -> dict[str, np.
         lrs, params, opt_state, x[seeds], y[seeds])
     return (params, opt_state), (loss, gnorm, skipped)
 
-  params = init_params(seeds)
   opt_state = jax.jit(jax.vmap(lambda lr, p: make_tx(lr).init(p)))(lrs, params)
-  data = train_data(jnp.arange(config.seeds), config.steps, config.batch)
-  (params, _), (loss, gnorm, skipped) = C.scan_loop(step, (params, opt_state), config.steps,
-                                                    xs=data, bar=bar)
-  return {"loss": loss.T, "grad_norm": gnorm.T, "test_error": np.asarray(test_error(params)),
+  (params, _), (loss, gnorm, skipped) = C.scan_loop(
+      step, (params, opt_state), config.steps, xs=(train_x, train_y), bar=bar)
+  err = jax.jit(jax.vmap(lambda p, x, y: wrong_fraction(model.apply(p, x), y),
+                         in_axes=(0, None, None)))(params, test_x, test_y)
+  return {"loss": loss.T, "grad_norm": gnorm.T, "test_error": np.asarray(err),
           "skipped": skipped[-1]}
 
 
@@ -179,12 +160,19 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
   names = C.select([d for d in config.defences if d in factories], guards)
   notes, runs = [], []
 
+  # Data: the same training batches for every defence (per seed), fresh test sequences.
+  data = {}
+  for length in config.lengths:
+    per_seed = [make_batch(np.random.default_rng(s), (config.steps, config.batch), length)
+                for s in range(config.seeds)]
+    train = tuple(np.stack(z, axis=1) for z in zip(*per_seed, strict=True))  # [steps, seeds,..]
+    data[length] = (train, test_set(length, config.test_size))
+
   # The baseline: always predict the mean target 0.5.
   checks = {}
   for length in config.lengths:
-    _, _, _, (x, y), _ = _model_fns(config.hidden, config.spectral_radius, length,
-                                 config.test_size)
-    checks[f"mean_predictor_error_T{length}"] = float(wrong_fraction(jnp.full_like(y, 0.5), y))
+    y = data[length][1][1]
+    checks[f"mean_predictor_error_T{length}"] = float(np.mean((0.5 - y) ** 2 > ERROR_THRESHOLD))
   base = float(np.mean(list(checks.values())))
   if abs(base - MEAN_PREDICTOR_ERROR) > 4 * math.sqrt(0.36 * 0.64 / config.test_size) + 1e-9:
     raise AssertionError(f"predict-the-mean baseline {base:.4f} != {MEAN_PREDICTOR_ERROR}")
@@ -208,7 +196,7 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
     for length in config.lengths:
       for name, make_tx in todo:
         with C.Timer() as timer:
-          out = _train(config, length, make_tx, bar)
+          out = _train(config, length, make_tx, data[length], bar)
         per = config.seeds
         for i, lr in enumerate(config.learning_rates):
           sl = slice(i * per, (i + 1) * per)

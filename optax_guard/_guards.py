@@ -207,20 +207,13 @@ def skip_nonfinite(
   def update_fn(updates, state, params=None, **extra_args):
     # decide on the sum of squares, not on its sqrt: XLA may rewrite
     # sqrt(x * x) as |x| for a one-element tree, hiding the overflow
-    skip = jnp.logical_not(num.is_finite_scalar(_sum_of_squares(updates, axis_name)))
+    skip = jnp.logical_not(num.is_finite_scalar(num.global_partial(updates, 2, axis_name)))
     new_updates, inner_state = _apply_or_skip(
         inner, skip, updates, state.inner_state, params, extra_args
     )
     return new_updates, SkipNonfiniteState(inner_state, *_counters(state, skip))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _sum_of_squares(updates: Any, axis_name: Any) -> jax.Array:
-  """The float32-accumulated global sum of squares, psum-ed if asked."""
-  leaves = jax.tree_util.tree_leaves(updates)
-  partial = num.combine_partials([num.partial_norm(x) for x in leaves])
-  return num.cross_device(partial, 2, axis_name)
 
 
 def _spike_threshold(history, count, sigma, min_history):
@@ -346,11 +339,11 @@ def skip_on_spike(
     if value is not None and axis_name is not None:
       # one collective for the norm partial, the values and the device count
       partial, value_sum, ndev = num.cross_device(
-          (_sum_of_squares(updates, None), value, jnp.ones((), jnp.float32)), 2, axis_name
+          (num.global_partial(updates, 2), value, jnp.ones((), jnp.float32)), 2, axis_name
       )
       value = value_sum / ndev
     else:
-      partial = _sum_of_squares(updates, axis_name)
+      partial = num.global_partial(updates, 2, axis_name)
     # finiteness is read from the sum of squares (see skip_nonfinite)
     finite = jnp.isfinite(partial)
     norm = jnp.where(finite, num.finish_norm(partial), partial).astype(jnp.float32)

@@ -107,6 +107,18 @@ def cross_device(partials: Any, ord: Any = 2, axis_name: Any = None) -> Any:  # 
   return jax.lax.psum(partials, axis_name)
 
 
+def global_partial(tree: Any, ord: Any = None, axis_name: Any = None) -> jax.Array:  # noqa: A002
+  """The combined partial of a whole tree (e.g. its sum of squares).
+
+  Testing this for finiteness is the one-pass non-finite test of the guards:
+  it is ``inf``/NaN exactly when an element is, or when the squares exceed
+  float32 range (testing ``sqrt`` of it instead can be rewritten by XLA).
+  """
+  leaves = jax.tree_util.tree_leaves(tree)
+  partial = combine_partials([partial_norm(x, ord) for x in leaves], ord)
+  return cross_device(partial, ord, axis_name)
+
+
 def global_norm(
     tree: Any,
     ord: Any = None,  # noqa: A002
@@ -116,9 +128,7 @@ def global_norm(
 
   Returns a float32 scalar (float64 if a leaf is float64); 0 for an empty tree.
   """
-  leaves = jax.tree_util.tree_leaves(tree)
-  partial = combine_partials([partial_norm(x, ord) for x in leaves], ord)
-  return finish_norm(cross_device(partial, ord, axis_name), ord)
+  return finish_norm(global_partial(tree, ord, axis_name), ord)
 
 
 def leaf_norms(tree: Any, ord: Any = None, axis_name: Any = None) -> Any:  # noqa: A002
