@@ -82,20 +82,26 @@ def step_table(results: dict[str, Any]) -> list[str]:
     eq = "-"
     if r.get("ratio_equiv") is not None:
       eq = f"{_x(r['ratio_equiv'])} `{r['equiv']}`" + ("" if r["equiv_exact"] else " (closest)")
+      if r.get("same_program_as_equiv"):
+        eq += " (same HLO)"
     rows.append([
         f"`{r['code']}`", _ms(r["median_s"]),
         "-" if name == "adam" else _pct(r.get("overhead_pct")),
-        eq, _x(r.get("ratio_bound")), _mib(r.get("temp_bytes")),
+        eq, _x(r.get("ratio_bound")), _x(r.get("traffic_vs_adam")),
+        _mib(r.get("temp_bytes")),
     ])
   return [
       "## Optimizer step (`tx.update` + `optax.apply_updates`, jitted, donated)", "",
       *_table(["step", "median ms", "over adam", "vs optax's equivalent",
-               "vs traffic bound", "XLA temp MiB"], "lrrrrr", rows),
+               "vs traffic bound", "XLA bytes vs adam", "XLA temp MiB"], "lrrrrrr", rows),
       "",
       "Traffic bound: `adam * (1 + k/7)` with `k` the extra full reads of the gradients "
       "the variant needs (1 for a norm, 0 for an elementwise clip); Adam moves 7 tree-sized "
-      "buffers (reads g, p, mu, nu; writes p, mu, nu). XLA temp: temporary buffer size "
-      "of the compiled step (a full copy of the gradients shows up here).",
+      "buffers (reads g, p, mu, nu; writes p, mu, nu). XLA bytes: bytes accessed by the "
+      "compiled step according to XLA's cost model, relative to adam's (deterministic, "
+      "unlike the timings). XLA temp: temporary buffers of the compiled step, allocated "
+      "(and, on CPU, page-faulted) at every call; a full copy of the gradients shows up "
+      "here.",
   ]
 
 
@@ -187,6 +193,8 @@ def console(results: dict[str, Any]) -> str:
   ts = results.get("targets", [])
   if ts:
     parts.append("\n".join(
-        f"{t['status']:4s}  {t['target']}: {_value(t)} (limit {_limit(t)[3:]})" for t in ts
+        f"{t['status']:4s}  {t['target']}: {_value(t)} (limit {_limit(t)[3:]})"
+        + (f" [{t['note']}]" if t.get("note") else "")
+        for t in ts
     ))
   return "\n\n".join(parts)

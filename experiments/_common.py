@@ -257,6 +257,8 @@ def numpy_init(abstract: Any, seed: int,
 
   def fill(path, leaf):
     name = path_name(path)
+    if name.endswith("/value"):  # nnx.Variable
+      name = name[: -len("/value")]
     last = name.rsplit("/", 1)[-1]
     if last in ("kernel", "embedding"):
       value = rng.standard_normal(leaf.shape) * kernel_std(name, tuple(leaf.shape))
@@ -289,6 +291,14 @@ def stat(stats: dict[str, jax.Array], suffix: str, default: float = 0.0) -> jax.
   return jnp.asarray(default)
 
 
+def first(curves: dict[str, Any], suffix: str) -> Any:
+  """The first entry of ``curves`` whose key ends with ``suffix``."""
+  for k, v in curves.items():
+    if k.endswith(suffix):
+      return v
+  raise KeyError(f"no key ending with {suffix!r} in {sorted(curves)}")
+
+
 def skipped_count(opt_state: Any) -> jax.Array:
   """Total steps skipped by every guard in ``opt_state`` (0 without guards)."""
   if not hasattr(og, "guard_stats"):
@@ -301,7 +311,11 @@ def skipped_count(opt_state: Any) -> jax.Array:
 
 
 def select(names: Sequence[str], wanted: Iterable[str] | None) -> list[str]:
-  """``names`` filtered by the CLI's ``--guards`` (``none`` always kept)."""
+  """``names`` filtered by the CLI's ``--guards`` (``none`` always kept).
+
+  Experiments pass their default defences when ``wanted`` is empty and every
+  defence they know otherwise, so ``--guards`` can also pick extra ones.
+  """
   if not wanted:
     return list(names)
   wanted = set(wanted) | {"none"}
@@ -401,7 +415,7 @@ def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 500) -> 
   defences = list(dict.fromkeys(r.defence for r in runs))
   cmap = plt.get_cmap("tab10")
   colour = {d: cmap(i % 10) for i, d in enumerate(defences)}
-  height = 2.1 * len(settings) + 0.9
+  height = 2.2 * len(settings) + 1.3
   fig, axes = plt.subplots(len(settings), 2, figsize=(10, height), squeeze=False)
   handles = {}
   for row, setting in enumerate(settings):

@@ -16,11 +16,21 @@ matrix starts as a Gaussian matrix with spectral radius ``spectral_radius``
 necessary for a tanh RNN's gradients to explode. Every (learning rate, seed)
 pair of one (length, defence) trains in a single compiled, ``vmap``-ed
 ``lax.scan``; batches and initial weights are drawn with NumPy on the host.
+
+Defences (all before ``optax.sgd(lr)``): ``clip_global``
+(``og.clip_by_global_norm(1)``, Pascanu et al.'s remedy), ``clip_value``
+(``og.clip_by_value(0.1)``, Mikolov's), ``zclip`` (``og.zclip()`` with its
+defaults: no clipping during its 25 warm-up steps), ``zclip+max_norm``
+(``og.zclip(max_norm=1)``: a hard bound during and after warm-up),
+``autoclip`` (``og.autoclip(10)``) and ``clip+plateau`` (global clipping, then
+``og.reduce_on_plateau(factor=0.5, patience=20)`` fed the training loss as
+``value=``: the learning rate halves whenever the loss stops improving).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -52,7 +62,9 @@ class Config:
   clip_norm: float = 1.0
   clip_value: float = 0.1
   test_size: int = 10_000
-  defences: tuple[str, ...] = ("none", "clip_global", "clip_value", "zclip", "autoclip")
+  plateau_patience: int = 20
+  defences: tuple[str, ...] = ("none", "clip_global", "clip_value", "zclip", "zclip+max_norm",
+                               "autoclip", "clip+plateau")
 
   @classmethod
   def quick(cls) -> Config:
@@ -68,7 +80,13 @@ def defence_factories(config: Config) -> dict[str, tuple[tuple[str, ...], Callab
       "clip_value": (("clip_by_value",), lambda lr: optax.chain(
           og.clip_by_value(config.clip_value), optax.sgd(lr))),
       "zclip": (("zclip",), lambda lr: optax.chain(og.zclip(), optax.sgd(lr))),
+      "zclip+max_norm": (("zclip",), lambda lr: optax.chain(
+          og.zclip(max_norm=config.clip_norm), optax.sgd(lr))),
       "autoclip": (("autoclip",), lambda lr: optax.chain(og.autoclip(10.0), optax.sgd(lr))),
+      "clip+plateau": (("clip_by_global_norm", "reduce_on_plateau", "guard_stats"),
+                       lambda lr: optax.chain(
+                           og.clip_by_global_norm(config.clip_norm), optax.sgd(lr),
+                           og.reduce_on_plateau(factor=0.5, patience=config.plateau_patience))),
   }
 
 
@@ -83,6 +101,7 @@ class TanhRNN(nn.Module):
     return nn.Dense(1)(h[:, -1])[:, 0]
 
 
+@functools.lru_cache(maxsize=8)
 def init_params(model: TanhRNN, length: int, seed: int, radius: float):
   """Input and read-out kernels ``N(0, 1/fan_in)``; recurrent ``N(0, radius**2/hidden)``.
 
@@ -132,32 +151,35 @@ def _train(config: Config, length: int, make_tx: Callable, data, bar) -> dict[st
   def loss_fn(params, x, y):
     return jnp.mean((model.apply(params, x) - y) ** 2)
 
+  def tx(lr):
+    return optax.with_extra_args_support(make_tx(lr))
+
   def one(lr, params, opt_state, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-    updates, opt_state = make_tx(lr).update(grads, opt_state, params)
+    updates, opt_state = tx(lr).update(grads, opt_state, params, value=loss)
+    scale = C.stat(og.guard_stats(opt_state), "reduce_on_plateau/scale", 1.0)
     return (optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads),
-            C.skipped_count(opt_state))
+            C.skipped_count(opt_state), scale)
 
   def step(carry, inputs):
     (params, opt_state), (_, (x, y)) = carry, inputs
-    params, opt_state, loss, gnorm, skipped = jax.vmap(one)(
-        lrs, params, opt_state, x[seeds], y[seeds])
-    return (params, opt_state), (loss, gnorm, skipped)
+    params, opt_state, *out = jax.vmap(one)(lrs, params, opt_state, x[seeds], y[seeds])
+    return (params, opt_state), tuple(out)
 
-  opt_state = jax.jit(jax.vmap(lambda lr, p: make_tx(lr).init(p)))(lrs, params)
-  (params, _), (loss, gnorm, skipped) = C.scan_loop(
+  opt_state = jax.jit(jax.vmap(lambda lr, p: tx(lr).init(p)))(lrs, params)
+  (params, _), (loss, gnorm, skipped, scale) = C.scan_loop(
       step, (params, opt_state), config.steps, xs=(train_x, train_y), bar=bar)
   err = jax.jit(jax.vmap(lambda p, x, y: wrong_fraction(model.apply(p, x), y),
                          in_axes=(0, None, None)))(params, test_x, test_y)
   return {"loss": loss.T, "grad_norm": gnorm.T, "test_error": np.asarray(err),
-          "skipped": skipped[-1]}
+          "skipped": skipped[-1], "lr_scale": scale.T}
 
 
 def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
         progress: bool | None = None) -> C.ExperimentResult:
   """Trains every (length, defence) pair; one run row per (length, lr, defence)."""
   factories = defence_factories(config)
-  names = C.select([d for d in config.defences if d in factories], guards)
+  names = C.select(list(factories) if guards else list(config.defences), guards)
   notes, runs = [], []
 
   # Data: the same training batches for every defence (per seed), fresh test sequences.
@@ -204,11 +226,14 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
               setting=f"T={length} lr={lr:g}", defence=name,
               loss=out["loss"][sl], grad_norm=out["grad_norm"][sl], skipped=out["skipped"][sl],
               metrics={"test_error": out["test_error"][sl].tolist()},
-              wall_s=timer.s / len(config.learning_rates)))
+              wall_s=timer.s / len(config.learning_rates),
+              extra={"lr_scale": out["lr_scale"][sl]} if "plateau" in name else {}))
   bar.close()
   runs = [runs[0]] + sorted(runs[1:], key=lambda r: (int(r.setting.split()[0][2:]),
                                                      float(r.setting.split("lr=")[1])))
   for r in runs[1:]:
+    if "lr_scale" in r.extra:
+      r.note = f"final lr scale {float(np.mean(r.extra['lr_scale'][:, -1])):.3g}"
     bad = r.first_nonfinite_step()
     if any(b is not None for b in bad):
       r.note = "NaN at step " + ",".join("-" if b is None else str(b) for b in bad)

@@ -141,6 +141,14 @@ def test_runner_targets_pass_and_miss():
   assert {t["status"] for t in targets.values()} <= {"PASS", "MISS", "SKIP"}
 
 
+def test_runner_hlo_fingerprint_ignores_names_only():
+  a = "%fusion.1 = f32[4]{0} fusion(%p.1), kind=kLoop, metadata={op_name=\"a\"}"
+  b = "%fusion.7 = f32[4]{0} fusion(%x.3), kind=kLoop, metadata={op_name=\"b\"}"
+  c = "%fusion.1 = f32[8]{0} fusion(%p.1), kind=kLoop, metadata={op_name=\"a\"}"
+  assert runner.hlo_fingerprint(a) == runner.hlo_fingerprint(b)
+  assert runner.hlo_fingerprint(a) != runner.hlo_fingerprint(c)
+
+
 def test_runner_rejects_bad_arguments():
   for argv in (["--scale", "0"], ["--scale", "2"], ["--rounds", "0"], ["--tree", "resnet"]):
     with pytest.raises(SystemExit):
