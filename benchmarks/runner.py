@@ -2,8 +2,9 @@
 
 Everything runs in one process. Step variants and standalone operations are
 compiled ahead of time, then timed interleaved round-robin (one call of each
-case per round, the order rotated by one case every round) so that a slow
-phase of a shared machine hits all cases alike; the reported time of a case is the
+case per round, in a fresh seeded random order every round) so that a slow
+phase of a shared machine hits all cases alike and no case always follows the
+same one; the reported time of a case is the
 median over the rounds after ``--warmup`` discarded rounds. Every call is
 blocked on with ``jax.block_until_ready``. Parameters and optimizer state are
 donated (updated in place); the gradients are fixed and fed to every call.
@@ -148,6 +149,9 @@ class StepCase:
     self.params, self.state = self._create(self.grads)
     jax.block_until_ready((self.params, self.state))
 
+  def prepare(self) -> None:
+    pass  # the gradients are fixed: every step clips (global norm ~11 > 1)
+
   def call(self) -> None:
     self.params, self.state = self.compiled(self.params, self.state, self.grads)
     jax.block_until_ready((self.params, self.state))
@@ -209,6 +213,10 @@ class StandaloneCase:
       )
       self.bytes = _nbytes(abstract)
       self._copy = jax.jit(lambda g: jax.tree_util.tree_map(lambda x: -x, g))
+      # Refills the donated tree in place with the gradients (no allocation).
+      self._refill = jax.jit(
+          lambda t, g: jax.tree_util.tree_map(lambda _, x: -x, t, g), donate_argnums=0
+      )
     self.compile_s = time.perf_counter() - t0
     self.temp_bytes = _hlo_stats(self.compiled).get("temp_bytes", 0)
     self.tree = None
@@ -219,6 +227,17 @@ class StandaloneCase:
   def setup(self) -> None:
     if self.spec.kind == "map":
       self.tree = self._copy(self.grads)
+      jax.block_until_ready(self.tree)
+
+  def prepare(self) -> None:
+    """Untimed, before every call: a map starts from the gradients again.
+
+    Otherwise a clip would see its own output (norm at the bound, nothing to
+    clip) from the second call on, and the compiled select of
+    ``optax.clip_by_global_norm`` writes nothing at all in that case.
+    """
+    if self.spec.kind == "map":
+      self.tree = self._refill(self.tree, self.grads)
       jax.block_until_ready(self.tree)
 
   def call(self) -> None:
@@ -251,7 +270,7 @@ def available_memory() -> int | None:
 
 
 def time_cases(
-    cases: list[Any], rounds: int, warmup: int, keep: bool, log
+    cases: list[Any], rounds: int, warmup: int, keep: bool, log, seed: int = 0
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]]]:
   """Round-robin timing.
 
@@ -265,17 +284,20 @@ def time_cases(
     for c in cases:
       c.setup()
   total = warmup + rounds
+  rng = np.random.default_rng(seed)
   for r in range(total):
     t_round = time.perf_counter()
-    # Rotate the order every round so no case always follows the same one
-    # (e.g. the teardown of a large state).
-    k = r % max(len(cases), 1)
-    for c in cases[k:] + cases[:k]:
+    # A fresh (seeded) order every round, so that no case always follows the
+    # same one (e.g. the teardown of a large state) or runs first.
+    for i in rng.permutation(len(cases)):
+      c = cases[i]
       if not keep:
         c.setup()
+        c.prepare()
         c.call()  # untimed: first step on fresh buffers
       elapsed = 0.0
       for _ in range(c.steps):
+        c.prepare()
         t0 = time.perf_counter()
         c.call()
         elapsed += time.perf_counter() - t0
@@ -640,7 +662,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (hdir / fname).write_text(c.compiled.as_text())
       log(f"wrote optimized HLO to {hdir}")
     log(f"timing {len(all_cases)} cases: {args.warmup} warm-up + {args.rounds} rounds")
-    times, checks = time_cases(all_cases, args.rounds, args.warmup, keep, log)
+    times, checks = time_cases(all_cases, args.rounds, args.warmup, keep, log, args.seed)
     results["step"] = summarise({c.name: times[c.name] for c in all_cases
                                  if c.section == "step"})
     results["standalone"] = summarise({c.name: times[c.name] for c in all_cases

@@ -17,23 +17,26 @@ from experiments import EXPERIMENTS  # noqa: I001  (sets XLA_FLAGS before JAX st
 
 DESCRIPTION = """\
 Reproduce exploding gradients on small synthetic problems and show each
-optax_guard defence preventing it. Experiments:
+optax_guard defence preventing it (or not: the table reports what happens).
 
-  adding_problem      Pascanu et al. 2013's adding problem, tanh RNN, SGD, T=50/100:
-                      no clipping vs clip_by_global_norm / clip_by_value / zclip /
-                      autoclip over several learning rates and seeds; test error on
-                      10,000 fresh sequences (predicting the mean: 36%% wrong).
-  deep_mlp            32-layer ReLU MLP with a too-large initialisation: NaN without
-                      defences; clipping, AGC, He/Xavier init, BatchNorm, L2 penalty,
-                      warmup + decay schedules, reduce_on_plateau (value=loss).
-  transformer_spikes  small Flax NNX transformer LM at a high learning rate with
-                      warmup + inverse-sqrt decay: loss spikes; global clipping, ZClip,
-                      AutoClip, skip_on_spike; guard_stats logged every step.
+  adding_problem      Pascanu et al. 2013's adding problem, tanh RNN, SGD, T=50/100,
+                      3 learning rates: no clipping vs clip_by_global_norm,
+                      clip_by_value, zclip (with and without max_norm), autoclip,
+                      and clipping + reduce_on_plateau fed the loss as value=;
+                      test error on 10,000 fresh sequences (predicting the mean:
+                      36% wrong).
+  deep_mlp            32-layer ReLU MLP with a too-large initialisation: NaN at
+                      step 2 without defences; clipping, AGC, skip_nonfinite,
+                      He/Xavier init, BatchNorm, L2 penalty, warmup + decay schedules.
+  transformer_spikes  small Flax NNX transformer LM, Adam at a high learning rate
+                      with warmup + inverse-sqrt decay, rare corrupted batches:
+                      loss spikes; global clipping, ZClip, AutoClip, skip_on_spike;
+                      guard_stats logged every step.
   data_parallel       the guarded training step under jax.pmap (pmean-ed gradients)
-                      and jit + NamedSharding over all local devices, checked against
-                      the single-device run.
+                      and jit + NamedSharding over all local devices, asserted to
+                      match the single-device run.
 
-Defaults finish in a few minutes on a 2-core CPU; --quick in about 2 minutes.
+Defaults finish in about 4 minutes on a 2-core CPU; --quick in under 2.
 Scale up with --steps / --seeds (and the Config classes in each module).
 """
 
@@ -54,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="random seeds per setting (overrides the defaults)")
   p.add_argument("--guards", nargs="+", metavar="NAME",
                  help="run only these defences (the no-defence baseline 'none' always "
-                      "runs); see --list")
+                      "runs; extra ones listed by --list can be named too; data_parallel "
+                      "always runs its one guarded optimizer)")
   p.add_argument("--list", action="store_true",
                  help="list the experiments and their defences, then exit")
   p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -79,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
   modules = {n: importlib.import_module(f"experiments.{n}") for n in names}
   if args.list:
     for n, m in modules.items():
-      print(f"{n}: {', '.join(m.Config().defences)}")
+      default = list(m.Config().defences)
+      extra = [d for d in getattr(m, "DEFENCES", {}) if d not in default]
+      print(f"{n}: {', '.join(default)}" + (f" (extra: {', '.join(extra)})" if extra else ""))
     return 0
   if args.steps is not None and args.steps < 1 or args.seeds is not None and args.seeds < 1:
     print("--steps and --seeds must be >= 1", file=sys.stderr)
@@ -112,16 +118,18 @@ def main(argv: list[str] | None = None) -> int:
   print()
   print(table)
   print(f"\ntotal wall time {total:.1f}s")
+  command = " ".join(["python -m experiments", *(argv if argv is not None else sys.argv[1:])])
   md = [
       "# Experiment summary",
       "",
-      f"`python -m experiments{' ' + ' '.join(argv if argv is not None else sys.argv[1:])}`"
-      .rstrip() + f" on {len(devices)} x {devices[0].device_kind}, {total:.0f} s in all.",
+      f"`{command}` on {len(devices)} x {devices[0].device_kind}, {total:.0f} s in all.",
+      "",
+      *(f"- `{res.name}`: {res.title}" for res in results),
       "",
       "final loss: training loss over the last 5% of steps, mean over seeds (nan if any seed "
       "diverged to NaN); diverged: seeds whose loss became non-finite or ended 10x above its "
       "start; skipped: steps skipped by a guard (mean over seeds); wall s: per row, "
-      "compilation included.",
+      "compilation included (rows trained together under one vmap share its time).",
       "",
       C.summary_table(results, markdown=True),
       "",

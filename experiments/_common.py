@@ -394,11 +394,15 @@ def _nanmedian(x: np.ndarray) -> np.ndarray:
   return np.where(bad, np.nan, m)
 
 
-def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 500) -> str | None:
+def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 500,
+              clip_factor: float = 1e4) -> str | None:
   """Loss and raw gradient norm per step, one line per defence, log scale.
 
   One row of two panels per setting. Curves are the median over seeds; a run
-  that diverged ends in an ``x`` at its last finite value.
+  that became non-finite ends in an ``x`` at its last finite value. A panel's
+  y axis stops at ``clip_factor`` times the median (over its curves) of each
+  curve's median level, so one run going to 1e30 does not flatten the others:
+  such a curve leaves through the top edge (the title then says "clipped").
   """
   try:
     import matplotlib
@@ -413,39 +417,58 @@ def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 500) -> 
     return None
   settings = list(dict.fromkeys(r.setting for r in runs))
   defences = list(dict.fromkeys(r.defence for r in runs))
-  cmap = plt.get_cmap("tab10")
-  colour = {d: cmap(i % 10) for i, d in enumerate(defences)}
-  height = 2.2 * len(settings) + 1.3
+  cmap = plt.get_cmap("tab10" if len(defences) <= 10 else "tab20")
+  colour = {d: cmap(i % cmap.N) for i, d in enumerate(defences)}
+  height = max(4.0, 2.4 * len(settings) + 1.4)
   fig, axes = plt.subplots(len(settings), 2, figsize=(10, height), squeeze=False)
   handles = {}
   for row, setting in enumerate(settings):
-    for run in (r for r in runs if r.setting == setting):
-      for col, data in enumerate((run.loss, run.grad_norm)):
-        ax = axes[row, col]
-        idx, y = _downsample(data, max_points)
-        y = _nanmedian(y)
-        style = "--" if run.defence == "none" else "-"
-        (line,) = ax.plot(idx, np.where(y > 0, y, np.nan), style, color=colour[run.defence],
-                          lw=0.9, label=run.defence)
-        handles.setdefault(run.defence, line)
-        finite = np.flatnonzero(np.isfinite(y) & (y > 0))
-        if np.isnan(y).any() and finite.size:
-          ax.plot(idx[finite[-1]], y[finite[-1]], "x", color=colour[run.defence], ms=8, mew=2)
     for col, label in enumerate(("training loss", "raw gradient norm")):
       ax = axes[row, col]
+      curves = []
+      for run in (r for r in runs if r.setting == setting):
+        idx, y = _downsample(run.loss if col == 0 else run.grad_norm, max_points)
+        y = _nanmedian(y)
+        curves.append((run.defence, idx, np.where(y > 0, y, np.nan)))
+      levels = [np.nanmedian(y) for _, _, y in curves if np.isfinite(y).any()]
+      top = clip_factor * float(np.median(levels)) if levels else None
+      lows = [np.nanmin(y) for _, _, y in curves if np.isfinite(y).any()]
+      clipped = False
+      for name, idx, y in curves:
+        style = "--" if name == "none" else "-"
+        (line,) = ax.plot(idx, y, style, color=colour[name], lw=0.9, label=name)
+        handles.setdefault(name, line)
+        finite = np.flatnonzero(np.isfinite(y))
+        if top is not None and finite.size and np.nanmax(y) > top:
+          clipped = True
+        if np.isnan(y).any() and finite.size:
+          last = y[finite[-1]] if top is None else min(y[finite[-1]], top)
+          ax.plot(idx[finite[-1]], last, "x", color=colour[name], ms=8, mew=2, clip_on=False)
       ax.set_yscale("log")
-      ax.set_title(f"{setting}: {label}" if setting else label, fontsize=9)
+      if clipped and lows:
+        ax.set_ylim(min(lows) / 1.5, top)
+      title = f"{setting}: {label}" if setting else label
+      ax.set_title(title + (" (clipped)" if clipped else ""), fontsize=9)
       ax.grid(True, which="major", alpha=0.3)
       ax.tick_params(labelsize=8)
       if row == len(settings) - 1:
         ax.set_xlabel("step", fontsize=8)
   fig.suptitle(result.title, fontsize=10, y=1 - 0.08 / height, va="top")
+  ncol = min(len(handles), 7)
+  nrows = math.ceil(len(handles) / ncol)
   fig.legend(handles.values(), handles.keys(), loc="upper center",
-             bbox_to_anchor=(0.5, 1 - 0.32 / height), ncol=min(len(handles), 7), fontsize=8,
-             frameon=False)
-  fig.tight_layout(rect=(0, 0, 1, 1 - 0.62 / height))
+             bbox_to_anchor=(0.5, 1 - 0.32 / height), ncol=ncol, fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 + 0.2 * nrows) / height))
   fig.savefig(path, dpi=64)
   plt.close(fig)
+  try:  # a 128-colour palette PNG is ~3x smaller than matplotlib's RGBA one
+    from PIL import Image
+
+    with Image.open(path) as im:
+      small = im.convert("RGB").quantize(colors=128)
+    small.save(path, optimize=True)
+  except Exception:  # pragma: no cover - Pillow comes with matplotlib; keep the RGBA file
+    pass
   return path
 
 
@@ -477,13 +500,15 @@ def summary_rows(results: Sequence[ExperimentResult]) -> list[list[str]]:
         vals = np.asarray(run.metrics[res.metric], np.float64)
         metric = f"{res.metric_label or res.metric} {_fmt(float(np.mean(vals)))}"
       skipped = float(np.mean(run.skipped)) if run.skipped.size else 0.0
+      untrained = run.steps <= 1 and not np.isfinite(run.loss).any()  # a reference row
       rows.append([
           res.name,
           run.setting,
           run.defence,
-          _fmt(final),
+          "-" if untrained else _fmt(final),
+          "-" if untrained else
           f"{'yes' if run.diverged().any() else 'no'} ({int(run.diverged().sum())}/{run.seeds})",
-          f"{skipped:g}",
+          f"{skipped:.0f}" if skipped == int(skipped) else f"{skipped:.1f}",
           (metric + (f"; {run.note}" if run.note and metric else run.note)).strip(),
           f"{run.wall_s:.1f}",
       ])

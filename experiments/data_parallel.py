@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -208,7 +207,8 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
         for k, v in compare(results, config.rtol, config.atol).items():
           checks[k if config.seeds == 1 else f"seed {seed}: {k}"] = v
   bar.close()
-  setting = f"{len(devices)} x {devices[0].platform}, global batch {config.per_device_batch * len(devices)}"
+  setting = (f"{len(devices)} x {devices[0].platform}, "
+             f"global batch {config.per_device_batch * len(devices)}")
   runs = []
   for m in modes:
     rs = per_mode[m]

@@ -67,7 +67,7 @@ class Config:
 
   @classmethod
   def quick(cls) -> Config:
-    return cls(steps=240, warmup_steps=30)
+    return cls(steps=240, seeds=1, defences=("none", "clip_global", "zclip", "skip_on_spike"))
 
 
 def _schedule(c: Config):
@@ -142,7 +142,7 @@ def markov_chain(vocab: int, noise: float, seed: int = 7) -> tuple[np.ndarray, f
   table = np.random.default_rng(seed).integers(0, vocab, (vocab, vocab))
   p_top = 1 - noise + noise / vocab
   p_other = noise / vocab
-  entropy = -(p_top * math.log(p_top) + (vocab - 1) * p_other * math.log(p_other))
+  entropy = -sum(n * p * math.log(p) for n, p in ((1, p_top), (vocab - 1, p_other)) if p > 0)
   return table, entropy
 
 
