@@ -54,8 +54,8 @@ def header(results: dict[str, Any]) -> list[str]:
   lines.append(f"Command: `{cfg['command'].strip()}`  ")
   lines.append(
       f"{env['date']}; jax {env['jax']}, optax {env['optax']}, optax_guard "
-      f"{env['optax_guard']}; {env['backend']} ({env['device']}, {env['cpu_count']} "
-      f"cores{load_txt}).  "
+      f"{env['optax_guard']}; {env['backend']} {env['device']} ({env['processor']}, "
+      f"{env['cpu_count']} cores{load_txt}).  "
   )
   lines.append(
       f"Tree: {cfg['tree_leaves']} leaves, {cfg['tree_params']:,} parameters "

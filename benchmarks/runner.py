@@ -534,6 +534,17 @@ def select_standalone(patterns):
   return keep, skipped
 
 
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def environment() -> dict[str, Any]:
   dev = jax.devices()[0]
   try:
@@ -547,7 +558,7 @@ def environment() -> dict[str, Any]:
       "optax": optax.__version__,
       "optax_guard": og.__version__,
       "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
+      "processor": _cpu_model(),
       "cpu_count": os.cpu_count(),
       "backend": jax.default_backend(),
       "device": getattr(dev, "device_kind", str(dev)),

@@ -117,7 +117,13 @@ def _like(x: jax.Array, spec: Any) -> jax.Array:
 
 
 def _apply_or_skip(inner, skip, updates, inner_state, params, extra_args):
-  """``lax.cond(skip, zeros and inner_state, inner.update(...))``."""
+  """``lax.cond(not skip, inner.update(...), (zeros, inner_state))``.
+
+  The apply branch is the *true* branch on purpose: with the branches the
+  other way round, XLA:CPU (jax 0.10) keeps full-size copies of the inner
+  state next to the donated buffers (3x the gradient bytes of temporaries
+  for ``chain(clip, adam)`` instead of 1x, and about twice the step time).
+  """
 
   def apply():
     return inner.update(updates, inner_state, params, **extra_args)
@@ -130,7 +136,7 @@ def _apply_or_skip(inner, skip, updates, inner_state, params, extra_args):
     )
     return zeros, jax.tree_util.tree_map(_like, inner_state, out_state)
 
-  return jax.lax.cond(skip, skip_branch, apply)
+  return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
 
 
 def _counters(state, skip):
