@@ -65,12 +65,27 @@ def partial_norm(
   :func:`finish_norm`.
   """
   ord = canonical_ord(ord)
+  if ord == 2 and axis is None and not keepdims:
+    return _sum_of_squares(jnp.asarray(x))
   a = _magnitude(x)
   if ord == 2:
     return jnp.sum(a * a, axis=axis, keepdims=keepdims)
   if ord == 1:
     return jnp.sum(a, axis=axis, keepdims=keepdims)
   return jnp.max(a, axis=axis, keepdims=keepdims, initial=0.0)
+
+
+def _sum_of_squares(x: jax.Array) -> jax.Array:
+  """``sum(x * x)`` of a whole leaf, accumulated in float32 (or float64).
+
+  ``x`` goes through ``lax.optimization_barrier`` first (free for a buffer
+  that exists anyway): an optimizer that also squares the gradient (Adam's
+  second moment) would otherwise share the ``x * x`` with this reduction
+  after XLA's common-subexpression elimination, and XLA:CPU then
+  materialises that product as a full-size temporary.
+  """
+  a = _magnitude(jax.lax.optimization_barrier(x))
+  return jnp.sum(a * a)
 
 
 def combine_partials(partials: Sequence[jax.Array], ord: Any = 2) -> jax.Array:  # noqa: A002
