@@ -28,8 +28,9 @@ LEAF_BYTES = 1024 * 1024 * 4
 GRAD_BYTES = N_LEAVES * LEAF_BYTES
 
 
-def _temp_bytes(clip: optax.GradientTransformation) -> int:
-  tx = optax.chain(clip, optax.adam(1e-3))
+def _temp_bytes(clip: optax.GradientTransformation, *, whole: bool = False) -> int:
+  """Temporary bytes of the step with ``chain(clip, adam)`` (or ``clip`` alone)."""
+  tx = clip if whole else optax.chain(clip, optax.adam(1e-3))
   params = {
       f"w{i}": jax.ShapeDtypeStruct(LEAF_SHAPE, jnp.float32) for i in range(N_LEAVES)
   }
@@ -58,3 +59,24 @@ def test_clip_by_global_norm_step_has_no_gradient_sized_temporary():
   assert ours < LEAF_BYTES and ours < GRAD_BYTES / 2
   # optax's clip in the same chain materialises the clipped gradients
   assert theirs >= LEAF_BYTES
+
+
+@pytest.mark.parametrize("name", ["monitor", "zclip", "autoclip", "clip_by_norm"])
+def test_statistics_before_adam_need_no_gradient_sized_temporary(name):
+  """A norm taken before Adam must not share ``g * g`` with Adam's second
+  moment (XLA's CSE would then materialise the product as a temporary)."""
+  tx = {
+      "monitor": og.monitor(),
+      "zclip": og.zclip(),
+      "autoclip": og.autoclip(history_size=16),
+      "clip_by_norm": og.clip_by_norm(1.0),
+  }[name]
+  assert _temp_bytes(tx) < LEAF_BYTES
+
+
+def test_skip_nonfinite_step_temporary_is_at_most_one_gradient_copy():
+  """The guard's ``lax.cond`` outputs the updates as a buffer (XLA cannot
+  fuse across a conditional) but must not copy the optimizer state."""
+  inner = optax.chain(og.clip_by_global_norm(1.0), optax.adam(1e-3))
+  ours = _temp_bytes(og.skip_nonfinite(inner), whole=True)
+  assert ours <= GRAD_BYTES + LEAF_BYTES // 4
