@@ -232,9 +232,7 @@ def autoclip(
     norm = num.global_norm(updates, axis_name=axis_name)
     x = norm.astype(jnp.float32)
     finite = jnp.isfinite(x)
-    slot = state.count % size
-    history = state.history.at[slot].set(jnp.where(finite, x, state.history[slot]))
-    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+    history, count = num.ring_record(state.history, state.count, x, finite)
     n_valid = jnp.minimum(count, size)
     threshold = jnp.where(
         n_valid > 0, _percentile_of_valid(history, n_valid, percentile), x

@@ -238,13 +238,6 @@ def _spike_threshold(history, count, sigma, min_history):
   return jnp.where(count >= min_history, threshold, jnp.float32(jnp.inf))
 
 
-def _record(history, count, x, ok):
-  """Writes ``x`` into slot ``count % window`` if ``ok``; else drops it."""
-  pos = count % history.shape[0]
-  history = history.at[pos].set(jnp.where(ok, x, history[pos]))
-  return history, jnp.where(ok, optax.safe_increment(count), count)
-
-
 def skip_on_spike(
     inner: optax.GradientTransformation,
     *,
@@ -359,7 +352,7 @@ def skip_on_spike(
         state.norm_history, state.norm_count, sigma, min_history
     )
     skip = jnp.logical_not(finite) | (norm > norm_threshold)
-    norm_history, norm_count = _record(state.norm_history, state.norm_count, norm, finite)
+    norm_history, norm_count = num.ring_record(state.norm_history, state.norm_count, norm, finite)
 
     if value is None:
       value_history, value_count = state.value_history, state.value_count
@@ -370,7 +363,7 @@ def skip_on_spike(
       )
       value_ok = jnp.isfinite(value)
       skip = skip | jnp.logical_not(value_ok) | (value > value_threshold)
-      value_history, value_count = _record(
+      value_history, value_count = num.ring_record(
           state.value_history, state.value_count, value, value_ok
       )
 

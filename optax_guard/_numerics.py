@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 INF_ORDS = (math.inf, "inf", np.inf)
 
@@ -260,3 +261,15 @@ def partial_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
       tuple(range(x.ndim)),
   )
   return partial_norm(x, 2), max_abs, count
+
+
+def ring_record(history: jax.Array, count: jax.Array, x: jax.Array, ok: jax.Array):
+  """Writes ``x`` into slot ``count % len(history)`` of a ring buffer if ``ok``.
+
+  Returns the new ``(history, count)``; the int32 count saturates
+  (``optax.safe_increment``) and is left unchanged when ``ok`` is False, so
+  non-finite observations never enter the statistics.
+  """
+  pos = count % history.shape[0]
+  history = history.at[pos].set(jnp.where(ok, x, history[pos]))
+  return history, jnp.where(ok, optax.safe_increment(count), count)
