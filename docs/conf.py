@@ -1,0 +1,103 @@
+"""Sphinx configuration for the optax_guard documentation.
+
+Build the site with ``sphinx-build -W -b html docs docs/_build/html`` and run
+every code example of the guides with ``sphinx-build -W -b doctest docs
+docs/_build/doctest`` (both are steps of ``.ci/run``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# The data-parallel recipes run on 8 simulated CPU devices; this must be set
+# before JAX initialises (autodoc imports optax_guard, hence jax, below).
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+sys.path.insert(0, os.path.abspath(".."))
+
+import optax_guard  # noqa: E402
+from sphinx.util import logging  # noqa: E402
+
+project = "optax_guard"
+author = "optax_guard developers"
+copyright = "2026, optax_guard developers"  # noqa: A001
+release = optax_guard.__version__
+version = release
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.doctest",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "myst_parser",
+]
+
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+root_doc = "index"
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+
+# MyST: fenced directives (```{testcode}), $math$, definition lists, heading anchors.
+myst_enable_extensions = ["colon_fence", "dollarmath", "deflist"]
+myst_heading_anchors = 3
+
+# autodoc: signatures come from the code, never copied into the pages.
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_preserve_defaults = True
+autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike"}
+autodoc_default_options = {"show-inheritance": False}
+autosummary_generate = False
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+napoleon_attr_annotations = False
+
+# doctest: the guides' ``{testcode}`` blocks run in `sphinx-build -b doctest`.
+# Docstring examples already run under pytest (--doctest-modules), so the
+# plain ``>>>`` blocks that autodoc pulls in are not run a second time here.
+doctest_test_doctest_blocks = ""
+doctest_global_setup = """
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax_guard as og
+"""
+
+html_theme = "sphinx_book_theme"
+html_title = f"optax_guard {release}"
+html_static_path = ["_static"]
+html_theme_options = {
+    "repository_url": "https://github.com/optax-guard/optax_guard",
+    "use_repository_button": True,
+    "show_toc_level": 2,
+    "navigation_with_keys": False,
+}
+
+_log = logging.getLogger("optax_guard.docs")
+
+
+def _check_api_reference(app, env):
+  """Every name of ``optax_guard.__all__`` is documented in the API reference.
+
+  Runs after all pages are read; a missing name is a warning, so the ``-W``
+  build fails.
+  """
+  documented = set(env.get_domain("py").objects)
+  for name in optax_guard.__all__:
+    if name == "__version__":
+      continue
+    if f"optax_guard.{name}" not in documented:
+      _log.warning("public name optax_guard.%s is missing from the API reference (docs/api.md)",
+                   name, type="optax_guard", subtype="api")
+
+
+def setup(app):
+  app.connect("env-check-consistency", _check_api_reference)
