@@ -113,9 +113,11 @@ class AutoClipState(NamedTuple):
 
   Attributes:
     count: int32, the number of finite global norms recorded so far
-      (saturating). ``min(count, history_size)`` slots of ``history`` hold data.
-    history: float32 ``[history_size]`` ring buffer of the last finite global
-      norms (slot ``count % history_size`` is written next); unused slots 0.
+      (saturating).
+    history: float32 ``[history_size]`` buffer of the last finite global
+      norms, oldest first: the newest is the last entry and the last
+      ``min(count, history_size)`` entries hold data (unused ones are 0). It
+      keeps rotating after ``count`` saturates.
     norm: float32, the global norm of this step's incoming updates.
     threshold: float32, the bound applied this step: the percentile of the
       history including this norm (``norm`` itself before any finite norm has
@@ -129,14 +131,14 @@ class AutoClipState(NamedTuple):
 
 
 def _percentile_of_valid(values: jax.Array, n_valid: jax.Array, q: ArrayLike) -> jax.Array:
-  """``numpy.percentile(values[:n_valid], q)`` (linear) with traced n and q.
+  """``numpy.percentile(values[-n_valid:], q)`` (linear) with traced n and q.
 
   Unused slots are set to ``+inf`` so they sort last; the interpolation only
   reads ranks ``<= n_valid - 1``. Returns NaN-free garbage when ``n_valid``
   is 0 (the caller selects another value then).
   """
   size = values.shape[0]
-  valid = jnp.arange(size) < n_valid
+  valid = jnp.arange(size) >= size - n_valid
   ranked = jnp.sort(jnp.where(valid, values, jnp.inf))
   last = jnp.maximum(n_valid - 1, 0)
   pos = last.astype(jnp.float32) * (jnp.asarray(q, jnp.float32) / 100.0)

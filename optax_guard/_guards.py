@@ -229,7 +229,7 @@ def _spike_threshold(history, count, sigma, min_history):
   """
   window = history.shape[0]
   n = jnp.minimum(count, window)
-  valid = jnp.arange(window) < n
+  valid = num.ring_valid(history, count)
   denom = jnp.maximum(n, 1).astype(jnp.float32)
   mean = jnp.sum(jnp.where(valid, history, 0.0)) / denom
   dev = jnp.where(valid, history - mean, 0.0)

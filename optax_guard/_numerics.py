@@ -264,12 +264,24 @@ def partial_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def ring_record(history: jax.Array, count: jax.Array, x: jax.Array, ok: jax.Array):
-  """Writes ``x`` into slot ``count % len(history)`` of a ring buffer if ``ok``.
+  """Appends ``x`` to a history buffer if ``ok``; returns ``(history, count)``.
 
-  Returns the new ``(history, count)``; the int32 count saturates
-  (``optax.safe_increment``) and is left unchanged when ``ok`` is False, so
-  non-finite observations never enter the statistics.
+  The buffer is a shift register: the newest observation is always the last
+  entry and the ``min(count, len(history))`` last entries hold the most recent
+  ones, oldest first (see :func:`ring_valid`). Shifting a window of a few
+  hundred floats costs nothing next to a pass over the gradients, and unlike
+  a write slot ``count % len(history)`` it keeps rotating after the int32
+  count saturates (``optax.safe_increment``). When ``ok`` is False neither
+  the buffer nor the count changes, so non-finite observations never enter
+  the statistics.
   """
-  pos = count % history.shape[0]
-  history = history.at[pos].set(jnp.where(ok, x, history[pos]))
+  x = jnp.asarray(x, history.dtype)
+  shifted = jnp.concatenate([history[1:], x[None]])
+  history = jnp.where(ok, shifted, history)
   return history, jnp.where(ok, optax.safe_increment(count), count)
+
+
+def ring_valid(history: jax.Array, count: jax.Array) -> jax.Array:
+  """The bool mask of the entries of a :func:`ring_record` buffer that hold data."""
+  size = history.shape[0]
+  return jnp.arange(size) >= size - jnp.minimum(count, size)

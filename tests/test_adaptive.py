@@ -178,28 +178,30 @@ def test_autoclip_nonfinite_norm_uses_history_alone():
   updates, state = _run(og.autoclip(50.0, history_size=4), grads)
   _assert_close(state.threshold[2], 2.0)  # median of [1, 3], the inf is not recorded
   np.testing.assert_array_equal(updates[2], [np.nan, 0, 0, 0])
-  np.testing.assert_array_equal(state.history[2], [1.0, 3.0, 0, 0])
+  np.testing.assert_array_equal(state.history[2], [0, 0, 1.0, 3.0])
 
 
 def test_autoclip_ring_buffer_keeps_the_last_norms():
   grads = np.zeros((7, DIM), np.float32)
   grads[:, 0] = [1, 2, 3, 4, 5, 6, 7]
   _, state = _run(og.autoclip(100.0, history_size=3), grads)
-  np.testing.assert_array_equal(state.history[-1], [7.0, 5.0, 6.0])
+  np.testing.assert_array_equal(state.history[-1], [5.0, 6.0, 7.0])
   np.testing.assert_array_equal(state.threshold, [1, 2, 3, 4, 5, 6, 7])
 
 
-def test_autoclip_count_saturates():
+def test_autoclip_count_saturates_and_the_history_keeps_rotating():
   tx = og.autoclip(50.0, history_size=5)
   top = np.iinfo(np.int32).max
   state = tx.init(jnp.zeros(DIM))._replace(
       count=jnp.asarray(top, jnp.int32), history=jnp.arange(5, dtype=jnp.float32)
   )
-  _, state = jax.jit(tx.update)(jnp.array([9.0, 0, 0, 0]), state)
+  update = jax.jit(tx.update)
+  _, state = update(jnp.array([9.0, 0, 0, 0]), state)
   assert int(state.count) == top
-  expected = np.arange(5, dtype=np.float32)
-  expected[top % 5] = 9.0
-  np.testing.assert_array_equal(state.history, expected)
+  np.testing.assert_array_equal(state.history, [1, 2, 3, 4, 9])
+  _, state = update(jnp.array([8.0, 0, 0, 0]), state)
+  assert int(state.count) == top
+  np.testing.assert_array_equal(state.history, [2, 3, 4, 9, 8])
 
 
 def test_autoclip_percentile_schedule_under_inject_hyperparams():
