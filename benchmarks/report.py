@@ -163,7 +163,7 @@ def targets_table(results: dict[str, Any]) -> list[str]:
   rows = [[t["target"] + (f" ({t['note']})" if t.get("note") else ""), _value(t),
            _limit(t), f"**{t['status']}**" if t["status"] == "MISS" else t["status"]]
           for t in ts]
-  return ["## Targets (issue 7)", "", *_table(["target", "measured", "limit", "result"],
+  return ["## Targets", "", *_table(["target", "measured", "limit", "result"],
                                               "lrrl", rows)]
 
 
