@@ -94,7 +94,7 @@ def _clip(config: Config) -> optax.GradientTransformation:
 
 
 def _exp_decay(config: Config):
-  return og.exponential_decay(config.learning_rate, 0.5, decay_steps=max(config.steps // 8, 1))
+  return og.exponential_decay(config.learning_rate, max(config.steps // 8, 1), 0.5)
 
 
 DEFENCES: dict[str, Defence] = {

@@ -13,6 +13,7 @@ entries NaN). Use :func:`optax_guard.skip_nonfinite` to skip such steps.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -24,13 +25,44 @@ from optax_guard import _numerics as num
 from optax_guard import _validation as val
 
 
-def _bounds(fn: str, max_value: ArrayLike, min_value: ArrayLike | None):
-  val.number(fn, "max_value", max_value)
+def _bounds(owner: str, max_value: ArrayLike, min_value: ArrayLike | None):
+  """Checks a box ``[min_value, max_value]``; ``min_value`` defaults to ``-max_value``.
+
+  A box that is the whole real line (both bounds infinite) would make the
+  transformation a silent no-op, so it is rejected.
+  """
+  hi = val.number(owner, "max_value", max_value)
   if min_value is None:
-    min_value = -max_value if val.concrete(max_value) is not None else -jnp.asarray(max_value)
-  val.number(fn, "min_value", min_value)
-  val.ordered(fn, "min_value", min_value, "max_value", max_value)
+    min_value = -max_value
+    lo = None if hi is None else -hi
+  else:
+    lo = val.number(owner, "min_value", min_value)
+  val.ordered(owner, "min_value", min_value, "max_value", max_value)
+  if lo is not None and hi is not None and lo == -math.inf and hi == math.inf:
+    raise ValueError(
+        f"{owner}(max_value=..., min_value=...) must bound something, got "
+        f"[{lo}, {hi}]: an unbounded box changes nothing"
+    )
   return min_value, max_value
+
+
+def _bound(owner: str, name: str, value: ArrayLike) -> None:
+  """A clipping bound: ``> 0`` and finite (an infinite bound never clips)."""
+  val.positive(owner, name, value)
+  v = val.number(owner, name, value)
+  if v is not None and not math.isfinite(v):
+    raise ValueError(
+        f"{owner}({name}=...) must be finite, got {value!r}: an infinite bound never "
+        f"clips (leave the transformation out instead)"
+    )
+
+
+def _unit_norm_at(owner: str, path: Any, x: jax.Array, axis: val.UnitAxis, **kw) -> jax.Array:
+  """:func:`_numerics.unit_norm` with errors naming ``owner`` and the leaf path."""
+  try:
+    return num.unit_norm(x, axis, **kw)
+  except ValueError as e:
+    raise ValueError(f"{owner}: leaf {jax.tree_util.keystr(path) or '(root)'}: {e}") from None
 
 
 def _clamp(x: jax.Array, lo: ArrayLike, hi: ArrayLike) -> jax.Array:
@@ -50,7 +82,10 @@ def clip_by_value(
 
   The symmetric default matches ``torch.nn.utils.clip_grad_value_`` and Keras
   ``clipvalue``. NaN stays NaN, ``+inf`` becomes ``max_value`` and ``-inf``
-  becomes ``min_value``. Bounds are cast to each leaf's dtype.
+  becomes ``min_value``. Bounds are cast to each leaf's dtype. Complex
+  updates have no order and raise a ``TypeError`` (clip their magnitude with
+  :func:`clip_by_norm` or :func:`clip_by_axis_norm` instead), as do integer
+  ones.
 
   Args:
     max_value: upper bound (any number; must be ``>= min_value``).
@@ -68,13 +103,15 @@ def clip_by_value(
   References:
     Mikolov, 2012, *Statistical language models based on neural networks*.
   """
-  lo, hi = _bounds("clip_by_value", max_value, min_value)
+  owner = "clip_by_value"
+  lo, hi = _bounds(owner, max_value, min_value)
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree_util.tree_map(lambda g: _clamp(g, lo, hi), updates), state
+    val.float_leaves(owner, updates, complex_ok=False)
+    return jax.tree.map(lambda g: _clamp(g, lo, hi), updates), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
@@ -86,10 +123,12 @@ def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
 
   NaN and ``+-inf`` elements are outside any interval, so they become 0:
   unlike clipping, truncation discards the offending elements instead of
-  saturating them. Elements inside the interval are returned bitwise.
+  saturating them. Elements inside the interval are returned bitwise. For
+  complex updates ``|g_i|`` is the modulus, so an element is kept or zeroed
+  as a whole.
 
   Args:
-    threshold: ``t > 0``.
+    threshold: ``t > 0``, finite.
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``.
@@ -105,23 +144,25 @@ def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
     (gradient truncation and clipping for recurrent networks), PhD thesis,
     Brno University of Technology.
   """
-  val.positive("truncate_by_value", "threshold", threshold)
+  owner = "truncate_by_value"
+  _bound(owner, "threshold", threshold)
 
   def update_fn(updates, state, params=None):
     del params
+    val.float_leaves(owner, updates)
 
     def leaf(g):
       g = jnp.asarray(g)
       keep = jnp.abs(g).astype(num.accumulation_dtype(g.dtype)) <= threshold
       return jnp.where(keep, g, jnp.zeros((), g.dtype))
 
-    return jax.tree_util.tree_map(leaf, updates), state
+    return jax.tree.map(leaf, updates), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def clip_by_norm(
-    max_norm: ArrayLike, *, ord: Any = None, axis_name: Any = None  # noqa: A002
+    max_norm: ArrayLike, *, ord: val.NormOrd = None, axis_name: val.AxisName = None  # noqa: A002
 ) -> optax.GradientTransformation:
   r"""Rescales each leaf separately so that its norm is at most ``max_norm``.
 
@@ -132,7 +173,7 @@ def clip_by_norm(
   This is Keras' ``clipnorm`` (per variable). Norms accumulate in float32.
 
   Args:
-    max_norm: the bound ``c > 0``.
+    max_norm: the bound ``c > 0``, finite.
     ord: None or 2 (L2), 1, or ``inf``.
     axis_name: when each device holds a different shard of every leaf (inside
       ``pmap``/``shard_map``), the axis to ``psum`` the per-leaf partials over
@@ -153,22 +194,25 @@ def clip_by_norm(
     Keras, ``clipnorm`` optimizer argument,
     https://keras.io/api/optimizers/#base-optimizer-class
   """
-  val.positive("clip_by_norm", "max_norm", max_norm)
-  val.norm_ord("clip_by_norm", ord)
+  owner = "clip_by_norm"
+  _bound(owner, "max_norm", max_norm)
+  ord = val.norm_ord(owner, ord)  # noqa: A001
+  axis_name = val.axis_name(owner, axis_name)
 
   def update_fn(updates, state, params=None):
     del params
+    val.float_leaves(owner, updates)
     norms = num.leaf_norms(updates, ord, axis_name)
-    out = jax.tree_util.tree_map(
+    out = jax.tree.map(
         lambda g, n: num.scale_leaf(g, num.safe_factor(max_norm, n)), updates, norms
     )
     return out, state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def clip_by_global_norm(
-    max_norm: ArrayLike, *, ord: Any = None, axis_name: Any = None  # noqa: A002
+    max_norm: ArrayLike, *, ord: val.NormOrd = None, axis_name: val.AxisName = None  # noqa: A002
 ) -> optax.GradientTransformation:
   r"""Rescales the whole update tree so that its global norm is at most ``c``.
 
@@ -188,7 +232,7 @@ def clip_by_global_norm(
   0. Wrap the optimizer in :func:`optax_guard.skip_nonfinite` to skip those.
 
   Args:
-    max_norm: the bound ``c > 0``.
+    max_norm: the bound ``c > 0``, finite.
     ord: None or 2 (L2), 1, or ``inf``.
     axis_name: inside ``pmap``/``shard_map`` when each device holds a different
       shard of the updates, the mapped axis to ``psum`` the partial sums over
@@ -211,19 +255,22 @@ def clip_by_global_norm(
     Pascanu, Mikolov, Bengio, 2013, *On the difficulty of training recurrent
     neural networks*, https://arxiv.org/abs/1211.5063
   """
-  val.positive("clip_by_global_norm", "max_norm", max_norm)
-  val.norm_ord("clip_by_global_norm", ord)
+  owner = "clip_by_global_norm"
+  _bound(owner, "max_norm", max_norm)
+  ord = val.norm_ord(owner, ord)  # noqa: A001
+  axis_name = val.axis_name(owner, axis_name)
 
   def update_fn(updates, state, params=None):
     del params
+    val.float_leaves(owner, updates)
     norm = num.global_norm(updates, ord, axis_name)
     return num.scale_tree(updates, num.safe_factor(max_norm, norm)), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def clip_by_axis_norm(
-    max_norm: ArrayLike, axis: Any = None, *, axis_name: Any = None
+    max_norm: ArrayLike, axis: val.UnitAxis = None, *, axis_name: val.AxisName = None
 ) -> optax.GradientTransformation:
   r"""Rescales each *unit* (a slice along ``axis``) to L2 norm at most ``c``.
 
@@ -239,7 +286,7 @@ def clip_by_axis_norm(
   leaf, so use ``optax.masked``/``multi_transform`` for mixed trees.
 
   Args:
-    max_norm: the bound ``c > 0``.
+    max_norm: the bound ``c > 0``, finite.
     axis: int, tuple of ints, or None (see above).
     axis_name: inside ``pmap``/``shard_map`` when the *reduced* axes of each
       leaf are split over devices, the mapped axis to ``psum`` the per-unit
@@ -261,19 +308,22 @@ def clip_by_axis_norm(
     recognition without normalization* (unit-wise norms),
     https://arxiv.org/abs/2102.06171
   """
-  val.positive("clip_by_axis_norm", "max_norm", max_norm)
-  val.unit_axis("clip_by_axis_norm", axis)
+  owner = "clip_by_axis_norm"
+  _bound(owner, "max_norm", max_norm)
+  axis = val.unit_axis(owner, axis)
+  axis_name = val.axis_name(owner, axis_name)
 
   def update_fn(updates, state, params=None):
     del params
+    val.float_leaves(owner, updates)
 
-    def leaf(g):
-      n = num.unit_norm(g, axis, None, axis_name)
+    def leaf(path, g):
+      n = _unit_norm_at(owner, path, g, axis, axis_name=axis_name)
       return num.scale_leaf(g, num.safe_factor(max_norm, n))
 
-    return jax.tree_util.tree_map(leaf, updates), state
+    return jax.tree.map_with_path(leaf, updates), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def clip_weights(
@@ -311,23 +361,27 @@ def clip_weights(
     Arjovsky, Chintala, Bottou, 2017, *Wasserstein GAN*,
     https://arxiv.org/abs/1701.07875
   """
-  lo, hi = _bounds("clip_weights", max_value, min_value)
+  owner = "clip_weights"
+  lo, hi = _bounds(owner, max_value, min_value)
 
   def update_fn(updates, state, params=None):
-    val.needs_params("clip_weights", params)
+    val.matching_params(owner, updates, params)
+    val.float_leaves(owner, updates, complex_ok=False)
+    val.float_leaves(owner, params, what="params", complex_ok=False)
+
     def leaf(u, p):
       u = jnp.asarray(u)
       w = p + u
       inside = (w >= jnp.asarray(lo).astype(w.dtype)) & (w <= jnp.asarray(hi).astype(w.dtype))
       return jnp.where(inside, u, (_clamp(w, lo, hi) - p).astype(u.dtype))
 
-    return jax.tree_util.tree_map(leaf, updates, params), state
+    return jax.tree.map(leaf, updates, params), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def clip_weights_by_norm(
-    max_norm: ArrayLike, axis: Any = None
+    max_norm: ArrayLike, axis: val.UnitAxis = None
 ) -> optax.GradientTransformation:
   r"""Max-norm weight constraint: each unit of the new weights has norm <= c.
 
@@ -342,7 +396,7 @@ def clip_weights_by_norm(
   their updates back bitwise unchanged. Put it last in the chain.
 
   Args:
-    max_norm: the bound ``c > 0``.
+    max_norm: the bound ``c > 0``, finite.
     axis: int, tuple of ints, or None.
 
   Returns:
@@ -362,20 +416,23 @@ def clip_weights_by_norm(
     Srivastava et al., 2014, *Dropout: a simple way to prevent neural networks
     from overfitting* (max-norm regularisation), JMLR 15.
   """
-  val.positive("clip_weights_by_norm", "max_norm", max_norm)
-  val.unit_axis("clip_weights_by_norm", axis)
+  owner = "clip_weights_by_norm"
+  _bound(owner, "max_norm", max_norm)
+  axis = val.unit_axis(owner, axis)
 
   def update_fn(updates, state, params=None):
-    val.needs_params("clip_weights_by_norm", params)
+    val.matching_params(owner, updates, params)
+    val.float_leaves(owner, updates)
+    val.float_leaves(owner, params, what="params")
 
-    def leaf(u, p):
+    def leaf(path, u, p):
       u = jnp.asarray(u)
-      f = num.safe_factor(max_norm, num.unit_norm(p + u, axis))
+      f = num.safe_factor(max_norm, _unit_norm_at(owner, path, p + u, axis))
       # (p + u) * f - p, written so that f == 1 returns u bitwise.
       wide = jnp.promote_types(u.dtype, f.dtype)
       u32, p32 = u.astype(wide), jnp.asarray(p).astype(wide)
       return (u32 * f + p32 * (f - 1)).astype(u.dtype)
 
-    return jax.tree_util.tree_map(leaf, updates, params), state
+    return jax.tree.map_with_path(leaf, updates, params), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -119,18 +119,14 @@ def _mark(fn: str, value: Any) -> int:
   return int(value)
 
 
-def _flag(fn: str, name: str, value: Any) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{fn}({name}=...) must be a bool, got {value!r}")
-  return bool(value)
+def _int32(x: Any) -> Any:
+  """A hyperparameter as int32: NumPy for concrete values (no device work)."""
+  return x.astype(jnp.int32) if _is_jax(x) else np.int32(x)
 
 
-def _int32(x: Any) -> jax.Array:
-  return jnp.asarray(x).astype(jnp.int32)
-
-
-def _f32(x: Any) -> jax.Array:
-  return jnp.asarray(x, jnp.float32) if not _is_jax(x) else jnp.asarray(x).astype(jnp.float32)
+def _f32(x: Any) -> Any:
+  """A hyperparameter as float32: NumPy for concrete values (no device work)."""
+  return x.astype(jnp.float32) if _is_jax(x) else np.float32(x)
 
 
 def _unit(power: Any) -> bool:
@@ -222,7 +218,7 @@ def polynomial_decay(
   decay_steps = _whole(fn, "decay_steps", decay_steps, minimum=1)
   val.non_negative(fn, "power", power, finite=True)
   val.finite(fn, "end_value", end_value)
-  cycle = _flag(fn, "cycle", cycle)
+  cycle = val.flag(fn, "cycle", cycle)
   return _polynomial(init_value, decay_steps, power, end_value, cycle)
 
 
@@ -381,7 +377,7 @@ def inverse_time_decay(
   decay_steps = _whole(fn, "decay_steps", decay_steps, minimum=1)
   val.non_negative(fn, "decay_rate", decay_rate, finite=True)
   val.non_negative(fn, "power", power, finite=True)
-  staircase = _flag(fn, "staircase", staircase)
+  staircase = val.flag(fn, "staircase", staircase)
 
   hp = (_f32(init_value), _int32(decay_steps), _f32(decay_rate), _f32(power))
   unit = _unit(power)
@@ -401,9 +397,9 @@ def _inverse_time_core(n, init, steps, rate, power, *, staircase, unit):
 
 def exponential_decay(
     init_value: ArrayLike,
+    decay_steps: int,
     decay_rate: ArrayLike,
     *,
-    decay_steps: int = 1,
     staircase: bool = False,
     end_value: ArrayLike | None = None,
 ) -> optax.Schedule:
@@ -420,14 +416,21 @@ def exponential_decay(
   ``init_value`` gives the constant ``end_value``. Underflow gives 0, never
   NaN; a zero ``init_value`` gives 0 even when ``r**p`` overflows.
 
+  The positional order ``(init_value, decay_steps, decay_rate)`` is the one of
+  ``optax.exponential_decay(init_value, transition_steps, decay_rate)`` and
+  Keras ``ExponentialDecay(initial_learning_rate, decay_steps, decay_rate)``,
+  so a call written for either means the same here; the rest is
+  keyword-only (optax's fourth positional argument, ``transition_begin``,
+  has no equivalent: use :func:`warmup` or ``optax.join_schedules``).
+
   Equivalents: ``decay_steps=1`` is torch ``ExponentialLR(gamma=r)``; Keras
   ``ExponentialDecay(init, T, r, staircase)`` (neither has ``end_value``);
   ``optax.exponential_decay(init, T, r, staircase=..., end_value=...)``.
 
   Args:
     init_value: the value at step 0 (finite).
+    decay_steps: ``T``, a whole number ``>= 1`` (1 decays every step).
     decay_rate: ``r > 0`` (finite); ``r < 1`` decays, ``r > 1`` grows.
-    decay_steps: ``T``, a whole number ``>= 1``.
     staircase: floor ``t / T`` (in integer arithmetic).
     end_value: None, or a finite floor (``r < 1``) / cap (``r > 1``).
 
@@ -436,7 +439,7 @@ def exponential_decay(
 
   Example:
     >>> import optax_guard as og
-    >>> sched = og.exponential_decay(1.0, 0.5, decay_steps=2, end_value=0.2)
+    >>> sched = og.exponential_decay(1.0, 2, 0.5, end_value=0.2)
     >>> [float(sched(t)) for t in (0, 2, 4, 100)]
     [1.0, 0.5, 0.25, 0.2]
 
@@ -448,7 +451,7 @@ def exponential_decay(
   val.finite(fn, "init_value", init_value)
   val.positive(fn, "decay_rate", decay_rate, finite=True)
   decay_steps = _whole(fn, "decay_steps", decay_steps, minimum=1)
-  staircase = _flag(fn, "staircase", staircase)
+  staircase = val.flag(fn, "staircase", staircase)
   if end_value is not None:
     val.finite(fn, "end_value", end_value)
 
@@ -560,7 +563,7 @@ def multistep_decay(
       raise ValueError(f"{fn}(milestones=...) must be sorted, got {list(milestones)!r}")
     marks = np.asarray([m for m in ms if m <= _INT32_MAX], np.int32)  # others: never reached
 
-  hp = (_f32(init_value), jnp.asarray(marks), _f32(factor))
+  hp = (_f32(init_value), marks, _f32(factor))
   return lambda count: _multistep_core(_step(count), *hp)
 
 
@@ -621,20 +624,21 @@ def warmup(
   warmup_steps = _whole(fn, "warmup_steps", warmup_steps, minimum=0)
   val.finite(fn, "init_value", init_value)
 
-  def run(n):
-    return jnp.asarray(schedule(n)).astype(jnp.float32)
-
   if not _is_jax(warmup_steps) and warmup_steps == 0:
-    return lambda count: run(_step(count))
+    return lambda count: _run(schedule, _step(count))
 
   hp = (_f32(init_value), _int32(warmup_steps))
+  return lambda count: _warmup_core(_step(count), *hp, schedule=schedule)
 
-  @jax.jit
-  def core(n, start, steps):
-    start, steps = _opaque(start, steps)
-    peak = run(jnp.zeros((), jnp.int32))
-    frac = jnp.minimum(n, steps).astype(jnp.float32) / jnp.maximum(steps, 1).astype(jnp.float32)
-    ramp = start + (peak - start) * frac
-    return jnp.where(n < steps, ramp, run(jnp.maximum(n - steps, 0)))
 
-  return lambda count: core(_step(count), *hp)
+def _run(schedule: Callable[[Any], ArrayLike], n: jax.Array) -> jax.Array:
+  return jnp.asarray(schedule(n)).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("schedule",))
+def _warmup_core(n, start, steps, *, schedule):
+  start, steps = _opaque(start, steps)
+  peak = _run(schedule, jnp.zeros((), jnp.int32))
+  frac = jnp.minimum(n, steps).astype(jnp.float32) / jnp.maximum(steps, 1).astype(jnp.float32)
+  ramp = start + (peak - start) * frac
+  return jnp.where(n < steps, ramp, _run(schedule, jnp.maximum(n - steps, 0)))

@@ -1,79 +1,123 @@
-"""Construction-time checks of hyperparameters.
+"""Checks of hyperparameters (at construction) and of trees (at trace time).
 
-Concrete values (Python numbers, NumPy scalars and arrays) are checked and a
-``ValueError`` names the function, the argument and the value. JAX arrays and
-tracers pass unchecked, so every factory keeps working under
-``optax.inject_hyperparams``, which re-calls it with traced values each step.
+Every check names the function (``owner``), the argument and the value it
+got, so a user sees ``clip_by_global_norm(max_norm=...) must be > 0, got
+-1.0`` and not an XLA shape error three calls later.
+
+* Types and shapes are static, so they are checked always, even for tracers
+  (``optax.inject_hyperparams`` re-calls a factory with traced
+  hyperparameters every step): a numeric hyperparameter is a real scalar of
+  shape ``()``, never a ``bool``; ``axis_name`` is a string or a tuple of
+  strings; a mask is None, a callable or a tree of bools.
+* Values (``> 0``, finite, in a range) are checked for Python and NumPy
+  numbers. JAX arrays pass the value checks, concrete or traced, so that a
+  factory under ``optax.inject_hyperparams`` behaves the same eagerly (where
+  it receives concrete arrays) and under ``jit`` (where it receives tracers).
+* Options that select an algorithm or a shape (``ord``, ``axis``) must be
+  Python values; a JAX array there (what ``inject_hyperparams`` makes of an
+  int unless the argument is in ``static_args``) raises a ``TypeError`` that
+  says so, eagerly and under ``jit`` alike.
+* Trees: leaves must be floating point (integer and bool leaves raise a
+  ``TypeError`` naming the leaf path), and a ``params`` tree must match the
+  updates leaf for leaf.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+# The accepted spellings of a norm order; ``None`` means 2.
+NormOrd = int | float | str | None
+# A unit axis: None, an int, or a tuple of ints.
+UnitAxis = int | Sequence[int] | None
+# The mapped axis of ``pmap``/``shard_map`` to reduce over.
+AxisName = str | tuple[str, ...] | None
 
-def concrete(value: Any) -> float | None:
-  """``float(value)`` for a concrete real scalar, None for arrays/tracers.
 
-  Raises ``TypeError`` for values that are not numbers at all (strings,
-  lists), since passing them on would fail obscurely later.
+def _fail(owner: str, name: str, value: Any, rule: str) -> ValueError:
+  return ValueError(f"{owner}({name}=...) must be {rule}, got {value!r}")
+
+
+def is_jax(value: Any) -> bool:
+  """True for JAX arrays and tracers."""
+  return isinstance(value, (jax.Array, jax.core.Tracer))
+
+
+def _concrete_float(value: Any) -> float | None:
+  """The value of a NumPy scalar; None for JAX arrays and tracers."""
+  if is_jax(value):
+    return None
+  return float(np.asarray(value))
+
+
+def _dtype_kind(owner: str, name: str, value: Any, dtype: Any, *, what: str) -> None:
+  dtype = np.dtype(dtype)
+  if dtype == np.bool_:
+    raise TypeError(f"{owner}({name}=...) must be {what}, not a bool, got {value!r}")
+  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"{owner}({name}=...) must be {what}, got {value!r} of dtype {dtype}")
+
+
+def number(owner: str, name: str, value: Any) -> float | None:
+  """Checks ``value`` is a real scalar and not NaN; returns it when concrete.
+
+  Accepts Python ``int``/``float``, NumPy scalars and shape-``()`` arrays, and
+  JAX arrays and tracers of shape ``()`` with an integer or float dtype
+  (returns None for those: their values are not checked).
+  Raises ``TypeError`` for bools, strings, containers, complex numbers and
+  ``ValueError`` for arrays with dimensions and for NaN.
   """
-  if isinstance(value, (jax.Array, jax.core.Tracer)):
-    return None
-  if isinstance(value, bool):
-    return float(value)
-  if isinstance(value, (int, float, np.integer, np.floating)):
-    return float(value)
-  if isinstance(value, np.ndarray):
-    if value.ndim == 0 and np.issubdtype(value.dtype, np.number):
-      return float(value)
-    return None
-  raise TypeError(f"expected a number, got {value!r} of type {type(value).__name__}")
-
-
-def _fail(fn: str, name: str, value: Any, rule: str) -> ValueError:
-  return ValueError(f"{fn}({name}=...) must be {rule}, got {value!r}")
-
-
-def number(fn: str, name: str, value: Any) -> float | None:
-  """Checks ``value`` is a number (not NaN); returns its float or None."""
-  try:
-    v = concrete(value)
-  except TypeError as e:
-    raise TypeError(f"{fn}({name}=...): {e}") from None
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{owner}({name}=...) must be a number, not a bool, got {value!r}")
+  if isinstance(value, (int, float)):
+    v: float | None = float(value)
+  elif is_jax(value) or isinstance(value, (np.ndarray, np.generic)):
+    shape = tuple(np.shape(value))
+    if shape != ():
+      raise ValueError(
+          f"{owner}({name}=...) must be a scalar, got an array of shape {shape}"
+      )
+    _dtype_kind(owner, name, value, value.dtype, what="a real number")
+    v = _concrete_float(value)
+  else:
+    raise TypeError(
+        f"{owner}({name}=...) must be a number, got {value!r} of type {type(value).__name__}"
+    )
   if v is not None and math.isnan(v):
-    raise _fail(fn, name, value, "a number, not NaN")
+    raise _fail(owner, name, value, "a number, not NaN")
   return v
 
 
-def positive(fn: str, name: str, value: Any, *, finite: bool = False) -> None:
+def positive(owner: str, name: str, value: Any, *, finite: bool = False) -> None:
   """``value > 0`` (and finite if asked)."""
-  v = number(fn, name, value)
+  v = number(owner, name, value)
   if v is not None and not v > 0:
-    raise _fail(fn, name, value, "> 0")
+    raise _fail(owner, name, value, "> 0")
   if v is not None and finite and not math.isfinite(v):
-    raise _fail(fn, name, value, "finite")
+    raise _fail(owner, name, value, "finite")
 
 
-def non_negative(fn: str, name: str, value: Any, *, finite: bool = False) -> None:
+def non_negative(owner: str, name: str, value: Any, *, finite: bool = False) -> None:
   """``value >= 0`` (and finite if asked)."""
-  v = number(fn, name, value)
+  v = number(owner, name, value)
   if v is not None and not v >= 0:
-    raise _fail(fn, name, value, ">= 0")
+    raise _fail(owner, name, value, ">= 0")
   if v is not None and finite and not math.isfinite(v):
-    raise _fail(fn, name, value, "finite")
+    raise _fail(owner, name, value, "finite")
 
 
 def in_range(
-    fn: str, name: str, value: Any, lo: float, hi: float,
-    *, lo_open: bool = False, hi_open: bool = False,
+    owner: str, name: str, value: Any, lo: float, hi: float,
+    *, lo_open: bool = False, hi_open: bool = False, why: str = "",
 ) -> None:
-  """``lo <= value <= hi`` (with open ends if asked)."""
-  v = number(fn, name, value)
+  """``lo <= value <= hi`` (with open ends if asked); ``why`` explains the bound."""
+  v = number(owner, name, value)
   if v is None:
     return
   ok_lo = v > lo if lo_open else v >= lo
@@ -81,77 +125,197 @@ def in_range(
   if not (ok_lo and ok_hi):
     left = "(" if lo_open else "["
     right = ")" if hi_open else "]"
-    raise _fail(fn, name, value, f"in {left}{lo}, {hi}{right}")
+    raise _fail(owner, name, value, f"in {left}{lo}, {hi}{right}{why}")
 
 
-def finite(fn: str, name: str, value: Any) -> None:
+def finite(owner: str, name: str, value: Any) -> None:
   """``value`` is a finite number."""
-  v = number(fn, name, value)
+  v = number(owner, name, value)
   if v is not None and not math.isfinite(v):
-    raise _fail(fn, name, value, "finite")
+    raise _fail(owner, name, value, "finite")
 
 
-def ordered(fn: str, lo_name: str, lo: Any, hi_name: str, hi: Any) -> None:
+def ordered(owner: str, lo_name: str, lo: Any, hi_name: str, hi: Any) -> None:
   """``lo <= hi`` when both are concrete."""
-  a, b = number(fn, lo_name, lo), number(fn, hi_name, hi)
+  a, b = number(owner, lo_name, lo), number(owner, hi_name, hi)
   if a is not None and b is not None and a > b:
     raise ValueError(
-        f"{fn}({lo_name}=..., {hi_name}=...) needs {lo_name} <= {hi_name}, "
+        f"{owner}({lo_name}=..., {hi_name}=...) needs {lo_name} <= {hi_name}, "
         f"got {lo_name}={lo!r} > {hi_name}={hi!r}"
     )
 
 
-def integer(fn: str, name: str, value: Any, *, minimum: int | None = None) -> None:
-  """A concrete integer (Python or NumPy), at least ``minimum`` if given."""
-  if isinstance(value, (jax.Array, jax.core.Tracer)):
-    return
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise TypeError(f"{fn}({name}=...) must be an int, got {value!r}")
-  if minimum is not None and value < minimum:
-    raise _fail(fn, name, value, f">= {minimum}")
-
-
-def choice(fn: str, name: str, value: Any, choices: Sequence[Any]) -> None:
-  """``value`` is one of ``choices``."""
-  if not any(value == c and type(value) is type(c) or value is c for c in choices):
-    raise _fail(fn, name, value, f"one of {list(choices)!r}")
-
-
-def norm_ord(fn: str, value: Any) -> None:
-  """``ord`` in {None, 1, 2, inf}."""
-  if value is None or isinstance(value, bool):
-    ok = value is None
-  elif isinstance(value, str):
-    ok = value == "inf"
+def integer(owner: str, name: str, value: Any, *, minimum: int | None = None) -> None:
+  """An integer scalar (Python, NumPy or JAX), at least ``minimum`` when concrete."""
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{owner}({name}=...) must be an int, not a bool, got {value!r}")
+  if is_jax(value) or isinstance(value, (np.ndarray, np.generic)):
+    shape = tuple(np.shape(value))
+    if shape != ():
+      raise ValueError(f"{owner}({name}=...) must be a scalar, got an array of shape {shape}")
+    if not jnp.issubdtype(value.dtype, jnp.integer) or value.dtype == bool:
+      raise TypeError(f"{owner}({name}=...) must be an int, got {value!r} of dtype {value.dtype}")
+    v = _concrete_float(value)
+  elif isinstance(value, int):
+    v = float(value)
   else:
-    try:
-      ok = float(value) in (1.0, 2.0, math.inf)
-    except (TypeError, ValueError):
-      ok = False
-  if not ok:
-    raise _fail(fn, "ord", value, "one of None, 1, 2, inf")
+    raise TypeError(f"{owner}({name}=...) must be an int, got {value!r}")
+  if v is not None and minimum is not None and v < minimum:
+    raise _fail(owner, name, value, f">= {minimum}")
 
 
-def unit_axis(fn: str, value: Any) -> None:
-  """``axis`` is None, an int or a tuple/list of ints."""
-  if value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)):
-    return
-  if isinstance(value, (tuple, list)) and value and all(
-      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in value
+def flag(owner: str, name: str, value: Any) -> bool:
+  """A Python or NumPy bool."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{owner}({name}=...) must be a bool, got {value!r}")
+  return bool(value)
+
+
+def choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+  """``value`` is one of ``choices`` (compared with its type)."""
+  if not any(value == c and type(value) is type(c) or value is c for c in choices):
+    raise _fail(owner, name, value, f"one of {list(choices)!r}")
+
+
+def _static_hint(owner: str, name: str, value: Any, accepted: str) -> TypeError:
+  return TypeError(
+      f"{owner}({name}=...) selects the algorithm and must be a Python value "
+      f"({accepted}), got a JAX array {value!r}; optax.inject_hyperparams turns "
+      f"numbers into arrays: pass static_args=({name!r},)"
+  )
+
+
+def norm_ord(owner: str, value: Any) -> NormOrd:
+  """``ord`` in {None, 1, 2, inf, 'inf'}; returns it unchanged."""
+  accepted = "None, 1, 2, inf or 'inf'"
+  if is_jax(value):
+    raise _static_hint(owner, "ord", value, accepted)
+  if value is None:
+    return None
+  ok = False
+  if isinstance(value, str):
+    ok = value == "inf"
+  elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+      value, (bool, np.bool_)
   ):
+    ok = float(value) in (1.0, 2.0, math.inf)
+  if not ok:
+    raise _fail(owner, "ord", value, f"one of {accepted}")
+  return value
+
+
+def _is_int(a: Any) -> bool:
+  return isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+
+
+def unit_axis(owner: str, value: Any) -> UnitAxis:
+  """``axis`` is None, an int or a non-empty tuple/list of ints.
+
+  Returns None, an int or a tuple of ints.
+  """
+  if is_jax(value):
+    raise _static_hint(owner, "axis", value, "None, an int or a tuple of ints such as (0,)")
+  if value is None:
+    return None
+  if _is_int(value):
+    return int(value)
+  if isinstance(value, (tuple, list)) and value and all(_is_int(a) for a in value):
+    return tuple(int(a) for a in value)
+  raise _fail(owner, "axis", value, "None, an int or a non-empty tuple of ints")
+
+
+def axis_name(owner: str, value: Any) -> AxisName:
+  """``axis_name`` is None, a string or a non-empty tuple of strings."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, (tuple, list)) and value and all(isinstance(a, str) for a in value):
+    return tuple(value)
+  raise TypeError(
+      f"{owner}(axis_name=...) must be None, a string or a tuple of strings (the "
+      f"mapped axis of pmap/shard_map), got {value!r}"
+  )
+
+
+def _is_bool_leaf(x: Any) -> bool:
+  if isinstance(x, (bool, np.bool_)):
+    return True
+  return (is_jax(x) or isinstance(x, np.ndarray)) and np.shape(x) == () and x.dtype == bool
+
+
+def mask_tree(owner: str, mask: Any) -> None:
+  """A tree of bools (a mask after a callable mask has been applied)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
+    if not _is_bool_leaf(leaf):
+      where = jax.tree_util.keystr(path) or "the mask itself"
+      raise TypeError(
+          f"{owner}(mask=...) must be None, a callable or a tree of bools; "
+          f"{where} is {leaf!r}"
+      )
+
+
+def mask(owner: str, value: Any) -> None:
+  """``mask`` is None, a callable (checked when called) or a tree of bools."""
+  if value is None or callable(value):
     return
-  raise _fail(fn, "axis", value, "None, an int or a non-empty tuple of ints")
+  mask_tree(owner, value)
 
 
-def callable_(fn: str, name: str, value: Any) -> None:
+def callable_(owner: str, name: str, value: Any) -> None:
   if not callable(value):
-    raise TypeError(f"{fn}({name}=...) must be callable, got {value!r}")
+    raise TypeError(f"{owner}({name}=...) must be callable, got {value!r}")
 
 
-def needs_params(fn: str, params: Any) -> None:
+def needs_params(owner: str, params: Any) -> None:
   """Raises if a weight-side transform is updated without ``params``."""
   if params is None:
     raise ValueError(
-        f"{fn} needs the current parameters: call "
+        f"{owner} needs the current parameters: call "
         f"update(updates, state, params) with params, not None"
     )
+
+
+def _dtype_of(x: Any) -> np.dtype:
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.dtype(jnp.result_type(x))
+
+
+def float_leaves(owner: str, tree: Any, *, what: str = "updates", complex_ok: bool = True) -> None:
+  """Every leaf is floating point (or complex if ``complex_ok``).
+
+  Integer and bool leaves would be truncated by a float scale factor (a
+  clipped int32 ``[3, 4]`` becomes ``[0, 0]``), so they raise a ``TypeError``
+  naming the leaf path. Runs at trace time only (dtypes are static).
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    dtype = _dtype_of(leaf)
+    if jnp.issubdtype(dtype, jnp.floating):
+      continue
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      if complex_ok:
+        continue
+      raise TypeError(
+          f"{owner} does not support complex {what}: the leaf "
+          f"{jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}"
+      )
+    raise TypeError(
+        f"{owner} needs floating-point {what}: the leaf "
+        f"{jax.tree_util.keystr(path) or '(root)'} has dtype {dtype}"
+    )
+
+
+def matching_params(owner: str, updates: Any, params: Any) -> None:
+  """``params`` has the tree structure and leaf shapes of ``updates``."""
+  needs_params(owner, params)
+  u_struct, p_struct = jax.tree.structure(updates), jax.tree.structure(params)
+  if u_struct != p_struct:
+    raise ValueError(
+        f"{owner}: params must have the tree structure of the updates, got "
+        f"{p_struct.num_leaves} params leaves ({p_struct}) for "
+        f"{u_struct.num_leaves} updates leaves ({u_struct})"
+    )
+  u_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+  for (path, u), p in zip(u_leaves, jax.tree.leaves(params), strict=True):
+    if np.shape(u) != np.shape(p):
+      raise ValueError(
+          f"{owner}: the params leaf {jax.tree_util.keystr(path) or '(root)'} has "
+          f"shape {np.shape(p)} but its update has shape {np.shape(u)}"
+      )

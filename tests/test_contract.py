@@ -166,7 +166,7 @@ SCHEDULES: dict[str, Schedule] = {
              dict(staircase=1)),
     ),
     "exponential_decay": Schedule(
-        og.exponential_decay, dict(init_value=1.0, decay_rate=0.9, decay_steps=2),
+        og.exponential_decay, dict(init_value=1.0, decay_steps=2, decay_rate=0.9),
         bad=(dict(decay_rate=0.0), dict(decay_rate=-0.9), dict(decay_steps=0),
              dict(end_value=NAN), dict(init_value=float("inf"))),
     ),

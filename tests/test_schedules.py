@@ -102,16 +102,16 @@ CASES = [
      lambda t: ref_inverse_time(t, 0.3, 3, 2.0, 0.5, True), [3, 6, 3 * 715827882]),
     ("inv_time_stair_big", og.inverse_time_decay(1.0, 10**7, staircase=True),
      lambda t: ref_inverse_time(t, 1.0, 10**7, 1.0, 1.0, True), [10**7, 2 * 10**7]),
-    ("exp", og.exponential_decay(1.0, 0.9),
+    ("exp", og.exponential_decay(1.0, 1, 0.9),
      lambda t: ref_exponential(t, 1.0, 0.9), [5]),
-    ("exp_stair", og.exponential_decay(0.3, 0.5, decay_steps=7, staircase=True),
+    ("exp_stair", og.exponential_decay(0.3, 7, 0.5, staircase=True),
      lambda t: ref_exponential(t, 0.3, 0.5, 7, True), [7, 14]),
     # float32(2e7 - 1) == 2e7: a float floor(t / T) would be one period early here
-    ("exp_stair_big", og.exponential_decay(0.3, 0.5, decay_steps=10**7, staircase=True),
+    ("exp_stair_big", og.exponential_decay(0.3, 10**7, 0.5, staircase=True),
      lambda t: ref_exponential(t, 0.3, 0.5, 10**7, True), [10**7, 2 * 10**7]),
-    ("exp_floor", og.exponential_decay(0.3, 0.96, decay_steps=100, end_value=0.01),
+    ("exp_floor", og.exponential_decay(0.3, 100, 0.96, end_value=0.01),
      lambda t: ref_exponential(t, 0.3, 0.96, 100, False, 0.01), [100, 8331, 8332]),
-    ("exp_cap", og.exponential_decay(0.01, 1.5, decay_steps=10, end_value=1.0),
+    ("exp_cap", og.exponential_decay(0.01, 10, 1.5, end_value=1.0),
      lambda t: ref_exponential(t, 0.01, 1.5, 10, False, 1.0), [10, 113, 114]),
     ("step", og.step_decay(1.0, 30),
      lambda t: ref_step(t, 1.0, 30), [30, 60]),
@@ -123,7 +123,7 @@ CASES = [
      lambda t: ref_multistep(t, 0.3, [0, 5, 5, TOP], 0.5), [5, TOP]),
     ("warmup_linear", og.warmup(og.linear_decay(1.0, 100, end_value=0.1), 10),
      lambda t: ref_warmup(t, lambda s: ref_polynomial(s, 1.0, 100, 1.0, 0.1), 10), [10, 110]),
-    ("warmup_exp", og.warmup(og.exponential_decay(0.3, 0.9), 7, init_value=0.03),
+    ("warmup_exp", og.warmup(og.exponential_decay(0.3, 1, 0.9), 7, init_value=0.03),
      lambda t: ref_warmup(t, lambda s: ref_exponential(s, 0.3, 0.9), 7, 0.03), [7]),
 ]
 
@@ -213,7 +213,7 @@ def _decaying(draw):
                                  power=draw(st.floats(0.0, 3.0)), staircase=draw(st.booleans()))
   if kind == "exp":
     end = draw(st.one_of(st.none(), st.floats(0.0, 1.0).map(lambda x: x * init)))
-    return og.exponential_decay(init, draw(_rate), decay_steps=draw(_steps),
+    return og.exponential_decay(init, draw(_steps), draw(_rate),
                                 staircase=draw(st.booleans()), end_value=end)
   if kind == "step":
     return og.step_decay(init, draw(_steps), factor=draw(_rate))
@@ -287,7 +287,7 @@ def test_exponential_decay_matches_torch_exponential_lr():
     return lr if e == 0 else lr * 0.93
 
   expected = torch_sequence(0.1, get_lr)
-  ours = jax.vmap(og.exponential_decay(0.1, 0.93, decay_steps=1))(jnp.arange(100))
+  ours = jax.vmap(og.exponential_decay(0.1, 1, 0.93))(jnp.arange(100))
   np.testing.assert_allclose(ours, expected, rtol=2e-6)
 
 
@@ -356,7 +356,7 @@ def test_exponential_decay_matches_keras(staircase):
   # ExponentialDecay: init * rate ** (step / decay_steps), floor() if staircase
   init, T, rate = 0.1, 9, 0.6
   expected = [init * rate ** (math.floor(s / T) if staircase else s / T) for s in range(100)]
-  ours = jax.vmap(og.exponential_decay(init, rate, decay_steps=T, staircase=staircase))(
+  ours = jax.vmap(og.exponential_decay(init, T, rate, staircase=staircase))(
       jnp.arange(100))
   np.testing.assert_allclose(ours, expected, rtol=5e-6)
 
@@ -368,7 +368,7 @@ def test_exponential_decay_matches_keras(staircase):
 _ANY = [
     og.polynomial_decay(1.0, 5, power=0.5, cycle=True),
     og.inverse_time_decay(1.0, 3, staircase=True),
-    og.exponential_decay(1.0, 0.999, decay_steps=1000),
+    og.exponential_decay(1.0, 1000, 0.999),
     og.multistep_decay(1.0, [2, 9, TOP], factor=0.5),
     og.warmup(og.inverse_sqrt_decay(1.0), 4, init_value=0.5),
 ]
@@ -396,7 +396,7 @@ def test_schedules_step_types(i):
 def test_schedules_accept_traced_hyperparameters():
   @jax.jit
   def f(init, rate, t):
-    return og.exponential_decay(init, rate, decay_steps=4, staircase=True)(t)
+    return og.exponential_decay(init, 4, rate, staircase=True)(t)
 
   np.testing.assert_allclose(f(0.5, 0.5, 9), 0.5 * 0.25, rtol=1e-6)
   arr = og.step_decay(jnp.asarray(1.0), jnp.asarray(3), factor=jnp.asarray(0.5))
@@ -419,8 +419,8 @@ def test_schedules_accept_integral_float_sizes():
     (lambda: og.linear_decay(1.0, 5, end_value=float("inf")), r"end_value.*inf"),
     (lambda: og.inverse_sqrt_decay(1.0, timescale=0.0), r"inverse_sqrt_decay\(timescale"),
     (lambda: og.inverse_time_decay(1.0, 5, decay_rate=-1.0), r"decay_rate=\.\.\.\) must be >= 0"),
-    (lambda: og.exponential_decay(1.0, 0.0), r"exponential_decay\(decay_rate=\.\.\.\) must be > 0"),
-    (lambda: og.exponential_decay(1.0, 0.5, end_value=float("nan")), r"end_value.*nan"),
+    (lambda: og.exponential_decay(1.0, 1, 0.0), r"exponential_decay\(decay_rate=\.\.\.\) must be > 0"),
+    (lambda: og.exponential_decay(1.0, 1, 0.5, end_value=float("nan")), r"end_value.*nan"),
     (lambda: og.step_decay(1.0, 0), r"step_decay\(step_size=\.\.\.\) must be >= 1, got 0"),
     (lambda: og.step_decay(1.0, 3, factor=-0.5), r"step_decay\(factor=\.\.\.\) must be > 0"),
     (lambda: og.multistep_decay(1.0, [5, 3]), r"multistep_decay\(milestones=\.\.\.\).*sorted"),
@@ -435,7 +435,7 @@ def test_schedules_invalid_arguments_raise_value_error(make, match):
 
 @pytest.mark.parametrize("make", [
     lambda: og.polynomial_decay(1.0, 5, cycle="yes"),
-    lambda: og.exponential_decay(1.0, 0.5, staircase=None),
+    lambda: og.exponential_decay(1.0, 1, 0.5, staircase=None),
     lambda: og.step_decay("big", 3),
     lambda: og.multistep_decay(1.0, 3),
     lambda: og.warmup(0.5, 3),
@@ -484,7 +484,7 @@ def test_warmup_equals_optax_join_of_linear_and_schedule():
 def test_schedules_compose_with_optax_join_schedules():
   a = og.linear_decay(1.0, 50, end_value=0.5)
   b = og.step_decay(0.5, 10, factor=0.5)
-  c = og.exponential_decay(0.0625, 0.9)
+  c = og.exponential_decay(0.0625, 1, 0.9)
   joined = optax.join_schedules([a, b, c], [50, 90])
   expected = [ref_polynomial(t, 1.0, 50, 1.0, 0.5) if t < 50 else
               ref_step(t - 50, 0.5, 10, 0.5) if t < 90 else
@@ -511,7 +511,7 @@ def _numpy_adam(grads, lrs, b1=0.9, b2=0.999, eps=1e-8):
 @pytest.mark.parametrize("kind", ["exp", "warmup"])
 def test_schedules_as_adam_learning_rate(kind):
   if kind == "exp":
-    sched = og.exponential_decay(0.1, 0.5)
+    sched = og.exponential_decay(0.1, 1, 0.5)
     lrs = [ref_exponential(k, 0.1, 0.5) for k in range(6)]
   else:
     sched = og.warmup(og.step_decay(0.1, 2, factor=0.5), 3, init_value=0.0)
