@@ -8,6 +8,7 @@ docs/_build/doctest`` (both are steps of ``.ci/run``).
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 # The data-parallel recipes run on 8 simulated CPU devices; this must be set
@@ -18,10 +19,12 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
   ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-sys.path.insert(0, os.path.abspath(".."))
+# Document the checkout this file belongs to, even without an editable install.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from sphinx.util import logging  # noqa: E402
 
 import optax_guard  # noqa: E402
-from sphinx.util import logging  # noqa: E402
 
 project = "optax_guard"
 author = "optax_guard developers"
