@@ -39,7 +39,6 @@ def test_license_is_the_apache_2_text_the_metadata_declares():
 
 @pytest.fixture(scope="module")
 def dists(tmp_path_factory):
-  pytest.importorskip("build")
   out = tmp_path_factory.mktemp("dist")
   proc = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)],
                         capture_output=True, text=True, timeout=600)
