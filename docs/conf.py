@@ -77,6 +77,7 @@ import optax_guard as og
 html_theme = "sphinx_book_theme"
 html_title = f"optax_guard {release}"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
     "repository_url": "https://github.com/optax-guard/optax_guard",
     "use_repository_button": True,
