@@ -17,7 +17,7 @@ never record a non-finite norm in their statistics. Use
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ from optax_guard import _validation as val
 
 
 def adaptive_grad_clip(
-    clipping: ArrayLike = 0.01, *, eps: ArrayLike = 1e-3, axis: Any = None
+    clipping: ArrayLike = 0.01, *, eps: ArrayLike = 1e-3, axis: val.UnitAxis = None
 ) -> optax.GradientTransformation:
   r"""Adaptive gradient clipping (AGC): per unit, by the unit's weight norm.
 
@@ -64,8 +64,9 @@ def adaptive_grad_clip(
       per unit (Brock et al. use 0.01 to 0.16, smaller for larger batches).
     eps: the smallest weight norm ``>= 0`` used for the limit.
     axis: int, tuple of ints, or None (see above); applies to every leaf.
-      Under ``optax.inject_hyperparams`` an int ``axis`` would be traced: pass
-      ``static_args=("axis",)`` (a tuple or None is static already).
+      Under ``optax.inject_hyperparams`` an int ``axis`` would become an
+      array, which raises a ``TypeError``: pass ``static_args=("axis",)`` or
+      a tuple such as ``axis=(0,)`` (tuples and None stay static).
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
@@ -84,23 +85,25 @@ def adaptive_grad_clip(
     Brock, De, Smith, Simonyan, 2021, *High-Performance Large-Scale Image
     Recognition Without Normalization*, https://arxiv.org/abs/2102.06171
   """
-  fn = "adaptive_grad_clip"
-  val.positive(fn, "clipping", clipping)
-  val.non_negative(fn, "eps", eps, finite=True)
-  val.unit_axis(fn, axis)
+  owner = "adaptive_grad_clip"
+  val.positive(owner, "clipping", clipping, finite=True)
+  val.non_negative(owner, "eps", eps, finite=True)
+  axis = val.unit_axis(owner, axis)
 
   def update_fn(updates, state, params=None):
-    val.needs_params(fn, params)
+    val.matching_params(owner, updates, params)
+    val.float_leaves(owner, updates)
+    val.float_leaves(owner, params, what="params")
 
-    def leaf(g, p):
-      g_norm = num.unit_norm(g, axis)
-      p_norm = num.unit_norm(p, axis)
+    def leaf(path, g, p):
+      g_norm = num.unit_norm_at(owner, path, g, axis)
+      p_norm = num.unit_norm_at(owner, path, p, axis)
       limit = clipping * jnp.maximum(p_norm, jnp.asarray(eps, p_norm.dtype))
       return num.scale_leaf(g, num.safe_factor(limit, g_norm))
 
-    return jax.tree_util.tree_map(leaf, updates, params), state
+    return jax.tree.map_with_path(leaf, updates, params), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 # ---------------------------------------------------------------------------
@@ -151,7 +154,7 @@ def _percentile_of_valid(values: jax.Array, n_valid: jax.Array, q: ArrayLike) ->
 
 
 def autoclip(
-    percentile: ArrayLike = 10.0, *, history_size: int = 1000, axis_name: Any = None
+    percentile: ArrayLike = 10.0, *, history_size: int = 1000, axis_name: val.AxisName = None
 ) -> optax.GradientTransformation:
   r"""AutoClip: clip the global norm at a percentile of its recent history.
 
@@ -167,7 +170,7 @@ def autoclip(
   every norm since the start; here the last ``history_size`` are kept in a
   float32 ring buffer (``history_size >= number of steps`` reproduces it).
 
-  Non-finite norms are not recorded and, per principle 4, are not hidden: the
+  Non-finite norms are not recorded and are not hidden either: the
   threshold comes from the recorded history alone, a NaN norm gives NaN
   updates and an infinite norm gives factor 0. Before any finite norm has been
   recorded the threshold is the current norm (no clipping).
@@ -183,7 +186,7 @@ def autoclip(
   ``percentile`` may be traced or a schedule.
 
   Args:
-    percentile: ``p`` in ``[0, 100]``; the paper recommends 10.
+    percentile: ``p`` in ``[0, 100)``; the paper recommends 10.
     history_size: ``N >= 1``, the number of recent finite norms kept.
     axis_name: inside ``pmap``/``shard_map`` when each device holds a different
       shard of the updates, the mapped axis to ``psum`` the squared norms over
@@ -205,9 +208,12 @@ def autoclip(
     Seetharaman, Wichern, Pardo, Le Roux, 2020, *AutoClip: Adaptive Gradient
     Clipping for Source Separation Networks*, https://arxiv.org/abs/2007.14469
   """
-  fn = "autoclip"
-  val.in_range(fn, "percentile", percentile, 0.0, 100.0)
-  val.integer(fn, "history_size", history_size, minimum=1)
+  owner = "autoclip"
+  val.in_range(owner, "percentile", percentile, 0.0, 100.0, hi_open=True,
+               why=" (the 100th percentile of a history that includes the current "
+                   "norm never clips)")
+  val.integer(owner, "history_size", history_size, minimum=1)
+  axis_name = val.axis_name(owner, axis_name)
 
   def init_fn(params):
     del params
@@ -215,12 +221,12 @@ def autoclip(
       size = int(np.asarray(history_size))
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
       raise ValueError(
-          f"{fn}(history_size=...) must be concrete when init runs: under "
+          f"{owner}(history_size=...) must be concrete when init runs: under "
           "optax.inject_hyperparams inside jit/eval_shape pass "
           "static_args=('history_size',)"
       ) from None
     if size < 1:
-      raise ValueError(f"{fn}(history_size=...) must be >= 1, got {size}")
+      raise ValueError(f"{owner}(history_size=...) must be >= 1, got {size}")
     return AutoClipState(
         count=jnp.zeros((), jnp.int32),
         history=jnp.zeros((size,), jnp.float32),
@@ -230,6 +236,7 @@ def autoclip(
 
   def update_fn(updates, state, params=None):
     del params
+    val.float_leaves(owner, updates)
     size = state.history.shape[0]
     norm = num.global_norm(updates, axis_name=axis_name)
     x = norm.astype(jnp.float32)
@@ -258,8 +265,8 @@ class ZClipState(NamedTuple):
       warm-up lasts while ``count < warmup_steps``.
     mean: float32, the running mean of the norms: the plain mean of the warm-up
       norms, then the EMA of the clipped norms.
-    var: float32, the running population variance, likewise.
-    std: float32, ``sqrt(var)``.
+    std: float32, the square root of the running population variance,
+      likewise (the variance itself is ``std**2``).
     threshold: float32, the bound applied this step (``inf`` when neither the
       z-score test nor ``max_norm`` bounds the norm).
     norm: float32, the global norm of this step's incoming updates.
@@ -267,7 +274,6 @@ class ZClipState(NamedTuple):
 
   count: jax.Array
   mean: jax.Array
-  var: jax.Array
   std: jax.Array
   threshold: jax.Array
   norm: jax.Array
@@ -280,7 +286,7 @@ def zclip(
     warmup_steps: int = 25,
     max_norm: ArrayLike | None = None,
     eps: ArrayLike = 1e-6,
-    axis_name: Any = None,
+    axis_name: val.AxisName = None,
 ) -> optax.GradientTransformation:
   r"""ZClip: clip the global norm when its z-score against an EMA is too high.
 
@@ -351,24 +357,25 @@ def zclip(
     LLM Pre-Training*, https://arxiv.org/abs/2504.02507 (reference code:
     https://github.com/bluorion-com/ZClip)
   """
-  fn = "zclip"
-  val.in_range(fn, "alpha", alpha, 0.0, 1.0)
-  val.positive(fn, "z_threshold", z_threshold, finite=True)
-  val.integer(fn, "warmup_steps", warmup_steps, minimum=1)
+  owner = "zclip"
+  val.in_range(owner, "alpha", alpha, 0.0, 1.0)
+  val.positive(owner, "z_threshold", z_threshold, finite=True)
+  val.integer(owner, "warmup_steps", warmup_steps, minimum=1)
   if max_norm is not None:
-    val.positive(fn, "max_norm", max_norm)
-  val.non_negative(fn, "eps", eps, finite=True)
+    val.positive(owner, "max_norm", max_norm, finite=True)
+  val.non_negative(owner, "eps", eps, finite=True)
+  axis_name = val.axis_name(owner, axis_name)
 
   def init_fn(params):
     del params
     zero = jnp.zeros((), jnp.float32)
     return ZClipState(
-        count=jnp.zeros((), jnp.int32), mean=zero, var=zero, std=zero,
-        threshold=zero, norm=zero,
+        count=jnp.zeros((), jnp.int32), mean=zero, std=zero, threshold=zero, norm=zero,
     )
 
   def update_fn(updates, state, params=None):
     del params
+    val.float_leaves(owner, updates)
     f32 = jnp.float32
     norm = num.global_norm(updates, axis_name=axis_name)
     x = norm.astype(f32)
@@ -376,8 +383,8 @@ def zclip(
     a = jnp.asarray(alpha, f32)
     zt = jnp.asarray(z_threshold, f32)
     warm = state.count < jnp.asarray(warmup_steps, jnp.int32)
-    mu, var = state.mean, state.var
-    sigma = jnp.sqrt(var)
+    mu, sigma = state.mean, state.std
+    var = sigma * sigma
 
     z = (x - mu) / (sigma + jnp.asarray(eps, f32))
     spike = jnp.logical_and(jnp.logical_not(warm), z > zt)
@@ -400,7 +407,7 @@ def zclip(
     new_var = jnp.where(finite, jnp.where(warm, var_w, var_e), var)
     count = jnp.where(finite, optax.safe_increment(state.count), state.count)
     return updates, ZClipState(
-        count=count, mean=new_mu, var=new_var, std=jnp.sqrt(new_var),
+        count=count, mean=new_mu, std=jnp.sqrt(new_var),
         threshold=threshold.astype(f32), norm=x,
     )
 

@@ -14,7 +14,6 @@ entries NaN). Use :func:`optax_guard.skip_nonfinite` to skip such steps.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,14 +54,6 @@ def _bound(owner: str, name: str, value: ArrayLike) -> None:
         f"{owner}({name}=...) must be finite, got {value!r}: an infinite bound never "
         f"clips (leave the transformation out instead)"
     )
-
-
-def _unit_norm_at(owner: str, path: Any, x: jax.Array, axis: val.UnitAxis, **kw) -> jax.Array:
-  """:func:`_numerics.unit_norm` with errors naming ``owner`` and the leaf path."""
-  try:
-    return num.unit_norm(x, axis, **kw)
-  except ValueError as e:
-    raise ValueError(f"{owner}: leaf {jax.tree_util.keystr(path) or '(root)'}: {e}") from None
 
 
 def _clamp(x: jax.Array, lo: ArrayLike, hi: ArrayLike) -> jax.Array:
@@ -318,7 +309,7 @@ def clip_by_axis_norm(
     val.float_leaves(owner, updates)
 
     def leaf(path, g):
-      n = _unit_norm_at(owner, path, g, axis, axis_name=axis_name)
+      n = num.unit_norm_at(owner, path, g, axis, axis_name=axis_name)
       return num.scale_leaf(g, num.safe_factor(max_norm, n))
 
     return jax.tree.map_with_path(leaf, updates), state
@@ -427,7 +418,7 @@ def clip_weights_by_norm(
 
     def leaf(path, u, p):
       u = jnp.asarray(u)
-      f = num.safe_factor(max_norm, _unit_norm_at(owner, path, p + u, axis))
+      f = num.safe_factor(max_norm, num.unit_norm_at(owner, path, p + u, axis))
       # (p + u) * f - p, written so that f == 1 returns u bitwise.
       wide = jnp.promote_types(u.dtype, f.dtype)
       u32, p32 = u.astype(wide), jnp.asarray(p).astype(wide)

@@ -116,9 +116,10 @@ def reduce_on_plateau(
     threshold_mode: ``"rel"`` (margin ``best * tau``) or ``"abs"`` (``tau``).
     cooldown: number of steps after a reduction during which bad steps are
       not counted (int ``>= 0``).
-    min_scale: lower bound of the scale, ``>= 0``.
+    min_scale: lower bound of the scale, in ``[0, 1)``.
     mode: ``"min"`` (lower is better, a loss) or ``"max"`` (an accuracy).
-    eps: a reduction changing the scale by ``eps`` or less is not applied.
+    eps: a reduction changing the scale by ``eps`` or less is not applied
+      (``>= 0``, finite: an infinite ``eps`` would never reduce).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with
@@ -139,15 +140,16 @@ def reduce_on_plateau(
     PyTorch, ``torch.optim.lr_scheduler.ReduceLROnPlateau``,
     https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.ReduceLROnPlateau.html
   """
-  fn = "reduce_on_plateau"
-  val.choice(fn, "mode", mode, ("min", "max"))
-  val.choice(fn, "threshold_mode", threshold_mode, ("rel", "abs"))
-  val.in_range(fn, "factor", factor, 0.0, 1.0, hi_open=True)
-  val.integer(fn, "patience", patience, minimum=0)
-  val.non_negative(fn, "threshold", threshold, finite=True)
-  val.integer(fn, "cooldown", cooldown, minimum=0)
-  val.non_negative(fn, "min_scale", min_scale, finite=True)
-  val.non_negative(fn, "eps", eps)
+  owner = "reduce_on_plateau"
+  val.choice(owner, "mode", mode, ("min", "max"))
+  val.choice(owner, "threshold_mode", threshold_mode, ("rel", "abs"))
+  val.in_range(owner, "factor", factor, 0.0, 1.0, hi_open=True)
+  val.integer(owner, "patience", patience, minimum=0)
+  val.non_negative(owner, "threshold", threshold, finite=True)
+  val.integer(owner, "cooldown", cooldown, minimum=0)
+  val.in_range(owner, "min_scale", min_scale, 0.0, 1.0, hi_open=True,
+               why=" (a floor at or above the starting scale 1 never lets it drop)")
+  val.non_negative(owner, "eps", eps, finite=True)
 
   def init_fn(params):
     del params
@@ -174,11 +176,11 @@ def reduce_on_plateau(
     del params, extra_args
     if value is None:
       raise ValueError(
-          f"{fn} needs the monitored loss or metric: call "
+          f"{owner} needs the monitored loss or metric: call "
           "update(updates, state, params, value=loss)"
       )
-    if jnp.ndim(value) != 0:
-      raise ValueError(f"{fn}(value=...) must be a scalar, got shape {jnp.shape(value)}")
+    val.number(owner, "value", value)
+    val.float_leaves(owner, updates)
     a = jnp.asarray(value).astype(jnp.float32)
     better = is_better(a, state.best) & num.is_finite_scalar(a)
     best = jnp.where(better, a, state.best)
@@ -212,17 +214,17 @@ def reduce_on_plateau(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _callable_fn(fn_name: str, fn: Any) -> None:
+def _callable_fn(owner: str, fn: Any) -> None:
   if not callable(fn):
     raise TypeError(
-        f"{fn_name}(fn=...) must be callable, got {fn!r}; under "
+        f"{owner}(fn=...) must be callable, got {fn!r}; under "
         f"optax.inject_hyperparams pass static_args=('fn',) (callables are "
         f"otherwise taken for schedules)"
     )
 
 
 def scale_by_grad_norm(
-    fn: Callable[[jax.Array], ArrayLike], *, axis_name: Any = None
+    fn: Callable[[jax.Array], ArrayLike], *, axis_name: val.AxisName = None
 ) -> optax.GradientTransformation:
   r"""Multiplies the updates by a function of their global norm.
 
@@ -259,10 +261,13 @@ def scale_by_grad_norm(
     Pascanu, Mikolov, Bengio, 2013, *On the difficulty of training recurrent
     neural networks* (norm-dependent step sizes), https://arxiv.org/abs/1211.5063
   """
-  _callable_fn("scale_by_grad_norm", fn)
+  owner = "scale_by_grad_norm"
+  _callable_fn(owner, fn)
+  axis_name = val.axis_name(owner, axis_name)
 
   def update_fn(updates, state, params=None):
     del params
+    val.float_leaves(owner, updates)
     factor = jnp.asarray(fn(num.global_norm(updates, None, axis_name)))
     if factor.ndim != 0:
       raise ValueError(
@@ -270,7 +275,7 @@ def scale_by_grad_norm(
       )
     return num.scale_tree(updates, factor), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def scale_by_parameter(
@@ -308,10 +313,12 @@ def scale_by_parameter(
     You, Gitman, Ginsburg, 2017, *Large Batch Training of Convolutional
     Networks* (LARS), https://arxiv.org/abs/1708.03888
   """
-  _callable_fn("scale_by_parameter", fn)
+  owner = "scale_by_parameter"
+  _callable_fn(owner, fn)
 
   def update_fn(updates, state, params=None):
-    val.needs_params("scale_by_parameter", params)
+    val.matching_params(owner, updates, params)
+    val.float_leaves(owner, updates)
 
     def leaf(u, p):
       u = jnp.asarray(u)
@@ -327,6 +334,6 @@ def scale_by_parameter(
         )
       return num.scale_leaf(u, factor)
 
-    return jax.tree_util.tree_map(leaf, updates, params), state
+    return jax.tree.map(leaf, updates, params), state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)

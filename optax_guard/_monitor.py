@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from optax_guard import _numerics as num
+from optax_guard import _validation as val
 
 
 class MonitorState(NamedTuple):
@@ -37,7 +38,9 @@ class MonitorState(NamedTuple):
   leaf_norms: Any
 
 
-def monitor(*, per_leaf: bool = False, axis_name: Any = None) -> optax.GradientTransformation:
+def monitor(
+    *, per_leaf: bool = False, axis_name: val.AxisName = None
+) -> optax.GradientTransformation:
   r"""Identity transformation that records statistics of the incoming updates.
 
   .. math::
@@ -80,20 +83,20 @@ def monitor(*, per_leaf: bool = False, axis_name: Any = None) -> optax.GradientT
     Zhang et al., 2022, *OPT: Open Pre-trained Transformer Language Models*
     (logbook of gradient-norm spikes), https://arxiv.org/abs/2205.01068
   """
-  if not isinstance(per_leaf, (bool, np.bool_)):
-    raise TypeError(f"monitor(per_leaf=...) must be a bool, got {per_leaf!r}")
+  per_leaf = val.flag("monitor", "per_leaf", per_leaf)
+  axis_name = val.axis_name("monitor", axis_name)
 
   def init_fn(params):
     zero = jnp.zeros((), jnp.float32)
     leaf_norms = None
     if per_leaf:
-      leaf_norms = jax.tree_util.tree_map(lambda _: jnp.zeros((), jnp.float32), params)
+      leaf_norms = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
     return MonitorState(zero, zero, jnp.zeros((), jnp.int32), leaf_norms)
 
   def update_fn(updates, state, params=None):
     del params
     f32 = lambda x: jnp.asarray(x).astype(jnp.float32)
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    leaves, treedef = jax.tree.flatten(updates)
     stats = [num.partial_stats(x) for x in leaves]  # one read of each leaf
     ssq = [s[0] for s in stats]
     max_abs = f32(num.combine_partials([s[1] for s in stats], "inf"))
@@ -101,7 +104,7 @@ def monitor(*, per_leaf: bool = False, axis_name: Any = None) -> optax.GradientT
     if per_leaf:
       ssq, bad = num.cross_device((ssq, bad), 2, axis_name)
       total = num.combine_partials(ssq)
-      leaf_norms = jax.tree_util.tree_unflatten(
+      leaf_norms = jax.tree.unflatten(
           treedef, [f32(num.finish_norm(p)) for p in ssq]
       )
     else:
@@ -160,7 +163,7 @@ def _scalars(prefix: str, tree: Any):
   A trailing ``.value`` attribute in the path (the array inside a variable
   wrapper, e.g. the state of Flax NNX's ``nnx.Optimizer``) is not named.
   """
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  for path, leaf in jax.tree.flatten_with_path(tree)[0]:
     if _is_scalar(leaf):
       if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
         path = path[:-1]
@@ -171,7 +174,7 @@ def _scalars(prefix: str, tree: Any):
 def _collect(state: Any, found: list) -> None:
   """Appends ``(kind, [(name, value), ...])`` for every recognised state."""
   stop = lambda x: _is_ours(x) or isinstance(x, _INJECT)
-  for node in jax.tree_util.tree_leaves(state, is_leaf=stop):
+  for node in jax.tree.leaves(state, is_leaf=stop):
     if isinstance(node, _INJECT):
       hyperparams = list(_scalars("", node.hyperparams))
       if hyperparams:
@@ -194,7 +197,7 @@ def guard_stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
   Walks any optimizer state (tuples of ``optax.chain``, the dicts of
   ``optax.multi_transform``, ``optax.MultiStepsState``, masked states, the
   ``inner_state`` of our guards and of ``optax.inject_hyperparams``, and any
-  other pytree) depth first, in the order ``jax.tree_util`` flattens it, and
+  other pytree) depth first, in the order ``jax.tree.flatten`` flattens it, and
   finds every state whose class is defined in ``optax_guard``. Each scalar
   field becomes an entry ``"<kind>/<field>"``: the kind is ``zclip``,
   ``autoclip``, ``skip_nonfinite``, ``skip_on_spike``, ``reduce_on_plateau``,

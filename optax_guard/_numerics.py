@@ -130,7 +130,7 @@ def global_partial(tree: Any, ord: Any = None, axis_name: Any = None) -> jax.Arr
   it is ``inf``/NaN exactly when an element is, or when the squares exceed
   float32 range (testing ``sqrt`` of it instead can be rewritten by XLA).
   """
-  leaves = jax.tree_util.tree_leaves(tree)
+  leaves = jax.tree.leaves(tree)
   partial = combine_partials([partial_norm(x, ord) for x in leaves], ord)
   return cross_device(partial, ord, axis_name)
 
@@ -149,9 +149,9 @@ def global_norm(
 
 def leaf_norms(tree: Any, ord: Any = None, axis_name: Any = None) -> Any:  # noqa: A002
   """A tree of per-leaf norms (float32 scalars), one collective for all."""
-  partials = jax.tree_util.tree_map(lambda x: partial_norm(x, ord), tree)
+  partials = jax.tree.map(lambda x: partial_norm(x, ord), tree)
   partials = cross_device(partials, ord, axis_name)
-  return jax.tree_util.tree_map(lambda p: finish_norm(p, ord), partials)
+  return jax.tree.map(lambda p: finish_norm(p, ord), partials)
 
 
 def resolve_unit_axes(
@@ -196,6 +196,14 @@ def unit_norm(
   return finish_norm(cross_device(partial, ord, axis_name), ord)
 
 
+def unit_norm_at(owner: str, path: Any, x: jax.Array, axis: Any, **kwargs: Any) -> jax.Array:
+  """:func:`unit_norm` of the leaf at ``path``; an axis error names ``owner`` and the path."""
+  try:
+    return unit_norm(x, axis, **kwargs)
+  except ValueError as e:
+    raise ValueError(f"{owner}: leaf {jax.tree_util.keystr(path) or '(root)'}: {e}") from None
+
+
 def safe_factor(bound: Any, norm: jax.Array) -> jax.Array:
   """``min(1, bound / max(norm, tiny))`` in the norm's dtype.
 
@@ -226,7 +234,7 @@ def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
 
 def scale_tree(tree: Any, factor: jax.Array) -> Any:
   """Multiplies every leaf by one scalar factor, keeping each leaf's dtype."""
-  return jax.tree_util.tree_map(lambda x: scale_leaf(x, factor), tree)
+  return jax.tree.map(lambda x: scale_leaf(x, factor), tree)
 
 
 def is_finite_scalar(x: jax.Array) -> jax.Array:

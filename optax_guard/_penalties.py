@@ -23,47 +23,63 @@ import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from optax_guard import _numerics as num
 from optax_guard import _validation as val
 
+# A mask: a tree of bools with the structure of the params (or a prefix of
+# it), or a callable that returns one from the params.
 Mask = Any | Callable[[optax.Params], Any]
 
 
-def _expand_mask(mask: Mask, params: Any) -> Any:
+def _expand_mask(owner: str, mask: Mask, params: Any) -> Any:
   """The mask as a full tree of Python bools matching ``params``."""
   tree = mask(params) if callable(mask) else mask
-  return jax.tree_util.tree_map(
-      lambda m, sub: jax.tree_util.tree_map(lambda _: bool(m), sub), tree, params
-  )
+  val.mask_tree(owner, tree)
+  try:
+    return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{owner}(mask=...) must have the tree structure of the params or a prefix "
+        f"of it; mask {jax.tree.structure(tree)} does not fit params "
+        f"{jax.tree.structure(params)} ({e})"
+    ) from None
 
 
 def _penalty(
-    fn: str,
+    owner: str,
     weight: ArrayLike,
     mask: Mask | None,
     term: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> optax.GradientTransformation:
-  val.non_negative(fn, "weight", weight, finite=True)
+  val.positive(owner, "weight", weight, finite=True)
+  val.mask(owner, mask)
 
   def update_fn(updates, state, params=None):
-    val.needs_params(fn, params)
+    val.matching_params(owner, updates, params)
+    val.float_leaves(owner, updates)
+    val.float_leaves(owner, params, what="params")
 
-    def leaf(g, p, on=True):
+    def leaf(path, g, p, on=True):
       if not on:
         return g
-      g = jnp.asarray(g)
-      wide = jnp.promote_types(num.accumulation_dtype(g.dtype), num.accumulation_dtype(
-          jnp.asarray(p).dtype))
+      g, p = jnp.asarray(g), jnp.asarray(p)
+      if jnp.iscomplexobj(g) != jnp.iscomplexobj(p):
+        raise TypeError(
+            f"{owner}: the leaf {jax.tree_util.keystr(path) or '(root)'} has "
+            f"{g.dtype} updates for {p.dtype} params; both must be real or both complex"
+        )
+      # float32 at least (float64 / complex for such leaves), cast back at the end
+      wide = jnp.promote_types(jnp.promote_types(g.dtype, p.dtype), jnp.float32)
       w = jnp.asarray(weight).astype(wide)
-      return (g.astype(wide) + term(w, jnp.asarray(p).astype(wide))).astype(g.dtype)
+      return (g.astype(wide) + term(w, p.astype(wide))).astype(g.dtype)
 
     if mask is None:
-      out = jax.tree_util.tree_map(leaf, updates, params)
+      out = jax.tree.map_with_path(leaf, updates, params)
     else:
-      out = jax.tree_util.tree_map(leaf, updates, params, _expand_mask(mask, params))
+      on = _expand_mask(owner, mask, params)
+      out = jax.tree.map_with_path(leaf, updates, params, on)
     return out, state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def add_l1_penalty(weight: ArrayLike, *, mask: Mask | None = None) -> optax.GradientTransformation:
@@ -78,8 +94,15 @@ def add_l1_penalty(weight: ArrayLike, *, mask: Mask | None = None) -> optax.Grad
   sum is computed in float32 (float64 for float64 leaves) and cast back to
   the update's dtype.
 
+  Complex parameters get :math:`\lambda\, p / |p|` (0 at 0), the direction of
+  steepest ascent of :math:`\lambda \sum |p|`, which is the convention of
+  optax's optimizers and of ``optax.add_decayed_weights`` for complex
+  parameters (the complex conjugate of what ``jax.grad`` returns for the
+  penalty); the updates must then be complex too.
+
   Args:
-    weight: ``lambda >= 0``.
+    weight: ``lambda > 0``, finite (a zero weight would add nothing: leave
+      the transformation out instead).
     mask: None (every leaf), a tree of bools with the structure of the
       parameters (or a prefix of it), or a callable ``params -> tree of
       bools``; only leaves marked True get the penalty. Under
@@ -117,10 +140,14 @@ def add_l2_penalty(weight: ArrayLike, *, mask: Mask | None = None) -> optax.Grad
   ``w/2 * sum(p**2)``): ``add_l2_penalty(w)`` equals
   ``optax.add_decayed_weights(2 * w)`` placed at the same point of the chain.
   The sum is computed in float32 (float64 for float64 leaves) and cast back
-  to the update's dtype.
+  to the update's dtype. Complex parameters get :math:`2 \lambda p`, the
+  steepest-ascent direction of :math:`\lambda \sum |p|^2` in optax's
+  convention for complex parameters (``optax.add_decayed_weights`` adds
+  :math:`w p` for them too), with complex updates.
 
   Args:
-    weight: ``lambda >= 0``.
+    weight: ``lambda > 0``, finite (a zero weight would add nothing: leave
+      the transformation out instead).
     mask: None, a tree of bools (or a prefix of one), or a callable
       ``params -> tree of bools``, as in :func:`add_l1_penalty`. Under
       ``optax.inject_hyperparams`` a callable mask needs

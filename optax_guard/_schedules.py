@@ -90,32 +90,33 @@ def _step(count: Any) -> jax.Array:
   raise TypeError(f"a schedule step must be an integer or float, got {count!r}")
 
 
-def _whole(fn: str, name: str, value: Any, *, minimum: int) -> Any:
+def _whole(owner: str, name: str, value: Any, *, minimum: int) -> Any:
   """A whole number ``>= minimum`` (an integral float such as ``1e4`` is fine).
 
   Returns a Python int for concrete values and the JAX array unchanged.
   """
   if _is_jax(value):
+    val.integer(owner, name, value)  # shape and dtype; the value is not read
     return value
   if isinstance(value, (float, np.floating)):
-    v = val.number(fn, name, value)
+    v = val.number(owner, name, value)
     if not (math.isfinite(v) and v == math.floor(v)):
-      raise ValueError(f"{fn}({name}=...) must be a whole number, got {value!r}")
+      raise ValueError(f"{owner}({name}=...) must be a whole number, got {value!r}")
     value = int(v)
-  val.integer(fn, name, value, minimum=minimum)
+  val.integer(owner, name, value, minimum=minimum)
   if value > _INT32_MAX:
-    raise ValueError(f"{fn}({name}=...) must be <= 2**31 - 1, got {value!r}")
+    raise ValueError(f"{owner}({name}=...) must be <= 2**31 - 1, got {value!r}")
   return int(value)
 
 
-def _mark(fn: str, value: Any) -> int:
+def _mark(owner: str, value: Any) -> int:
   """A milestone: a whole number >= 0 (any size; beyond int32 it is never reached)."""
   if isinstance(value, (float, np.floating)):
-    v = val.number(fn, "milestones", value)
+    v = val.number(owner, "milestones", value)
     if not (math.isfinite(v) and v == math.floor(v)):
-      raise ValueError(f"{fn}(milestones=...) must hold whole numbers, got {value!r}")
+      raise ValueError(f"{owner}(milestones=...) must hold whole numbers, got {value!r}")
     value = int(v)
-  val.integer(fn, "milestones", value, minimum=0)
+  val.integer(owner, "milestones", value, minimum=0)
   return int(value)
 
 
@@ -213,12 +214,12 @@ def polynomial_decay(
     Convolutional Nets, Atrous Convolution, and Fully Connected CRFs* ("poly"
     policy), https://arxiv.org/abs/1606.00915
   """
-  fn = "polynomial_decay"
-  val.finite(fn, "init_value", init_value)
-  decay_steps = _whole(fn, "decay_steps", decay_steps, minimum=1)
-  val.non_negative(fn, "power", power, finite=True)
-  val.finite(fn, "end_value", end_value)
-  cycle = val.flag(fn, "cycle", cycle)
+  owner = "polynomial_decay"
+  val.finite(owner, "init_value", init_value)
+  decay_steps = _whole(owner, "decay_steps", decay_steps, minimum=1)
+  val.non_negative(owner, "power", power, finite=True)
+  val.finite(owner, "end_value", end_value)
+  cycle = val.flag(owner, "cycle", cycle)
   return _polynomial(init_value, decay_steps, power, end_value, cycle)
 
 
@@ -278,10 +279,10 @@ def linear_decay(
     ``torch.optim.lr_scheduler.LinearLR``,
     https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.LinearLR.html
   """
-  fn = "linear_decay"
-  val.finite(fn, "init_value", init_value)
-  decay_steps = _whole(fn, "decay_steps", decay_steps, minimum=1)
-  val.finite(fn, "end_value", end_value)
+  owner = "linear_decay"
+  val.finite(owner, "init_value", init_value)
+  decay_steps = _whole(owner, "decay_steps", decay_steps, minimum=1)
+  val.finite(owner, "end_value", end_value)
   return _polynomial(init_value, decay_steps, 1.0, end_value, False)
 
 
@@ -319,9 +320,9 @@ def inverse_sqrt_decay(init_value: ArrayLike, *, timescale: ArrayLike = 1.0) -> 
     Vaswani et al., 2017, *Attention Is All You Need*,
     https://arxiv.org/abs/1706.03762
   """
-  fn = "inverse_sqrt_decay"
-  val.finite(fn, "init_value", init_value)
-  val.positive(fn, "timescale", timescale, finite=True)
+  owner = "inverse_sqrt_decay"
+  val.finite(owner, "init_value", init_value)
+  val.positive(owner, "timescale", timescale, finite=True)
 
   hp = (_f32(init_value), _f32(timescale))
   return lambda count: _inverse_sqrt_core(_step(count), *hp)
@@ -372,12 +373,12 @@ def inverse_time_decay(
     Robbins, Monro, 1951, *A Stochastic Approximation Method*,
     https://doi.org/10.1214/aoms/1177729586
   """
-  fn = "inverse_time_decay"
-  val.finite(fn, "init_value", init_value)
-  decay_steps = _whole(fn, "decay_steps", decay_steps, minimum=1)
-  val.non_negative(fn, "decay_rate", decay_rate, finite=True)
-  val.non_negative(fn, "power", power, finite=True)
-  staircase = val.flag(fn, "staircase", staircase)
+  owner = "inverse_time_decay"
+  val.finite(owner, "init_value", init_value)
+  decay_steps = _whole(owner, "decay_steps", decay_steps, minimum=1)
+  val.non_negative(owner, "decay_rate", decay_rate, finite=True)
+  val.non_negative(owner, "power", power, finite=True)
+  staircase = val.flag(owner, "staircase", staircase)
 
   hp = (_f32(init_value), _int32(decay_steps), _f32(decay_rate), _f32(power))
   unit = _unit(power)
@@ -447,13 +448,13 @@ def exponential_decay(
     ``torch.optim.lr_scheduler.ExponentialLR`` and Keras ``ExponentialDecay``,
     https://keras.io/api/optimizers/learning_rate_schedules/exponential_decay/
   """
-  fn = "exponential_decay"
-  val.finite(fn, "init_value", init_value)
-  val.positive(fn, "decay_rate", decay_rate, finite=True)
-  decay_steps = _whole(fn, "decay_steps", decay_steps, minimum=1)
-  staircase = val.flag(fn, "staircase", staircase)
+  owner = "exponential_decay"
+  val.finite(owner, "init_value", init_value)
+  val.positive(owner, "decay_rate", decay_rate, finite=True)
+  decay_steps = _whole(owner, "decay_steps", decay_steps, minimum=1)
+  staircase = val.flag(owner, "staircase", staircase)
   if end_value is not None:
-    val.finite(fn, "end_value", end_value)
+    val.finite(owner, "end_value", end_value)
 
   hp = (_f32(init_value), _f32(decay_rate), _int32(decay_steps),
         _f32(0.0 if end_value is None else end_value))
@@ -501,10 +502,10 @@ def step_decay(
     He et al., 2016, *Deep Residual Learning for Image Recognition*,
     https://arxiv.org/abs/1512.03385
   """
-  fn = "step_decay"
-  val.finite(fn, "init_value", init_value)
-  step_size = _whole(fn, "step_size", step_size, minimum=1)
-  val.positive(fn, "factor", factor, finite=True)
+  owner = "step_decay"
+  val.finite(owner, "init_value", init_value)
+  step_size = _whole(owner, "step_size", step_size, minimum=1)
+  val.positive(owner, "factor", factor, finite=True)
 
   hp = (_f32(init_value), _int32(step_size), _f32(factor))
   return lambda count: _step_core(_step(count), *hp)
@@ -548,19 +549,19 @@ def multistep_decay(
     ``torch.optim.lr_scheduler.MultiStepLR``,
     https://pytorch.org/docs/stable/generated/torch.optim.lr_scheduler.MultiStepLR.html
   """
-  fn = "multistep_decay"
-  val.finite(fn, "init_value", init_value)
-  val.positive(fn, "factor", factor, finite=True)
+  owner = "multistep_decay"
+  val.finite(owner, "init_value", init_value)
+  val.positive(owner, "factor", factor, finite=True)
   if _is_jax(milestones):
     marks = _int32(jnp.ravel(milestones))
   else:
     if isinstance(milestones, (str, bytes)) or not isinstance(
         milestones, (Sequence, np.ndarray)
     ):
-      raise TypeError(f"{fn}(milestones=...) must be a sequence of ints, got {milestones!r}")
-    ms = [_mark(fn, m) for m in np.ravel(np.asarray(milestones, dtype=object))]
+      raise TypeError(f"{owner}(milestones=...) must be a sequence of ints, got {milestones!r}")
+    ms = [_mark(owner, m) for m in np.ravel(np.asarray(milestones, dtype=object))]
     if any(ms[i] > ms[i + 1] for i in range(len(ms) - 1)):
-      raise ValueError(f"{fn}(milestones=...) must be sorted, got {list(milestones)!r}")
+      raise ValueError(f"{owner}(milestones=...) must be sorted, got {list(milestones)!r}")
     marks = np.asarray([m for m in ms if m <= _INT32_MAX], np.int32)  # others: never reached
 
   hp = (_f32(init_value), marks, _f32(factor))
@@ -619,10 +620,10 @@ def warmup(
     Goyal et al., 2017, *Accurate, Large Minibatch SGD: Training ImageNet in 1
     Hour*, https://arxiv.org/abs/1706.02677
   """
-  fn = "warmup"
-  val.callable_(fn, "schedule", schedule)
-  warmup_steps = _whole(fn, "warmup_steps", warmup_steps, minimum=0)
-  val.finite(fn, "init_value", init_value)
+  owner = "warmup"
+  val.callable_(owner, "schedule", schedule)
+  warmup_steps = _whole(owner, "warmup_steps", warmup_steps, minimum=0)
+  val.finite(owner, "init_value", init_value)
 
   if not _is_jax(warmup_steps) and warmup_steps == 0:
     return lambda count: _run(schedule, _step(count))

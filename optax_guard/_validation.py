@@ -25,7 +25,7 @@ got, so a user sees ``clip_by_global_norm(max_norm=...) must be > 0, got
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -244,7 +244,7 @@ def _is_bool_leaf(x: Any) -> bool:
 
 def mask_tree(owner: str, mask: Any) -> None:
   """A tree of bools (a mask after a callable mask has been applied)."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
+  for path, leaf in jax.tree.flatten_with_path(mask)[0]:
     if not _is_bool_leaf(leaf):
       where = jax.tree_util.keystr(path) or "the mask itself"
       raise TypeError(
@@ -285,7 +285,7 @@ def float_leaves(owner: str, tree: Any, *, what: str = "updates", complex_ok: bo
   clipped int32 ``[3, 4]`` becomes ``[0, 0]``), so they raise a ``TypeError``
   naming the leaf path. Runs at trace time only (dtypes are static).
   """
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  for path, leaf in jax.tree.flatten_with_path(tree)[0]:
     dtype = _dtype_of(leaf)
     if jnp.issubdtype(dtype, jnp.floating):
       continue
@@ -312,7 +312,7 @@ def matching_params(owner: str, updates: Any, params: Any) -> None:
         f"{p_struct.num_leaves} params leaves ({p_struct}) for "
         f"{u_struct.num_leaves} updates leaves ({u_struct})"
     )
-  u_leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
+  u_leaves = jax.tree.flatten_with_path(updates)[0]
   for (path, u), p in zip(u_leaves, jax.tree.leaves(params), strict=True):
     if np.shape(u) != np.shape(p):
       raise ValueError(

@@ -142,7 +142,7 @@ def _ref_autoclip(grads, percentile, history_size):
 @pytest.mark.parametrize(
     "seed,steps,percentile,history_size",
     [(0, 300, 10.0, 50), (1, 300, 50.0, 1000), (2, 200, 90.0, 7), (3, 120, 0.0, 16),
-     (4, 120, 100.0, 16), (5, 60, 37.5, 1)],
+     (4, 120, 99.9, 16), (5, 60, 37.5, 1)],
 )
 def test_autoclip_matches_numpy_reference(seed, steps, percentile, history_size):
   grads = _sequence(seed, steps)
@@ -184,9 +184,10 @@ def test_autoclip_nonfinite_norm_uses_history_alone():
 def test_autoclip_ring_buffer_keeps_the_last_norms():
   grads = np.zeros((7, DIM), np.float32)
   grads[:, 0] = [1, 2, 3, 4, 5, 6, 7]
-  _, state = _run(og.autoclip(100.0, history_size=3), grads)
+  _, state = _run(og.autoclip(50.0, history_size=3), grads)
   np.testing.assert_array_equal(state.history[-1], [5.0, 6.0, 7.0])
-  np.testing.assert_array_equal(state.threshold, [1, 2, 3, 4, 5, 6, 7])
+  # the median of the last three norms (of the one or two there are at first)
+  np.testing.assert_array_equal(state.threshold, [1, 1.5, 2, 3, 4, 5, 6])
 
 
 def test_autoclip_count_saturates_and_the_history_keeps_rotating():
@@ -353,7 +354,7 @@ def test_zclip_count_saturates():
   tx = og.zclip(warmup_steps=2)
   top = np.iinfo(np.int32).max
   state = tx.init(None)._replace(count=jnp.asarray(top, jnp.int32), mean=jnp.float32(1.0),
-                                 var=jnp.float32(0.25), std=jnp.float32(0.5))
+                                 std=jnp.float32(0.5))
   _, state = jax.jit(tx.update)(jnp.array([1.2, 0, 0, 0]), state)
   assert int(state.count) == top
   _assert_close(state.mean, 0.97 + 0.03 * 1.2)

@@ -39,7 +39,7 @@ def _l2(w):
 
 
 @settings(max_examples=20)
-@given(seed=st.integers(0, 2**31 - 1), weight=st.sampled_from([0.0, 1e-4, 0.01, 0.5, 3.0]))
+@given(seed=st.integers(0, 2**31 - 1), weight=st.sampled_from([1e-4, 0.01, 0.5, 3.0]))
 def test_add_penalties_equal_jax_grad_of_penalty(seed, weight):
   params, grads = _tree(seed), _tree(seed + 1)
   for factory, penalty in [(og.add_l1_penalty, _l1), (og.add_l2_penalty, _l2)]:
