@@ -191,6 +191,8 @@ OTHERS: dict[str, str] = {
     "__version__": "test_version_is_a_string (below)",
     # --- _monitor.py ---
     "guard_stats": "tests/test_monitor.py (test_guard_stats_*)",
+    # --- _apply.py ---
+    "update_and_apply": "tests/test_apply.py (test_update_and_apply_*)",
 }
 
 
