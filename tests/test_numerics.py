@@ -1,7 +1,8 @@
 """Tests of the shared numerics (optax_guard/_numerics.py) against NumPy float64.
 
-Every reference below is an independent NumPy float64 computation written
-here; nothing calls back into the code under test to get an expected value.
+Every reference is an independent NumPy float64 computation (here or in
+tests/_helpers.py); nothing calls back into the code under test to get an
+expected value.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import f64, np_norm, np_unit_axes
 from hypothesis import given
 from hypothesis import strategies as st
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from optax_guard import _numerics as num
 
@@ -28,24 +32,11 @@ def _rtol(dtype) -> float:
   return 2e-6
 
 
-def _np_norm(x, ord, axis=None, keepdims=False):  # noqa: A002
-  a = np.abs(np.asarray(x, np.float64))
-  if ord in (None, 2):
-    return np.sqrt(np.sum(a * a, axis=axis, keepdims=keepdims))
-  if ord == 1:
-    return np.sum(a, axis=axis, keepdims=keepdims)
-  return np.max(a, axis=axis, keepdims=keepdims, initial=0.0)
-
-
 def _np_partial(x, ord, axis=None, keepdims=False):  # noqa: A002
   a = np.abs(np.asarray(x, np.float64))
   if ord == 2:
     return np.sum(a * a, axis=axis, keepdims=keepdims)
-  return _np_norm(x, ord, axis, keepdims)
-
-
-def _f64(x):
-  return np.asarray(x).astype(np.float64)
+  return np_norm(x, ord, axis, keepdims)
 
 
 @st.composite
@@ -76,10 +67,10 @@ def axes_for(draw, ndim):
 def test_partial_norm_matches_numpy_float64(ord, x, data, keepdims):  # noqa: A002
   axis = data.draw(axes_for(x.ndim))
   got = num.partial_norm(x, ord, axis=axis, keepdims=keepdims)
-  want = _np_partial(_f64(x), ord, axis=axis, keepdims=keepdims)
+  want = _np_partial(f64(x), ord, axis=axis, keepdims=keepdims)
   assert got.dtype == jnp.float32
   assert got.shape == np.shape(want)
-  np.testing.assert_allclose(_f64(got), want, rtol=_rtol(x.dtype), atol=0)
+  np.testing.assert_allclose(f64(got), want, rtol=_rtol(x.dtype), atol=0)
 
 
 @pytest.mark.parametrize("ord", (None, *ORDS))
@@ -87,9 +78,9 @@ def test_partial_norm_matches_numpy_float64(ord, x, data, keepdims):  # noqa: A0
 def test_global_norm_matches_numpy_float64(ord, leaves):  # noqa: A002
   tree = {f"l{i}": x for i, x in enumerate(leaves)}
   got = num.global_norm(tree, ord)
-  flat = np.concatenate([_f64(x).ravel() for x in leaves]) if leaves else np.zeros(0)
+  flat = np.concatenate([f64(x).ravel() for x in leaves]) if leaves else np.zeros(0)
   assert got.dtype == jnp.float32 and got.shape == ()
-  np.testing.assert_allclose(_f64(got), _np_norm(flat, ord), rtol=_rtol(None), atol=0)
+  np.testing.assert_allclose(f64(got), np_norm(flat, ord), rtol=_rtol(None), atol=0)
 
 
 @pytest.mark.parametrize("ord", (None, *ORDS))
@@ -97,17 +88,10 @@ def test_global_norm_matches_numpy_float64(ord, leaves):  # noqa: A002
 def test_leaf_norms_matches_numpy_float64(ord, leaves):  # noqa: A002
   tree = [leaves[0], {"rest": leaves[1:]}]
   got = num.leaf_norms(tree, ord)
-  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(tree)
-  for g, x in zip(jax.tree_util.tree_leaves(got), leaves, strict=True):
+  assert jax.tree.structure(got) == jax.tree.structure(tree)
+  for g, x in zip(jax.tree.leaves(got), leaves, strict=True):
     assert g.dtype == jnp.float32 and g.shape == ()
-    np.testing.assert_allclose(_f64(g), _np_norm(_f64(x), ord), rtol=_rtol(None), atol=0)
-
-
-def _np_unit_axes(ndim, axis):
-  if axis is None:
-    return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
-  axes = (axis,) if isinstance(axis, int) else axis
-  return tuple(sorted({a % ndim for a in axes}))
+    np.testing.assert_allclose(f64(g), np_norm(f64(x), ord), rtol=_rtol(None), atol=0)
 
 
 @pytest.mark.parametrize("ord", (None, *ORDS))
@@ -115,10 +99,10 @@ def _np_unit_axes(ndim, axis):
 def test_unit_norm_matches_numpy_float64(ord, x, data):  # noqa: A002
   axis = data.draw(st.one_of(st.none(), axes_for(x.ndim)))
   got = num.unit_norm(x, axis, ord)
-  axes = _np_unit_axes(x.ndim, axis)
-  want = _np_norm(_f64(x), ord, axis=axes, keepdims=True)
+  axes = np_unit_axes(x.ndim, axis)
+  want = np_norm(f64(x), ord, axis=axes, keepdims=True)
   assert got.dtype == jnp.float32 and got.shape == want.shape
-  np.testing.assert_allclose(_f64(got), want, rtol=_rtol(x.dtype), atol=0)
+  np.testing.assert_allclose(f64(got), want, rtol=_rtol(x.dtype), atol=0)
 
 
 def test_unit_norm_default_axes():
@@ -182,10 +166,19 @@ def test_combine_partials_sum_or_max():
   assert float(num.combine_partials(parts[:1], "inf")) == 1.0
 
 
-def test_cross_device_is_identity_without_axis_name():
-  tree = {"a": jnp.ones(2)}
-  assert num.cross_device(tree, 2, None) is tree
-  assert num.cross_device(tree, math.inf, None) is tree
+@pytest.mark.parametrize("ord, want", [(1, 28.0), (2, 28.0), (math.inf, 7.0)])
+def test_cross_device_sums_or_maxes_partials_over_the_axis(ord, want, devices):  # noqa: A002
+  """psum for ord 1 and 2 (partials are sums), pmax for inf; unchanged without axis_name."""
+  partials = {"a": jnp.arange(8.0), "b": 2.0 * jnp.arange(8.0)}  # device i holds i and 2i
+  mesh = Mesh(np.array(devices), ("d",))
+  combine = lambda axis_name: jax.jit(jax.shard_map(
+      lambda t: jax.tree.map(lambda x: x[0], num.cross_device(t, ord, axis_name)),
+      mesh=mesh, in_specs=P("d"), out_specs=P()))
+  out = combine("d")(partials)
+  assert float(out["a"]) == want and float(out["b"]) == 2 * want
+  local = jax.jit(lambda t: num.cross_device(t, ord, None))(partials)
+  np.testing.assert_array_equal(local["a"], partials["a"])
+  np.testing.assert_array_equal(local["b"], partials["b"])
 
 
 def test_canonical_ord_and_accumulation_dtype():
@@ -199,7 +192,7 @@ def test_canonical_ord_and_accumulation_dtype():
 
 
 def test_norms_accumulate_in_float64_for_float64_inputs():
-  """With jax_enable_x64, float64 leaves are reduced in float64 (DESIGN 1.2)."""
+  """With jax_enable_x64, float64 leaves are reduced in float64."""
   with jax.enable_x64(True):
     # 1e8 + 1 is not representable in float32 (spacing 8 there).
     x = jnp.asarray(np.array([1e8, 1.0, 0.5], np.float64))
@@ -265,23 +258,23 @@ def test_scale_leaf_keeps_dtype_and_is_exact_at_one(dtype):
   half = num.scale_leaf(x, jnp.float32(0.3))
   assert half.dtype == dtype
   # x * f is exact in float64, then rounded to float32 (the multiply), then to dtype
-  want = (_f64(x) * np.float64(np.float32(0.3))).astype(np.float32).astype(np.asarray(x).dtype)
+  want = (f64(x) * np.float64(np.float32(0.3))).astype(np.float32).astype(np.asarray(x).dtype)
   np.testing.assert_array_equal(np.asarray(half), want)
   per_unit = num.scale_leaf(x.reshape(7, 1), jnp.zeros((1, 1), jnp.float32))
   assert per_unit.dtype == dtype and per_unit.shape == (7, 1)
-  assert not np.any(_f64(per_unit))
+  assert not np.any(f64(per_unit))
 
 
 def test_scale_leaf_float16_near_max_stays_finite():
   x = jnp.array([65504.0, -65504.0], jnp.float16)
   out = num.scale_leaf(x, jnp.float32(0.999))
-  assert out.dtype == jnp.float16 and np.all(np.isfinite(_f64(out)))
+  assert out.dtype == jnp.float16 and np.all(np.isfinite(f64(out)))
 
 
 def test_scale_tree_keeps_structure_and_dtypes():
   tree = {"a": jnp.ones((2,), jnp.bfloat16), "b": [jnp.ones((), jnp.float16)], "c": {}}
   out = num.scale_tree(tree, jnp.float32(0.5))
-  assert jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(tree)
+  assert jax.tree.structure(out) == jax.tree.structure(tree)
   assert out["a"].dtype == jnp.bfloat16 and out["b"][0].dtype == jnp.float16
   assert float(out["b"][0]) == 0.5
 

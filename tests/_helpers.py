@@ -1,0 +1,81 @@
+"""Shared test helpers: small parameter/gradient trees and NumPy float64 references.
+
+Import from test modules as ``from _helpers import ...`` (pytest puts ``tests/``
+on ``sys.path``). Every reference here is plain NumPy in float64, independent
+of the code under test.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Trees
+# ---------------------------------------------------------------------------
+
+
+def tree(seed: int, dtype: Any = jnp.float32, scale: float = 1.0) -> dict:
+  """A small Dense-layer-like tree: ``{"dense": {"kernel", "bias"}, "scale"}``.
+
+  Leaves of shapes (4, 3), (3,) and () drawn from a standard normal (NumPy,
+  so ``seed`` fixes the values on any backend), times ``scale``, in ``dtype``.
+  """
+  rng = np.random.default_rng(seed)
+  draw = lambda shape: jnp.asarray(scale * rng.standard_normal(shape), np.float32).astype(dtype)
+  return {"dense": {"kernel": draw((4, 3)), "bias": draw((3,))}, "scale": draw(())}
+
+
+def params(dtype: Any = jnp.float32) -> dict:
+  """The parameters most tests use (``tree(0)``)."""
+  return tree(0, dtype)
+
+
+def grads(step: int, scale: float = 1.0, dtype: Any = jnp.float32) -> dict:
+  """Gradients of the shape of :func:`params` for ``step`` (a different draw each step)."""
+  return tree(1000 + step, dtype, scale)
+
+
+# ---------------------------------------------------------------------------
+# NumPy float64 references
+# ---------------------------------------------------------------------------
+
+
+def f64(x: Any) -> np.ndarray:
+  """``x`` as a float64 NumPy array (exact for every float16/bfloat16/float32 value)."""
+  return np.asarray(x).astype(np.float64)
+
+
+def np_norm(x: Any, ord: Any = None, axis: Any = None, keepdims: bool = False) -> np.ndarray:  # noqa: A002
+  """The vector norm (``ord`` None/2, 1 or inf) over ``axis``, in float64.
+
+  An empty reduction is 0 for every ``ord`` (``max`` with ``initial=0``).
+  """
+  a = np.abs(np.asarray(x, np.float64))
+  if ord in (None, 2):
+    return np.sqrt(np.sum(a * a, axis=axis, keepdims=keepdims))
+  if ord == 1:
+    return np.sum(a, axis=axis, keepdims=keepdims)
+  return np.max(a, axis=axis, keepdims=keepdims, initial=0.0)
+
+
+def np_global_norm(leaves: Any, ord: Any = None) -> float:  # noqa: A002
+  """The norm of all elements of a tree (or a list of arrays) together, in float64."""
+  flat = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(leaves)]
+  return float(np_norm(np.concatenate(flat) if flat else np.zeros(0), ord))
+
+
+def np_unit_axes(ndim: int, axis: Any = None) -> tuple[int, ...]:
+  """The axes reduced for one unit of a leaf (the per-unit convention).
+
+  Default: every axis but the last (the output features of a Dense/Conv
+  kernel) for ``ndim >= 2``; the whole leaf for a vector or scalar.
+  """
+  if axis is None:
+    return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
+  axes = (axis,) if isinstance(axis, int) else axis
+  return tuple(sorted({a % ndim for a in axes}))
+
