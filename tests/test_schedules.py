@@ -434,19 +434,6 @@ def test_schedules_invalid_arguments_raise_value_error(make, match):
     make()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: og.polynomial_decay(1.0, 5, cycle="yes"),
-    lambda: og.exponential_decay(1.0, 1, 0.5, staircase=None),
-    lambda: og.step_decay("big", 3),
-    lambda: og.multistep_decay(1.0, 3),
-    lambda: og.warmup(0.5, 3),
-    lambda: og.step_decay(1.0, True),
-])
-def test_schedules_wrong_types_raise_type_error(make):
-  with pytest.raises(TypeError):
-    make()
-
-
 # ---------------------------------------------------------------------------
 # Warmup and composition
 # ---------------------------------------------------------------------------
