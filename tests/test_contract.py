@@ -197,7 +197,8 @@ OTHERS: dict[str, str] = {
 
 
 def _state_class_names():
-  return {n for n in og.__all__ if n.endswith("State")}
+  """The exported state types (NamedTuples such as ``ZClipState``)."""
+  return {n for n in og.__all__ if isinstance(getattr(og, n), type)}
 
 
 def test_registry_covers_public_api():
@@ -249,15 +250,18 @@ def _value(step):
   return jnp.asarray([3.0, 2.5, 2.5, 9.0, 2.4, 2.6][step % 6], jnp.float32)
 
 
-def _run(tx, steps=6, dtype=jnp.float32, jit=True):
-  """Runs ``steps`` updates; returns the list of updates and the final state."""
+def _run(tx, steps=6, dtype=jnp.float32, jit=True, select=lambda tree: tree):
+  """Runs ``steps`` updates; returns the list of updates and the final state.
+
+  ``select`` picks the part of the test tree to use (e.g. without scalars).
+  """
   tx = optax.with_extra_args_support(tx)
-  params = _params(dtype)
+  params = select(_params(dtype))
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
   outs = []
   for i in range(steps):
-    u, state = update(_grads(i, dtype), state, params, value=_value(i))
+    u, state = update(select(_grads(i, dtype)), state, params, value=_value(i))
     outs.append(u)
   return outs, state
 
@@ -456,3 +460,337 @@ def test_schedule_rejects_invalid_arguments(name):
     with pytest.raises((ValueError, TypeError)):
       entry.factory(**{**entry.kwargs, **bad})
 
+
+
+# ---------------------------------------------------------------------------
+# The bad-input matrix: every argument of every factory against the wrong
+# inputs a user plausibly passes. Each must raise ValueError or TypeError at
+# construction, naming the function and the argument, eagerly and under jit.
+# ---------------------------------------------------------------------------
+
+INF = float("inf")
+_NUMERIC_BAD = (("array", np.array([1.0, 2.0])), ("jax_array", "jnp.ones(2)"), ("bool", True),
+                ("string", "1.0"), ("list", [1.0]), ("nan", NAN))
+_INT_BAD = (("array", np.array([1, 2])), ("jax_array", "jnp.ones(2, int)"), ("bool", True),
+            ("string", "3"), ("list", [3]), ("fraction", 2.5), ("nan", NAN))
+_RULE_BAD = {
+    "real": (),
+    "pos": (("zero", 0.0), ("negative", -1.0)),
+    "pos_finite": (("zero", 0.0), ("negative", -1.0), ("inf", INF)),
+    "nonneg_finite": (("negative", -1.0), ("inf", INF)),
+    "finite": (("inf", INF),),
+    "unit": (("negative", -0.1), ("above_one", 1.5)),
+    "unit_open": (("negative", -0.1), ("one", 1.0)),
+    "percent": (("negative", -1.0), ("hundred", 100.0)),
+    "int_pos": (("zero", 0), ("negative", -1)),
+    "int_nonneg": (("negative", -1),),
+}
+_OTHER_BAD = {
+    "ord": (("three", 3), ("zero", 0), ("bool", True), ("string", "l2"),
+            ("jax_array", "jnp.asarray(1)")),
+    "axis": (("string", "rows"), ("fraction", 1.5), ("bool", True), ("empty", ()),
+             ("jax_array", "jnp.asarray(0)")),
+    "axis_name": (("bool", True), ("int", 1), ("mixed", ("i", 1)), ("empty", ())),
+    "mask": (("string", "no"), ("float", 0.0), ("string_leaf", {"dense": "yes"}),
+             ("int_list", [1])),
+    "inner": (("string", "sgd"), ("none", None), ("factory", optax.sgd)),
+    "callable": (("float", 3.0), ("none", None), ("string", "abs")),
+    "flag": (("string", "yes"), ("int", 1), ("none", None)),
+    "mode": (("other", "median"), ("none", None)),
+    "threshold_mode": (("other", "relative"), ("none", None)),
+    "milestones": (("unsorted", [5, 2]), ("negative", [-1, 3]), ("scalar", 3),
+                   ("string", "ab"), ("fractions", [1.5])),
+}
+
+# factory -> {argument: rule}; a rule ending in "?" accepts None.
+ARGS: dict[str, dict[str, str]] = {
+    "clip_by_value": dict(max_value="real", min_value="real?"),
+    "clip_by_norm": dict(max_norm="pos_finite", ord="ord", axis_name="axis_name"),
+    "clip_by_global_norm": dict(max_norm="pos_finite", ord="ord", axis_name="axis_name"),
+    "clip_by_axis_norm": dict(max_norm="pos_finite", axis="axis", axis_name="axis_name"),
+    "truncate_by_value": dict(threshold="pos_finite"),
+    "clip_weights": dict(max_value="real", min_value="real?"),
+    "clip_weights_by_norm": dict(max_norm="pos_finite", axis="axis"),
+    "adaptive_grad_clip": dict(clipping="pos_finite", eps="nonneg_finite", axis="axis"),
+    "autoclip": dict(percentile="percent", history_size="int_pos", axis_name="axis_name"),
+    "zclip": dict(alpha="unit", z_threshold="pos_finite", warmup_steps="int_pos",
+                  max_norm="pos_finite?", eps="nonneg_finite", axis_name="axis_name"),
+    "skip_nonfinite": dict(inner="inner", axis_name="axis_name"),
+    "skip_on_spike": dict(inner="inner", sigma="pos_finite", window="int_pos",
+                          min_history="int_pos", axis_name="axis_name"),
+    "reduce_on_plateau": dict(factor="unit_open", patience="int_nonneg",
+                              threshold="nonneg_finite", threshold_mode="threshold_mode",
+                              cooldown="int_nonneg", min_scale="unit_open",
+                              mode="mode", eps="nonneg_finite"),
+    "scale_by_grad_norm": dict(fn="callable", axis_name="axis_name"),
+    "scale_by_parameter": dict(fn="callable"),
+    "add_l1_penalty": dict(weight="pos_finite", mask="mask?"),
+    "add_l2_penalty": dict(weight="pos_finite", mask="mask?"),
+    "monitor": dict(per_leaf="flag", axis_name="axis_name"),
+    "polynomial_decay": dict(init_value="finite", decay_steps="int_pos", power="nonneg_finite",
+                             end_value="finite", cycle="flag"),
+    "linear_decay": dict(init_value="finite", decay_steps="int_pos", end_value="finite"),
+    "inverse_sqrt_decay": dict(init_value="finite", timescale="pos_finite"),
+    "inverse_time_decay": dict(init_value="finite", decay_steps="int_pos",
+                               decay_rate="nonneg_finite", power="nonneg_finite",
+                               staircase="flag"),
+    "exponential_decay": dict(init_value="finite", decay_steps="int_pos",
+                              decay_rate="pos_finite", staircase="flag", end_value="finite?"),
+    "step_decay": dict(init_value="finite", step_size="int_pos", factor="pos_finite"),
+    "multistep_decay": dict(init_value="finite", milestones="milestones", factor="pos_finite"),
+    "warmup": dict(schedule="callable", warmup_steps="int_nonneg", init_value="finite"),
+}
+
+
+def _bad_values(rule):
+  optional = rule.endswith("?")
+  rule = rule.rstrip("?")
+  if rule in _OTHER_BAD:
+    out = list(_OTHER_BAD[rule])
+  else:
+    out = list(_INT_BAD if rule.startswith("int") else _NUMERIC_BAD) + list(_RULE_BAD[rule])
+    if not optional:
+      out.append(("none", None))
+  return out
+
+
+def _bad_matrix():
+  cases = []
+  for name, args in sorted(ARGS.items()):
+    for arg, rule in args.items():
+      for label, value in _bad_values(rule):
+        cases.append(pytest.param(name, arg, value, id=f"{name}-{arg}-{label}"))
+  return cases
+
+
+def _entry_kwargs(name):
+  entry = TRANSFORMS.get(name) or SCHEDULES[name]
+  return entry.factory, dict(entry.kwargs)
+
+
+def _materialise(value):
+  # jnp arrays are written as strings so that collecting the tests creates none
+  return eval(value, {"jnp": jnp}) if isinstance(value, str) and value.startswith("jnp.") \
+      else value
+
+
+def test_bad_matrix_covers_every_factory_argument():
+  import inspect
+  for name in list(TRANSFORMS) + list(SCHEDULES):
+    factory = getattr(og, name)
+    params = set(inspect.signature(factory).parameters)
+    assert set(ARGS[name]) == params, (name, params ^ set(ARGS[name]))
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("name, arg, value", _bad_matrix())
+def test_bad_input_is_rejected_at_construction_naming_the_argument(name, arg, value, mode):
+  factory, kwargs = _entry_kwargs(name)
+  value = _materialise(value)
+  traced = mode == "jit" and isinstance(value, (np.ndarray, jax.Array, bool))
+
+  def build(v):
+    factory(**{**kwargs, arg: v})
+    return jnp.zeros(())
+
+  with pytest.raises((ValueError, TypeError)) as info:
+    if mode == "eager":
+      build(value)
+    elif traced:  # the bad value arrives as a tracer (shapes and dtypes are static)
+      jax.jit(build)(value)
+    else:
+      jax.jit(lambda: build(value))()
+  message = str(info.value)
+  assert f"{name}(" in message and arg in message, message
+
+
+# ---------------------------------------------------------------------------
+# optax.inject_hyperparams with a non-default value for every argument:
+# eager and jit give the same result, equal to the direct call.
+# ---------------------------------------------------------------------------
+
+_KERNEL_ONLY = {"dense": {"kernel": True, "bias": False}, "scale": True}
+NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
+    "clip_by_value": (dict(max_value=0.5, min_value=-0.3), ()),
+    "clip_by_norm": (dict(max_norm=0.5, ord=1), ("ord",)),
+    "clip_by_global_norm": (dict(max_norm=0.5, ord="inf"), ()),
+    "clip_by_axis_norm": (dict(max_norm=0.5, axis=0), ("axis",)),
+    "truncate_by_value": (dict(threshold=1.5), ()),
+    "clip_weights": (dict(max_value=0.3, min_value=-0.2), ()),
+    "clip_weights_by_norm": (dict(max_norm=0.5, axis=(0,)), ()),
+    "adaptive_grad_clip": (dict(clipping=0.05, eps=1e-2, axis=0), ("axis",)),
+    "autoclip": (dict(percentile=50.0, history_size=3), ()),
+    "zclip": (dict(alpha=0.9, z_threshold=1.5, warmup_steps=2, max_norm=100.0, eps=1e-5), ()),
+    "skip_nonfinite": (dict(inner=optax.sgd(0.1)), ()),
+    "skip_on_spike": (dict(inner=optax.sgd(0.1), sigma=2.0, window=4, min_history=2), ()),
+    "reduce_on_plateau": (dict(factor=0.5, patience=1, threshold=1e-3, threshold_mode="abs",
+                               cooldown=1, min_scale=0.01, mode="max", eps=1e-6), ()),
+    "scale_by_grad_norm": (dict(fn=lambda n: 1.0 / (2.0 + n)), ("fn",)),
+    "scale_by_parameter": (dict(fn=lambda p, u: 0.5 + jnp.abs(p)), ("fn",)),
+    "add_l1_penalty": (dict(weight=0.02, mask=_KERNEL_ONLY), ()),
+    "add_l2_penalty": (dict(weight=0.03, mask=lambda p: jax.tree.map(lambda x: x.ndim > 0, p)),
+                       ("mask",)),
+    "monitor": (dict(per_leaf=True), ()),
+}
+
+
+def test_nondefault_table_sets_every_argument():
+  import inspect
+  for name in TRANSFORMS:
+    kwargs, _ = NONDEFAULT[name]
+    params = inspect.signature(getattr(og, name)).parameters
+    missing = {a for a in params if a not in kwargs and a != "axis_name"}
+    assert not missing, (name, missing)  # axis_name: see tests/test_distributed.py
+    for arg, value in kwargs.items():
+      default = params[arg].default
+      assert default is inspect.Parameter.empty or value is not default, (name, arg)
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_nondefault_arguments_same_eagerly_and_under_jit(name):
+  kwargs, static = NONDEFAULT[name]
+  # an explicit unit axis applies to every leaf: leave out the scalar leaf
+  select = (lambda t: {"dense": t["dense"]}) if "axis" in kwargs else (lambda t: t)
+  direct, s_direct = _run(getattr(og, name)(**kwargs), steps=6, select=select)
+  injected = optax.inject_hyperparams(getattr(og, name), static_args=static)(**kwargs)
+  eager, s_eager = _run(injected, steps=6, jit=False, select=select)
+  jitted, s_jit = _run(injected, steps=6, jit=True, select=select)
+  chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(direct, jitted, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(s_eager.inner_state, s_jit.inner_state, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(s_direct, s_jit.inner_state, rtol=1e-5, atol=1e-6)
+
+
+_ALGORITHM_ARGS = [
+    ("clip_by_norm", dict(max_norm=0.5, ord=1), "ord"),
+    ("clip_by_global_norm", dict(max_norm=0.5, ord=1), "ord"),
+    ("clip_by_axis_norm", dict(max_norm=0.5, axis=0), "axis"),
+    ("clip_weights_by_norm", dict(max_norm=0.5, axis=0), "axis"),
+    ("adaptive_grad_clip", dict(clipping=0.05, axis=0), "axis"),
+]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name, kwargs, arg", _ALGORITHM_ARGS)
+def test_algorithm_argument_traced_by_inject_hyperparams_fails_alike(name, kwargs, arg, jit):
+  """An int ``ord``/``axis`` becomes an array under inject_hyperparams: both modes say so."""
+  injected = optax.inject_hyperparams(getattr(og, name))(**kwargs)
+  with pytest.raises(TypeError, match=rf"{name}\({arg}=.*static_args=\('{arg}',\)"):
+    _run(injected, steps=1, jit=jit)
+
+
+# ---------------------------------------------------------------------------
+# Leaves the library does not understand are never changed silently.
+# ---------------------------------------------------------------------------
+
+
+def _with_int_leaf(tree):
+  return {**tree, "count": jnp.array([3, 4], jnp.int32)}
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_integer_leaves_raise_naming_the_leaf_or_pass_through(name):
+  tx = optax.with_extra_args_support(_make(TRANSFORMS[name]))
+  params = _with_int_leaf(_params())
+  grads = _with_int_leaf(_grads(0))
+  try:
+    out, _ = tx.update(grads, tx.init(params), params, value=_value(0))
+  except TypeError as e:
+    assert "count" in str(e) and "int32" in str(e), str(e)
+  else:  # passed through untouched, as documented by the transformation
+    np.testing.assert_array_equal(out["count"], grads["count"])
+    assert out["count"].dtype == jnp.int32
+
+
+@pytest.mark.parametrize("name", [n for n in transform_names if TRANSFORMS[n].needs_params])
+def test_params_that_do_not_match_the_updates_name_params(name):
+  tx = _make(TRANSFORMS[name])
+  params = _params()
+  missing = {"dense": params["dense"]}
+  with pytest.raises(ValueError, match=rf"{name}.*params"):
+    tx.update(_grads(0), tx.init(params), missing)
+  wrong_shape = {**params, "scale": jnp.zeros((2,))}
+  with pytest.raises(ValueError, match=rf"{name}.*params.*'scale'"):
+    tx.update(_grads(0), tx.init(params), wrong_shape)
+
+
+@pytest.mark.parametrize("name", ["clip_by_axis_norm", "clip_weights_by_norm",
+                                  "adaptive_grad_clip"])
+def test_axis_out_of_range_names_the_leaf(name):
+  tx = getattr(og, name)(0.5, axis=5) if name != "adaptive_grad_clip" else \
+      og.adaptive_grad_clip(0.05, axis=5)
+  params = {"w": jnp.ones((3,))}
+  with pytest.raises(ValueError, match=rf"{name}: leaf \['w'\].*axis=5"):
+    tx.update({"w": jnp.ones((3,))}, tx.init(params), params)
+
+
+def _complex_tree():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(7))
+  re = 3.0 * jax.random.normal(k1, (4, 3))
+  im = 3.0 * jax.random.normal(k2, (4, 3))
+  return {"w": (re + 1j * im).astype(jnp.complex64), "b": jnp.array([1 - 2j], jnp.complex64)}
+
+
+def _real_view(tree):
+  return jax.tree.map(lambda z: jnp.stack([z.real, z.imag], axis=-1), tree)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: og.clip_by_global_norm(2.0), lambda: og.clip_by_norm(2.0),
+    lambda: og.autoclip(50.0, history_size=4), lambda: og.zclip(warmup_steps=1, max_norm=3.0),
+    lambda: og.scale_by_grad_norm(lambda n: 1.0 / (1.0 + n)),
+], ids=["global", "per_leaf", "autoclip", "zclip", "grad_norm"])
+def test_norm_based_transforms_on_complex_equal_the_real_view(make):
+  """An L2 norm of complex leaves is the norm of the (re, im) pairs: same result."""
+  z = _complex_tree()
+  tx, rtx = make(), make()
+  out, state = tx.update(z, tx.init(z))
+  real_out, real_state = rtx.update(_real_view(z), rtx.init(_real_view(z)))
+  chex.assert_trees_all_close(_real_view(out), real_out, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(state, real_state, rtol=1e-6, atol=1e-6)
+
+
+def test_l1_norm_of_complex_leaves_sums_moduli():
+  z = _complex_tree()
+  n1 = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(z))
+  out, _ = og.clip_by_global_norm(1.0, ord=1).update(z, optax.EmptyState())
+  chex.assert_trees_all_close(out, jax.tree.map(lambda x: x / n1, z), rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: og.clip_by_value(1.0), lambda: og.clip_weights(1.0)],
+                         ids=["clip_by_value", "clip_weights"])
+def test_box_clipping_rejects_complex(make):
+  tx = make()
+  z = _complex_tree()
+  with pytest.raises(TypeError, match=r"complex.*\['b'\]|complex.*\['w'\]"):
+    tx.update(z, tx.init(z), z)
+
+
+def test_clip_by_axis_norm_on_complex_uses_moduli_per_unit():
+  z = jnp.array([[3 + 4j, 1j], [0j, 0j]], jnp.complex64)  # (in=2, out=2): unit norms 5, 1
+  out, _ = og.clip_by_axis_norm(2.0).update(z, optax.EmptyState())
+  np.testing.assert_allclose(out, z * jnp.array([0.4, 1.0]), rtol=1e-6)
+
+
+def test_truncate_by_value_on_complex_uses_the_modulus():
+  z = jnp.array([3 + 4j, 3 + 3j, -0.5j], jnp.complex64)  # moduli 5, 4.24, 0.5
+  out, _ = og.truncate_by_value(4.5).update(z, optax.EmptyState())
+  np.testing.assert_array_equal(out, jnp.array([0, 3 + 3j, -0.5j], jnp.complex64))
+
+
+@pytest.mark.parametrize("factory, penalty", [
+    (og.add_l1_penalty, lambda w: lambda p: w * sum(jnp.sum(jnp.abs(x))
+                                                    for x in jax.tree.leaves(p))),
+    (og.add_l2_penalty, lambda w: lambda p: w * sum(jnp.sum(jnp.abs(x) ** 2)
+                                                    for x in jax.tree.leaves(p))),
+], ids=["l1", "l2"])
+def test_penalties_on_complex_params_follow_optax_convention(factory, penalty):
+  """The added term is conj(jax.grad(penalty)): the direction optax descends for complex."""
+  p, g = _complex_tree(), jax.tree.map(lambda x: 0.5 * x, _complex_tree())
+  out, _ = factory(0.3).update(g, optax.EmptyState(), p)
+  expected = jax.tree.map(lambda a, b: a + jnp.conj(b), g, jax.grad(penalty(0.3))(p))
+  chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-6)
+  # and the L2 term is what optax.add_decayed_weights(2w) adds for complex params
+  if factory is og.add_l2_penalty:
+    ref, _ = optax.add_decayed_weights(0.6).update(g, optax.EmptyState(), p)
+    chex.assert_trees_all_close(out, ref, rtol=1e-6)
