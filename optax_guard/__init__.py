@@ -7,6 +7,7 @@ from optax_guard._adaptive import (
     autoclip,
     zclip,
 )
+from optax_guard._apply import update_and_apply
 from optax_guard._clipping import (
     clip_by_axis_norm,
     clip_by_global_norm,
@@ -25,6 +26,7 @@ from optax_guard._feedback import (
 from optax_guard._guards import (
     SkipNonfiniteState,
     SkipOnSpikeState,
+    SpikeTracker,
     skip_nonfinite,
     skip_on_spike,
 )
@@ -49,6 +51,7 @@ __all__ = [
     "ReduceOnPlateauState",
     "SkipNonfiniteState",
     "SkipOnSpikeState",
+    "SpikeTracker",
     "ZClipState",
     "__version__",
     "adaptive_grad_clip",
@@ -76,6 +79,7 @@ __all__ = [
     "skip_on_spike",
     "step_decay",
     "truncate_by_value",
+    "update_and_apply",
     "warmup",
     "zclip",
 ]

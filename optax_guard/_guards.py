@@ -14,6 +14,19 @@ of the incoming updates, and for :func:`skip_on_spike` the loss passed as
   whole optimizer state every step) and nothing is multiplied by 0 (``0 * NaN``
   is NaN).
 
+``optax.apply_if_finite`` branches with ``jax.lax.cond`` as well. It differs
+in its test and its policy: it runs ``jnp.isfinite`` over every element (a
+separate pass, which finite gradients whose squares overflow float32, such as
+``1e30``-scaled ones, pass) and it applies a non-finite update anyway after
+``max_consecutive_errors`` skipped steps.
+
+Under ``jax.vmap`` with a decision that differs across the mapped axis (for
+example a guard vmapped over several models or seeds), ``lax.cond`` becomes a
+select over both branches: ``inner.update`` runs on every step and the inner
+state is selected elementwise. The results are the same, but the step costs
+what a ``jnp.where`` over the whole state costs. Under ``jit``, ``pmap`` and
+``shard_map`` the decision is one scalar and the branch is a real one.
+
 Counters are int32 and saturate at ``2**31 - 1`` (``optax.safe_increment``).
 """
 
@@ -29,6 +42,10 @@ from jax.typing import ArrayLike
 
 from optax_guard import _numerics as num
 from optax_guard import _validation as val
+
+# 1 / Phi^{-1}(3/4): makes the median absolute deviation of normal data an
+# estimate of its standard deviation
+_MAD_TO_STD = 1.482602218505602
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -49,6 +66,30 @@ class SkipNonfiniteState(NamedTuple):
   last_skipped: jax.Array
 
 
+class SpikeTracker(NamedTuple):
+  """Recent history of one statistic watched by :func:`skip_on_spike`.
+
+  :class:`SkipOnSpikeState` holds one for the global gradient norm and one
+  for the ``value=`` argument (the loss).
+
+  Attributes:
+    history: float32 buffer of shape ``(window,)`` holding the most recent
+      finite observations, newest last (the last ``min(count, window)``
+      entries hold data).
+    count: int32, number of finite observations recorded so far (saturating).
+    last: float32, the most recent observation (NaN/inf kept; 0 until the
+      first one).
+    threshold: float32, the spike threshold ``median + sigma * scale`` of the
+      history that ``last`` was compared with (``inf`` while fewer than
+      ``min_history`` observations were recorded).
+  """
+
+  history: jax.Array
+  count: jax.Array
+  last: jax.Array
+  threshold: jax.Array
+
+
 class SkipOnSpikeState(NamedTuple):
   """State of :func:`skip_on_spike`.
 
@@ -58,34 +99,20 @@ class SkipOnSpikeState(NamedTuple):
     num_skipped: int32, total number of skipped steps (saturating).
     consecutive_skipped: int32, skipped steps since the last applied one.
     last_skipped: bool scalar, whether the most recent step was skipped.
-    norm_history: float32 ring buffer of shape ``(window,)`` holding the last
-      finite global norms (slot ``k % window`` holds the ``k``-th one).
-    norm_count: int32, number of finite norms recorded so far (saturating).
-    norm: float32, the global norm of the most recent step (NaN/inf kept).
-    norm_threshold: float32, the spike threshold ``mean + sigma * std`` the
-      most recent norm was compared with (``inf`` while fewer than
-      ``min_history`` norms were recorded).
-    value_history: float32 ring buffer of the last finite ``value=``
-      arguments (the loss), like ``norm_history``.
-    value_count: int32, number of finite values recorded so far.
-    value: float32, the most recent ``value=`` as tested (the mean over
-      devices with ``axis_name``; 0 until one is passed).
-    value_threshold: float32, the threshold the most recent value was
-      compared with (``inf`` while the value history is too short).
+    norm: :class:`SpikeTracker` of the global norm of the incoming updates.
+      It decides the finite spikes.
+    value: :class:`SpikeTracker` of the ``value=`` argument (the mean over
+      devices with ``axis_name``); unchanged on steps without ``value=``.
+      Its threshold is reported for logging; a finite value never skips a
+      step by itself.
   """
 
   inner_state: optax.OptState
   num_skipped: jax.Array
   consecutive_skipped: jax.Array
   last_skipped: jax.Array
-  norm_history: jax.Array
-  norm_count: jax.Array
-  norm: jax.Array
-  norm_threshold: jax.Array
-  value_history: jax.Array
-  value_count: jax.Array
-  value: jax.Array
-  value_threshold: jax.Array
+  norm: SpikeTracker
+  value: SpikeTracker
 
 
 def _check_inner(fn: str, inner: Any) -> optax.GradientTransformationExtraArgs:
@@ -131,10 +158,8 @@ def _apply_or_skip(inner, skip, updates, inner_state, params, extra_args):
   out_updates, out_state = jax.eval_shape(apply)
 
   def skip_branch():
-    zeros = jax.tree_util.tree_map(
-        lambda s: _like(jnp.zeros(s.shape, s.dtype), s), out_updates
-    )
-    return zeros, jax.tree_util.tree_map(_like, inner_state, out_state)
+    zeros = jax.tree.map(lambda s: _like(jnp.zeros(s.shape, s.dtype), s), out_updates)
+    return zeros, jax.tree.map(_like, inner_state, out_state)
 
   return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
 
@@ -151,6 +176,18 @@ def _counters(state, skip):
 def _zero_counters():
   zero = jnp.zeros((), jnp.int32)
   return zero, zero, jnp.zeros((), jnp.bool_)
+
+
+def _nonfinite_decision(updates, state, axis_name):
+  """The decision of :func:`skip_nonfinite`: ``(skip, fields)``.
+
+  ``fields`` are the new guard-side fields of the state, in order after
+  ``inner_state``: ``SkipNonfiniteState(new_inner_state, *fields)``.
+  """
+  # decide on the sum of squares, not on its sqrt: XLA may rewrite
+  # sqrt(x * x) as |x| for a one-element tree, hiding the overflow
+  skip = jnp.logical_not(num.is_finite_scalar(num.global_partial(updates, 2, axis_name)))
+  return skip, _counters(state, skip)
 
 
 def skip_nonfinite(
@@ -174,8 +211,11 @@ def skip_nonfinite(
 
   The branch is taken with ``jax.lax.cond``: a skipped step returns
   ``jnp.zeros`` with the inner's output shapes and dtypes and leaves the inner
-  state bitwise untouched; ``inner.update`` does not run. Keyword extras such
-  as ``value=`` are passed through to ``inner``.
+  state bitwise untouched; ``inner.update`` does not run. (Under ``jax.vmap``
+  with a decision that varies along the mapped axis the ``cond`` becomes a
+  select: ``inner.update`` runs and its state is selected elementwise, with
+  the same results.) Keyword extras such as ``value=`` are passed through to
+  ``inner``.
 
   Args:
     inner: the transformation to guard (usually the whole optimizer).
@@ -202,40 +242,87 @@ def skip_nonfinite(
   References:
     Same rule as the dynamic loss scaling of mixed-precision training
     (Micikevicius et al., 2018, *Mixed Precision Training*,
-    https://arxiv.org/abs/1710.03740) and ``optax.apply_if_finite``, without
-    its whole-state ``jnp.where``.
+    https://arxiv.org/abs/1710.03740). ``optax.apply_if_finite`` also skips
+    with ``jax.lax.cond``, but tests every element and gives up after
+    ``max_consecutive_errors`` skipped steps.
   """
   inner = _check_inner("skip_nonfinite", inner)
+  axis_name = val.axis_name("skip_nonfinite", axis_name)
 
   def init_fn(params):
     return SkipNonfiniteState(inner.init(params), *_zero_counters())
 
   def update_fn(updates, state, params=None, **extra_args):
-    # decide on the sum of squares, not on its sqrt: XLA may rewrite
-    # sqrt(x * x) as |x| for a one-element tree, hiding the overflow
-    skip = jnp.logical_not(num.is_finite_scalar(num.global_partial(updates, 2, axis_name)))
+    skip, fields = _nonfinite_decision(updates, state, axis_name)
     new_updates, inner_state = _apply_or_skip(
         inner, skip, updates, state.inner_state, params, extra_args
     )
-    return new_updates, SkipNonfiniteState(inner_state, *_counters(state, skip))
+    return new_updates, SkipNonfiniteState(inner_state, *fields)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _spike_threshold(history, count, sigma, min_history):
-  """``mean + sigma * std`` (population) of the recorded part of ``history``.
+def _median(x, valid, n):
+  """Median of the ``n >= 1`` entries of ``x`` where ``valid`` (as ``numpy.median``)."""
+  s = jnp.sort(jnp.where(valid, x, jnp.inf))
+  return 0.5 * (s[(n - 1) // 2] + s[n // 2])
 
-  ``inf`` while ``count < min_history``. ``history.shape[0]`` is the window.
+
+def _spike_threshold(history, count, sigma, min_history):
+  """``median + sigma * scale`` of the recorded part of ``history``.
+
+  ``scale`` is ``1.4826 * MAD`` (the median absolute deviation from the
+  median), or the population standard deviation when the MAD is 0. ``inf``
+  while ``count < min_history``. ``history.shape[0]`` is the window.
   """
-  window = history.shape[0]
-  n = jnp.minimum(count, window)
+  n = jnp.maximum(jnp.minimum(count, history.shape[0]), 1)
   valid = num.ring_valid(history, count)
-  denom = jnp.maximum(n, 1).astype(jnp.float32)
+  center = _median(history, valid, n)
+  mad = _median(jnp.abs(history - center), valid, n)
+  denom = n.astype(jnp.float32)
   mean = jnp.sum(jnp.where(valid, history, 0.0)) / denom
   dev = jnp.where(valid, history - mean, 0.0)
   std = jnp.sqrt(jnp.sum(dev * dev) / denom)
-  threshold = (mean + jnp.asarray(sigma, jnp.float32) * std).astype(jnp.float32)
+  scale = jnp.where(mad > 0, _MAD_TO_STD * mad, std)
+  threshold = (center + jnp.asarray(sigma, jnp.float32) * scale).astype(jnp.float32)
   return jnp.where(count >= min_history, threshold, jnp.float32(jnp.inf))
+
+
+def _track(tracker, x, sigma, min_history):
+  """``(x > threshold, new tracker)``: tests ``x``, then records it if finite."""
+  threshold = _spike_threshold(tracker.history, tracker.count, sigma, min_history)
+  history, count = num.ring_record(tracker.history, tracker.count, x, jnp.isfinite(x))
+  return x > threshold, SpikeTracker(history, count, x, threshold)
+
+
+def _spike_decision(updates, state, value, sigma, min_history, axis_name):
+  """The decision of :func:`skip_on_spike`: ``(skip, fields)``.
+
+  ``value`` is the ``value=`` extra or None. ``fields`` are the new
+  guard-side fields of the state, in order after ``inner_state``:
+  ``SkipOnSpikeState(new_inner_state, *fields)``.
+  """
+  if value is not None:
+    value = jnp.asarray(value).astype(jnp.float32).reshape(())
+  if value is not None and axis_name is not None:
+    # one collective for the norm partial, the values and the device count
+    partial, value_sum, ndev = num.cross_device(
+        (num.global_partial(updates, 2), value, jnp.ones((), jnp.float32)), 2, axis_name
+    )
+    value = value_sum / ndev
+  else:
+    partial = num.global_partial(updates, 2, axis_name)
+  # finiteness is read from the sum of squares (see skip_nonfinite)
+  finite = jnp.isfinite(partial)
+  norm = jnp.where(finite, num.finish_norm(partial), partial).astype(jnp.float32)
+  spike, norm_tracker = _track(state.norm, norm, sigma, min_history)
+  skip = jnp.logical_not(finite & jnp.isfinite(norm)) | spike
+  if value is None:
+    value_tracker = state.value
+  else:
+    _, value_tracker = _track(state.value, value, sigma, min_history)
+    skip = skip | jnp.logical_not(jnp.isfinite(value))
+  return skip, (*_counters(state, skip), norm_tracker, value_tracker)
 
 
 def skip_on_spike(
@@ -246,39 +333,67 @@ def skip_on_spike(
     min_history: ArrayLike = 64,
     axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Skips the step when the gradient norm (or the loss) spikes or is non-finite.
+  r"""Skips the step when the gradient norm spikes, or it or the loss is non-finite.
 
   With :math:`n_t` the float32-accumulated global norm of the incoming
-  updates and :math:`\mu, \sigma_n` the mean and population standard deviation
-  of the last ``window`` finite norms recorded *before* step :math:`t`:
+  updates, :math:`v_t` the loss passed as ``value=`` (if any), and :math:`H`
+  the last :math:`\min(c_t, \text{window})` finite norms recorded *before*
+  step :math:`t` (:math:`c_t` of them were recorded so far):
 
   .. math::
-    \mathrm{skip}_t = (n_t \notin \mathbb{R}) \lor
-      \big(c_t \ge m \land n_t > \mu + \sigma\,\sigma_n\big)
+    \mathrm{skip}_t = (n_t \notin \mathbb{R}) \lor (v_t \notin \mathbb{R})
+      \lor \big(c_t \ge m \land n_t > \tilde n + \sigma\, s\big),\qquad
+    \tilde n = \operatorname{median} H,\quad
+    s = 1.4826 \operatorname{median} |H - \tilde n|
 
-  where :math:`c_t` is the number of finite norms recorded so far and
-  :math:`m` is ``min_history``. When the loss is passed as ``value=``, the
-  same test runs on it with its own history (a non-finite value skips too),
-  and the step is skipped if either test fires. Every finite observation is
-  recorded, skipped or not, so a genuine level shift enters the statistics and
-  is accepted after a while (with ``sigma=3`` a 10x shift is accepted once
-  about 10% of the window holds the new level). The flip side: a recorded
-  spike inflates the standard deviation for the next ``window`` steps, so a
-  second spike of similar size within one window may pass (keep a clipping
-  transformation inside the guard). A skipped step returns zero updates and
-  leaves the inner state untouched (``jax.lax.cond``, as
-  :func:`skip_nonfinite`). Norms above float32 range count as non-finite.
-  ``value=`` and all other keyword extras are passed through to ``inner``.
+  where :math:`m` is ``min_history`` and :math:`s` is the median absolute
+  deviation scaled to estimate a standard deviation (the population standard
+  deviation of :math:`H` instead when the MAD is 0, i.e. when more than half
+  of the recorded norms are equal, e.g. exact zeros). Every finite norm is
+  recorded, skipped or not. A skipped step returns zero updates and leaves the
+  inner state untouched (``jax.lax.cond``, as :func:`skip_nonfinite`). Norms
+  above float32 range count as non-finite. ``value=`` and all other keyword
+  extras are passed through to ``inner``.
+
+  The choices behind the rule:
+
+  * **The gradient norm decides; a finite loss never skips by itself.** The
+    update is made from the gradient, not from the loss. A loss spike with an
+    ordinary gradient norm is a hard batch, or one the model has not learned
+    yet, and its step is no larger than any other. Skipping it makes skipping
+    self-reinforcing in multi-epoch training: the batch is not learned, so its
+    next visit spikes again, and so on for the rest of training. (Rules that
+    also skip on a finite loss spike, as in OLMo-core and Levanter, skip the
+    same healthy batch on every later visit once faults have hit it twice.)
+  * **Median and MAD, not mean and standard deviation.** A recorded spike
+    moves neither, so recording skipped norms costs nothing: spikes that come
+    close together are all caught (with the mean and standard deviation a few
+    recorded ``x1e4`` spikes inflate the deviation enough for the next one to
+    pass), and a real level shift still enters the history. A sustained jump
+    of the norm is accepted once it fills half of the recorded window (about
+    ``window / 2`` skipped steps); a gradual drift is followed without skips.
+  * With ``sigma=6`` a skip needs a norm about six standard deviations above
+    the median; keep a clipping transformation inside the guard for the
+    moderate spikes it lets through.
+
+  When to pass ``value=``: pass the loss when it can become NaN or ``inf``
+  while the gradients stay finite (a float16 loss reduction that overflows, a
+  term under ``stop_gradient``), or to log it: ``state.value`` records it with
+  the threshold a spike of it would cross, so a logger sees the loss spikes
+  the guard applied. ``inner`` receives ``value=`` in any case (for
+  ``reduce_on_plateau`` inside the guard).
 
   ``window`` is read back from the history shape inside ``update``, so under
   ``optax.inject_hyperparams`` it only has to be concrete when ``init`` runs
   (list it in ``static_args`` to ``jax.jit`` the ``init``); ``sigma`` and
-  ``min_history`` may be traced or scheduled.
+  ``min_history`` may be traced or scheduled. Under ``jax.vmap`` with a
+  decision that varies along the mapped axis, the ``cond`` becomes a select
+  over both branches (same results, the cost of a whole-state select).
 
   Args:
     inner: the transformation to guard (usually the whole optimizer).
-    sigma: how many standard deviations above the mean count as a spike
-      (``> 0``).
+    sigma: how many (robust) standard deviations above the median count as a
+      spike (finite, ``> 0``).
     window: number of most recent finite observations kept (int ``>= 1``).
     min_history: observations needed before spikes are tested (int, ``1 <=
       min_history <= window``); before that only non-finite steps are skipped.
@@ -298,21 +413,26 @@ def skip_on_spike(
     >>> state = tx.init(jnp.zeros(1))
     >>> for g in [1.0, 1.1, 0.9, 100.0]:
     ...   u, state = tx.update(jnp.array([g]), state)
-    >>> u, int(state.num_skipped), int(state.norm_count)
+    >>> u, int(state.num_skipped), int(state.norm.count)
     (Array([0.], dtype=float32), 1, 4)
+    >>> float(state.norm.threshold)  # median 1.0 + 6 * 1.4826 * MAD 0.1
+    1.88956
 
   References:
     Loss-spike skipping as in Chowdhery et al., 2022, *PaLM: Scaling Language
     Modeling with Pathways*, https://arxiv.org/abs/2204.02311 (section 5.1),
     and Molybog et al., 2023, *A Theory on Adam Instability in Large-Scale
-    Machine Learning*, https://arxiv.org/abs/2304.09871
+    Machine Learning*, https://arxiv.org/abs/2304.09871; the median/MAD
+    outlier test is Hampel's (Hampel, 1974, *The Influence Curve and Its Role
+    in Robust Estimation*, https://doi.org/10.1080/01621459.1974.10482962).
   """
   fn = "skip_on_spike"
   inner = _check_inner(fn, inner)
-  val.positive(fn, "sigma", sigma)
+  val.positive(fn, "sigma", sigma, finite=True)
   val.integer(fn, "window", window, minimum=1)
   val.integer(fn, "min_history", min_history, minimum=1)
   val.ordered(fn, "min_history", min_history, "window", window)
+  axis_name = val.axis_name(fn, axis_name)
 
   def init_fn(params):
     try:
@@ -322,58 +442,22 @@ def skip_on_spike(
           f"{fn}(window=...) must be concrete when init runs (it sets the history "
           f"shape), got a tracer; use inject_hyperparams(..., static_args=('window',))"
       ) from None
-    history = jnp.zeros((size,), jnp.float32)
-    zero = jnp.zeros((), jnp.float32)
-    inf = jnp.full((), jnp.inf, jnp.float32)
-    count = jnp.zeros((), jnp.int32)
-    return SkipOnSpikeState(
-        inner.init(params), *_zero_counters(),
-        history, count, zero, inf, history, count, zero, inf,
-    )
+
+    def tracker():
+      return SpikeTracker(
+          jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32),
+          jnp.zeros((), jnp.float32), jnp.full((), jnp.inf, jnp.float32),
+      )
+
+    return SkipOnSpikeState(inner.init(params), *_zero_counters(), tracker(), tracker())
 
   def update_fn(updates, state, params=None, **extra_args):
-    value = extra_args.get("value")
-    if value is not None:
-      value = jnp.asarray(value).astype(jnp.float32).reshape(())
-    if value is not None and axis_name is not None:
-      # one collective for the norm partial, the values and the device count
-      partial, value_sum, ndev = num.cross_device(
-          (num.global_partial(updates, 2), value, jnp.ones((), jnp.float32)), 2, axis_name
-      )
-      value = value_sum / ndev
-    else:
-      partial = num.global_partial(updates, 2, axis_name)
-    # finiteness is read from the sum of squares (see skip_nonfinite)
-    finite = jnp.isfinite(partial)
-    norm = jnp.where(finite, num.finish_norm(partial), partial).astype(jnp.float32)
-    finite = finite & jnp.isfinite(norm)
-
-    norm_threshold = _spike_threshold(
-        state.norm_history, state.norm_count, sigma, min_history
+    skip, fields = _spike_decision(
+        updates, state, extra_args.get("value"), sigma, min_history, axis_name
     )
-    skip = jnp.logical_not(finite) | (norm > norm_threshold)
-    norm_history, norm_count = num.ring_record(state.norm_history, state.norm_count, norm, finite)
-
-    if value is None:
-      value_history, value_count = state.value_history, state.value_count
-      value, value_threshold = state.value, state.value_threshold
-    else:
-      value_threshold = _spike_threshold(
-          state.value_history, state.value_count, sigma, min_history
-      )
-      value_ok = jnp.isfinite(value)
-      skip = skip | jnp.logical_not(value_ok) | (value > value_threshold)
-      value_history, value_count = num.ring_record(
-          state.value_history, state.value_count, value, value_ok
-      )
-
     new_updates, inner_state = _apply_or_skip(
         inner, skip, updates, state.inner_state, params, extra_args
     )
-    return new_updates, SkipOnSpikeState(
-        inner_state, *_counters(state, skip),
-        norm_history, norm_count, norm, norm_threshold,
-        value_history, value_count, value, value_threshold,
-    )
+    return new_updates, SkipOnSpikeState(inner_state, *fields)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -158,8 +158,8 @@ def test_guard_stats_finds_states_in_chain_and_wrappers():
   s = _run(tx)
   stats = og.guard_stats(s)
   spike = [f"skip_on_spike/{f}" for f in (
-      "num_skipped", "consecutive_skipped", "last_skipped", "norm_count", "norm",
-      "norm_threshold", "value_count", "value", "value_threshold")]
+      "num_skipped", "consecutive_skipped", "last_skipped", "norm/count", "norm/last",
+      "norm/threshold", "value/count", "value/last", "value/threshold")]
   expected = (
       spike
       + ["monitor/global_norm", "monitor/max_abs", "monitor/num_nonfinite"]
@@ -176,7 +176,7 @@ def test_guard_stats_finds_states_in_chain_and_wrappers():
   # the monitor sits inside the guard: the skipped step 3 left it at step 2's norm
   np.testing.assert_allclose(stats["monitor/global_norm"], optax.tree.norm(_grads(2)),
                              rtol=1e-6)
-  np.testing.assert_allclose(stats["skip_on_spike/norm"], optax.tree.norm(_grads(3, 30.0)),
+  np.testing.assert_allclose(stats["skip_on_spike/norm/last"], optax.tree.norm(_grads(3, 30.0)),
                              rtol=1e-6)
   assert all(v.shape == () for v in stats.values())
 
@@ -306,6 +306,6 @@ def test_guard_stats_reads_a_flax_nnx_optimizer_state():
   for i in range(4):
     stats = step(model, optimizer, jnp.float32(1e4 if i == 3 else 1.0))
   assert {"monitor/global_norm", "monitor/leaf_norms/kernel", "monitor/leaf_norms/bias",
-          "skip_on_spike/num_skipped", "skip_on_spike/value"} <= set(stats)
+          "skip_on_spike/num_skipped", "skip_on_spike/value/last"} <= set(stats)
   assert not any(k.endswith("/value/value") or "history" in k for k in stats)
   assert int(stats["skip_on_spike/num_skipped"]) == 1
