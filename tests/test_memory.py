@@ -1,11 +1,19 @@
-"""Structural performance test: no gradient-sized temporary in the train step.
+"""XLA:CPU buffer-structure tests: no gradient-sized temporary in the train step.
 
-DESIGN.md 1.3: clipping multiplies by one scalar factor, so XLA fuses the
-scale into Adam's moment updates and needs no extra buffer; optax's own
-``clip_by_global_norm`` (``select(norm < c, g, g / norm * c)``) materialises
-a full copy of the clipped gradients. We compile (never run) the full step
-``(params, opt_state, grads) -> (new_params, new_opt_state)`` with params and
-opt_state donated, and read the compiled program's temporary allocation.
+These read the temporary allocation of a compiled (never run) program on the
+CPU backend, so they are skipped on other backends. They check structure, not
+exact sizes: "no gradient-sized temporary" means under an eighth of one
+gradient leaf (today's programs need a few hundred bytes of scalars; the
+smallest gradient-sized buffer is a whole leaf), and "one gradient copy" means
+under 1.5 gradient trees (a second copy, or a copy of Adam's moments, is 2 or
+more), so an XLA upgrade that moves a few scalars or a layout does not fail them.
+
+Clipping multiplies by one scalar factor, so XLA fuses the scale into Adam's
+moment updates and needs no extra buffer; optax's own ``clip_by_global_norm``
+(``select(norm < c, g, g / norm * c)``) materialises a full copy of the clipped
+gradients, which serves as the control that the measurement sees such a
+buffer. We compile the full step ``(params, opt_state, grads) -> (new_params,
+new_opt_state)`` with params and opt_state donated.
 
 The outputs must come back in the order of the donated inputs: JAX aliases
 donated inputs to outputs of matching shape in order, so returning
@@ -26,6 +34,11 @@ N_LEAVES = 4
 LEAF_SHAPE = (1024, 1024)  # 4 x 1M float32 parameters: 16 MiB of gradients
 LEAF_BYTES = 1024 * 1024 * 4
 GRAD_BYTES = N_LEAVES * LEAF_BYTES
+NO_GRADIENT_SIZED = LEAF_BYTES // 8  # "no gradient-sized temporary": far under one leaf
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="XLA:CPU buffer-structure test"
+)
 
 
 def _temp_bytes(clip: optax.GradientTransformation, *, whole: bool = False) -> int:
@@ -54,11 +67,12 @@ def test_clip_by_global_norm_step_has_no_gradient_sized_temporary():
   print(f"temp bytes: identity {baseline}, optax_guard {ours}, optax {theirs} "
         f"(gradients {GRAD_BYTES}, largest leaf {LEAF_BYTES})")
   # the harness itself (plain Adam with donation) needs no big temporary
-  assert baseline < LEAF_BYTES
+  assert baseline < NO_GRADIENT_SIZED
   # ours: only scalars (the partial norms and the factor)
-  assert ours < LEAF_BYTES and ours < GRAD_BYTES / 2
-  # optax's clip in the same chain materialises the clipped gradients
-  assert theirs >= LEAF_BYTES
+  assert ours < NO_GRADIENT_SIZED
+  # control: optax's clip in the same chain materialises the clipped gradients
+  if theirs < LEAF_BYTES:
+    pytest.skip("control lost: XLA now fuses optax.clip_by_global_norm too")
 
 
 @pytest.mark.parametrize("name", ["monitor", "zclip", "autoclip", "clip_by_norm"])
@@ -71,7 +85,7 @@ def test_statistics_before_adam_need_no_gradient_sized_temporary(name):
       "autoclip": og.autoclip(history_size=16),
       "clip_by_norm": og.clip_by_norm(1.0),
   }[name]
-  assert _temp_bytes(tx) < LEAF_BYTES
+  assert _temp_bytes(tx) < NO_GRADIENT_SIZED
 
 
 def test_skip_nonfinite_step_temporary_is_at_most_one_gradient_copy():
@@ -79,4 +93,4 @@ def test_skip_nonfinite_step_temporary_is_at_most_one_gradient_copy():
   fuse across a conditional) but must not copy the optimizer state."""
   inner = optax.chain(og.clip_by_global_norm(1.0), optax.adam(1e-3))
   ours = _temp_bytes(og.skip_nonfinite(inner), whole=True)
-  assert ours <= GRAD_BYTES + LEAF_BYTES // 4
+  assert ours < 1.5 * GRAD_BYTES
