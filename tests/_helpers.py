@@ -18,7 +18,7 @@ import numpy as np
 # ---------------------------------------------------------------------------
 
 
-def tree(seed: int, dtype: Any = jnp.float32, scale: float = 1.0) -> dict:
+def make_tree(seed: int, dtype: Any = jnp.float32, scale: float = 1.0) -> dict:
   """A small Dense-layer-like tree: ``{"dense": {"kernel", "bias"}, "scale"}``.
 
   Leaves of shapes (4, 3), (3,) and () drawn from a standard normal (NumPy,
@@ -29,14 +29,14 @@ def tree(seed: int, dtype: Any = jnp.float32, scale: float = 1.0) -> dict:
   return {"dense": {"kernel": draw((4, 3)), "bias": draw((3,))}, "scale": draw(())}
 
 
-def params(dtype: Any = jnp.float32) -> dict:
-  """The parameters most tests use (``tree(0)``)."""
-  return tree(0, dtype)
+def make_params(dtype: Any = jnp.float32) -> dict:
+  """The parameters most tests use (``make_tree(0)``)."""
+  return make_tree(0, dtype)
 
 
-def grads(step: int, scale: float = 1.0, dtype: Any = jnp.float32) -> dict:
-  """Gradients of the shape of :func:`params` for ``step`` (a different draw each step)."""
-  return tree(1000 + step, dtype, scale)
+def make_grads(step: int, scale: float = 1.0, dtype: Any = jnp.float32) -> dict:
+  """Gradients of the shape of :func:`make_params` for ``step`` (a different draw each step)."""
+  return make_tree(1000 + step, dtype, scale)
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import np_global_norm, tree
+from _helpers import make_tree, np_global_norm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -419,7 +419,7 @@ _NORM_UPDATES = [jax.jit(tx.update) for tx, _ in _NORM_FNS]
 @given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 1.0, 30.0]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]))
 def test_scale_by_grad_norm_equals_closed_form(seed, scale, dtype):
-  g = tree(seed, dtype, scale)
+  g = make_tree(seed, dtype, scale)
   for update, (_, pyfn) in zip(_NORM_UPDATES, _NORM_FNS, strict=True):
     out, _ = update(g, optax.EmptyState())
     factor = pyfn(np_global_norm(g))
@@ -457,7 +457,7 @@ def test_scale_by_grad_norm_errors():
 def test_scale_by_grad_norm_under_inject_hyperparams_with_static_fn():
   fn = lambda n: 1.0 / (1.0 + n)
   tx = optax.inject_hyperparams(og.scale_by_grad_norm, static_args=("fn",))(fn=fn)
-  g = tree(1)
+  g = make_tree(1)
   out, _ = tx.update(g, tx.init(g), g)
   ref, _ = og.scale_by_grad_norm(fn).update(g, optax.EmptyState())
   chex.assert_trees_all_close(out, ref)
@@ -472,7 +472,7 @@ def test_scale_by_grad_norm_under_inject_hyperparams_with_static_fn():
 @given(seed=st.integers(0, 2**31 - 1), eta=st.sampled_from([1e-3, 0.02, 1.0]),
        wd=st.sampled_from([0.0, 1e-4, 0.5]))
 def test_scale_by_parameter_reproduces_lars_trust_ratio(seed, eta, wd):
-  params, grads = tree(seed), tree(seed + 1, scale=0.1)
+  params, grads = make_tree(seed), make_tree(seed + 1, scale=0.1)
 
   def trust_ratio(p, u):
     pn, un = jnp.linalg.norm(p), jnp.linalg.norm(u)
@@ -505,7 +505,7 @@ def test_scale_by_parameter_factor_must_broadcast_to_the_leaf():
 
 
 def test_scale_by_parameter_matches_optax_scale_by_trust_ratio():
-  params, grads = tree(21), tree(22, scale=0.1)
+  params, grads = make_tree(21), make_tree(22, scale=0.1)
   params["zero"], grads["zero"] = jnp.zeros(3), jnp.ones(3)
 
   def ratio(p, u):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import tree
+from _helpers import make_tree
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,7 +31,7 @@ def _l2(w):
 @settings(max_examples=20)
 @given(seed=st.integers(0, 2**31 - 1), weight=st.sampled_from([1e-4, 0.01, 0.5, 3.0]))
 def test_add_penalties_equal_jax_grad_of_penalty(seed, weight):
-  params, grads = tree(seed), tree(seed + 1)
+  params, grads = make_tree(seed), make_tree(seed + 1)
   for factory, penalty in [(og.add_l1_penalty, _l1), (og.add_l2_penalty, _l2)]:
     tx = factory(weight)
     out, _ = tx.update(grads, tx.init(params), params)
@@ -53,7 +53,7 @@ def test_add_l1_penalty_uses_subgradient_zero_at_zero():
 
 
 def test_add_l2_penalty_is_add_decayed_weights_with_twice_the_weight():
-  params, grads = tree(3), tree(4)
+  params, grads = make_tree(3), make_tree(4)
   ours, _ = og.add_l2_penalty(0.05).update(grads, optax.EmptyState(), params)
   tx = optax.add_decayed_weights(0.1)
   theirs, _ = tx.update(grads, tx.init(params), params)
@@ -64,8 +64,8 @@ def test_add_l2_penalty_is_add_decayed_weights_with_twice_the_weight():
 
 
 def test_add_l2_penalty_in_chain_is_sgd_on_the_penalised_loss():
-  params = tree(5)
-  target = tree(6)
+  params = make_tree(5)
+  target = make_tree(6)
   loss = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(
       jax.tree.leaves(p), jax.tree.leaves(target), strict=True))
   opt = optax.chain(og.add_l2_penalty(0.1), og.add_l1_penalty(0.01), optax.sgd(0.05))
@@ -82,7 +82,7 @@ def test_add_l2_penalty_in_chain_is_sgd_on_the_penalised_loss():
 
 @pytest.mark.parametrize("factory", [og.add_l1_penalty, og.add_l2_penalty])
 def test_add_penalties_respect_masks(factory):
-  params, grads = tree(7), tree(8)
+  params, grads = make_tree(7), make_tree(8)
   full, _ = factory(0.3).update(grads, optax.EmptyState(), params)
   tree_mask = {"dense": {"kernel": True, "bias": False}, "scale": False}
   prefix_mask = {"dense": True, "scale": False}
@@ -106,7 +106,7 @@ def test_add_penalties_respect_masks(factory):
 
 
 def test_add_penalties_callable_mask_under_inject_hyperparams():
-  params, grads = tree(9), tree(10)
+  params, grads = make_tree(9), make_tree(10)
   fn_mask = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)
   tx = optax.inject_hyperparams(og.add_l2_penalty, static_args=("mask",))(0.2, mask=fn_mask)
   s = tx.init(params)
@@ -121,8 +121,8 @@ def test_add_penalties_callable_mask_under_inject_hyperparams():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_add_penalties_keep_low_precision_dtypes(dtype):
-  params = tree(11, jnp.float32)
-  grads = tree(12, dtype)
+  params = make_tree(11, jnp.float32)
+  grads = make_tree(12, dtype)
   for factory, term in [(og.add_l1_penalty, lambda p: 0.1 * np.sign(p)),
                         (og.add_l2_penalty, lambda p: 0.2 * p)]:
     out, _ = factory(0.1).update(grads, optax.EmptyState(), params)
