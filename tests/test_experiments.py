@@ -1,30 +1,49 @@
-"""The experiment suite end to end at a tiny size, plus its measuring pieces.
+"""The experiment suite: its measuring pieces, and every experiment end to end at a tiny size.
 
-Each experiment runs through its public ``run(Config(...))`` with a few steps
-and small models; the outputs (JSON, CSV, PNG, summary table) must be written
-and every guarded run must stay finite. The pieces that decide what the table
-says (divergence, spikes, the adding problem's 36% baseline, the chunking of
-the training loop) are checked against independent NumPy/Python versions.
+The pieces that decide what the table says (divergence, spikes, the adding
+problem's 36% baseline, the learning rate where a defence fails, the rows of
+``summary.json``, the chunking of the training loop, the progress output) are
+checked against independent NumPy/Python versions and hand-made inputs. The
+``slow`` tests run each experiment through its public ``run(Config(...))``
+with a few steps and small models: the outputs (JSON, CSV with every
+``og.guard_stats`` entry, PNG, summary) must be written, the unprotected runs
+must blow up where the experiment says they do and the defended ones must not.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import optax_guard as og
 from experiments import _common as C
-from experiments import adding_problem, data_parallel, deep_mlp, transformer_spikes
-from experiments.__main__ import main
+from experiments import _transformer as T
+from experiments import (
+    adding_problem,
+    data_parallel,
+    deep_mlp,
+    transformer_injected,
+    transformer_lr_sweep,
+)
+from experiments.__main__ import MARK_END, MARK_START, _default_out, main, update_docs
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY_KEYS = {"experiment", "setting", "defence", "data", "seeds", "diverged", "final_loss",
+                "metric", "value", "values", "injected_faults"}
 
 
 def _check_outputs(result, out_dir):
@@ -42,60 +61,53 @@ def _check_outputs(result, out_dir):
   assert [r["defence"] for r in doc["runs"]] == [r.defence for r in result.runs]
   with open(base + ".csv") as f:
     rows = list(csv.DictReader(f))
-  trained = [r for r in result.runs if r.steps > 1]
   assert len(rows) == sum(r.seeds * r.steps for r in result.runs)
-  assert {row["defence"] for row in rows} >= {r.defence for r in trained}
+  assert {row["defence"] for row in rows} >= {r.defence for r in result.runs if r.trained}
   table = C.summary_table([result])
   for r in result.runs:
     assert r.defence in table
   md = C.summary_table([result], markdown=True)
   assert md.count("\n") == len(result.runs) + 1
+  for rec in C.summary_records([result]):
+    assert SUMMARY_KEYS <= set(rec)
   return doc, rows
 
 
-def _run(result, defence):
-  (run,) = [r for r in result.runs if r.defence == defence]
+def _run(result, defence, setting=None):
+  (run,) = [r for r in result.runs if r.defence == defence
+            and (setting is None or r.setting == setting)]
   return run
 
 
-def test_adding_problem_tiny_run(tmp_path):
-  config = adding_problem.Config(
-      lengths=(10,), learning_rates=(0.05, 0.5), seeds=2, steps=24, batch=8, hidden=8,
-      test_size=2000, defences=("none", "clip_global", "zclip+max_norm", "clip+plateau"))
-  result = adding_problem.run(config, progress=False)
-  _check_outputs(result, tmp_path)
-  # one baseline row plus one row per (length, lr, defence)
-  assert len(result.runs) == 1 + 2 * 4
-  for r in result.runs[1:]:
-    assert r.loss.shape == (2, 24) and r.grad_norm.shape == (2, 24)
-    assert len(r.metrics["test_error"]) == 2
-    if r.defence != "none":
-      assert np.isfinite(r.loss).all(), r.defence
-      assert np.isfinite(r.metrics["test_error"]).all()
-    assert all(0.0 <= e <= 1.0 for e in r.metrics["test_error"])
-  baseline = result.checks["mean_predictor_error_T10"]
-  assert abs(baseline - 0.36) < 4 * math.sqrt(0.36 * 0.64 / 2000)
-  plateau = [r for r in result.runs if r.defence == "clip+plateau"]
-  assert all(0 < s <= 1 for r in plateau for s in r.extra["lr_scale"][:, -1])
+def _assert_guard_columns(rows, run, expected_keys):
+  """Every ``og.guard_stats`` key of the run's optimizer is a filled CSV column for it."""
+  mine = [row for row in rows if row["defence"] == run.defence and row["setting"] == run.setting]
+  assert mine, run.defence
+  for key in expected_keys:
+    assert key in mine[0], (run.defence, key)
+    assert all(row[key] != "" for row in mine), (run.defence, key)
+
+
+# ---------------------------------------------------------------------------
+# Measuring pieces (fast)
+# ---------------------------------------------------------------------------
 
 
 def test_adding_problem_batches_match_the_definition():
   rng = np.random.default_rng(0)
-  x, y = adding_problem.make_batch(rng, (3, 50), 20)
-  assert x.shape == (3, 50, 20, 2) and y.shape == (3, 50)
+  x, y = adding_problem.make_batch(rng, 500, 30)
+  assert x.shape == (500, 30, 2) and y.shape == (500,)
   markers = x[..., 1]
-  np.testing.assert_array_equal(markers.sum(-1), 2.0)
-  first = markers.argmax(-1)
-  second = 19 - markers[..., ::-1].argmax(-1)
-  assert (first < 2).all() and (second >= 2).all() and (second < 10).all()
-  values = x[..., 0]
-  expected = 0.5 * (np.take_along_axis(values, first[..., None], -1)[..., 0]
-                    + np.take_along_axis(values, second[..., None], -1)[..., 0])
-  np.testing.assert_allclose(y, expected, rtol=1e-6)
+  np.testing.assert_array_equal(markers.sum(axis=1), 2)
+  first = markers.argmax(axis=1)
+  second = 29 - markers[:, ::-1].argmax(axis=1)
+  assert (first < 3).all() and (second >= 3).all() and (second < 15).all()
+  np.testing.assert_allclose(y, 0.5 * (x[np.arange(500), first, 0] + x[np.arange(500), second, 0]),
+                             rtol=1e-6)
 
 
 def test_adding_problem_mean_predictor_is_36_percent_wrong():
-  # closed form: P(|(U1 + U2)/2 - 1/2| > 0.2) = (1 - 0.4)**2
+  # P(|(U1 + U2)/2 - 1/2| > 0.2) = (1 - 0.4)**2
   _, y = adding_problem.test_set(50, 40_000)
   wrong = float(adding_problem.wrong_fraction(jnp.full(y.shape, 0.5), jnp.asarray(y)))
   assert abs(wrong - 0.36) < 4 * math.sqrt(0.36 * 0.64 / 40_000)
@@ -107,81 +119,106 @@ def test_adding_problem_wrong_fraction_counts_nan_as_wrong():
   assert float(adding_problem.wrong_fraction(pred, target)) == 0.75
 
 
-def test_deep_mlp_tiny_run_explodes_without_defences(tmp_path):
-  config = deep_mlp.Config(steps=12, seeds=1, train_size=256, test_size=128,
-                           batch=32, defences=("none", "clip_global", "batchnorm",
-                                               "warmup+inv_sqrt", "clip+plateau"))
-  result = deep_mlp.run(config, guards=list(config.defences), progress=False)
-  _check_outputs(result, tmp_path)
-  assert not np.isfinite(_run(result, "none").loss).all()  # the blow-up is reproduced
-  assert _run(result, "none").diverged().all()
-  for name in ("clip_global", "batchnorm", "warmup+inv_sqrt", "clip+plateau"):
-    r = _run(result, name)
-    assert np.isfinite(r.loss).all(), name
-    assert not r.diverged().any(), name
-    assert 0.0 <= r.metrics["test_acc"][0] <= 1.0
+def test_adding_problem_batches_do_not_depend_on_the_chunking():
+  config = adding_problem.Config(seeds=2, batch=3)
+  whole = adding_problem.Batches(config, 10)(0, 6)
+  parts = adding_problem.Batches(config, 10)
+  pieces = [parts(0, 2), parts(2, 3), parts(3, 6)]
+  for i in range(2):
+    np.testing.assert_array_equal(whole[i], np.concatenate([p[i] for p in pieces]))
+  assert whole[0].shape == (6, 2, 3, 10, 2)
+  with pytest.raises(ValueError, match="out of order"):
+    parts(0, 1)
+
+
+def test_adding_problem_schedule_decays_at_the_fractions():
+  config = adding_problem.Config(steps=100, decay_at=(0.5, 0.9), decay_factor=0.1)
+  sched = adding_problem.schedule(config, 0.2)
+  np.testing.assert_allclose([float(sched(t)) for t in (0, 49, 50, 89, 90, 99)],
+                             [0.2, 0.2, 0.02, 0.02, 0.002, 0.002], rtol=1e-6)
+
+
+def test_transformer_data_is_the_markov_chain():
+  table, entropy = T.markov_chain(8, 0.0)
+  seq = T.make_sequences(np.random.default_rng(0), (5,), 12, 8, 0.0)
+  np.testing.assert_array_equal(seq[:, 2:], table[seq[:, :-2], seq[:, 1:-1]])
+  assert entropy == pytest.approx(0.0, abs=1e-12)
+  _, h = T.markov_chain(32, 0.1)
+  p_top, p = 0.9 + 0.1 / 32, 0.1 / 32
+  assert h == pytest.approx(-(p_top * math.log(p_top) + 31 * p * math.log(p)))
+  bad = transformer_injected.corrupt(np.random.default_rng(0), seq, 8)
+  assert (bad == bad[:, :1]).all()
+
+
+def test_transformer_qk_layernorm_bounds_the_attention_logits():
+  # with huge query/key weights, qk-LayerNorm keeps every logit at most sqrt(head dim)
+  tokens = jnp.asarray(T.make_sequences(np.random.default_rng(0), (2,), 8, 16, 0.1))
+  for qk_norm in (False, True):
+    graphdef, params = T.init_params(16, 8, 16, 2, 1, qk_norm, seed=0)
+    params = jax.tree.map_with_path(
+        lambda path, x: x * 100 if "qkv" in C.path_name(path) else x, params)
+    _, diag = T.lm_loss(graphdef, params, tokens)
+    top = float(diag["max_attn_logit"])
+    if qk_norm:
+      assert top <= math.sqrt(8) + 1e-3
+    else:
+      assert top > 100
+
+
+def test_count_spikes_matches_a_direct_loop():
+  rng = np.random.default_rng(1)
+  loss = 1.0 + 0.05 * rng.random((2, 80))
+  loss[0, [30, 31, 60]] = 3.0
+  loss[1, 10] = 9.0  # inside the first window: not counted
+  np.testing.assert_array_equal(transformer_injected.count_spikes(loss, 1.5), [3, 0])
+
+
+def test_injected_glitch_steps():
+  config = transformer_injected.Config(steps=100, glitch_every=20)
+  np.testing.assert_array_equal(transformer_injected.glitch_steps(config), [10, 30, 50, 70])
+  assert transformer_injected.glitch_steps(dataclasses.replace(config, glitch_every=0)).size == 0
+
+
+def _sweep_run(lr, defence, val, diverged=False):
+  loss = np.ones((2, 10))
+  if diverged:
+    loss[0, 5:] = np.nan
+  return C.Run(f"lr={lr:g}", defence, loss, np.ones_like(loss), np.zeros(2),
+               metrics={"val_loss": list(val)})
+
+
+def test_failing_lr_is_where_every_higher_rate_fails():
+  runs = [_sweep_run(0.01, "none", [1.0, 1.0]), _sweep_run(0.1, "none", [1.05, 1.05]),
+          _sweep_run(0.3, "none", [2.0, 2.0]), _sweep_run(1.0, "none", [1.0, 1.0], diverged=True),
+          _sweep_run(0.01, "qk", [1.0, 1.0]), _sweep_run(0.1, "qk", [2.0, 2.0]),
+          _sweep_run(0.3, "qk", [1.0, 1.0]), _sweep_run(1.0, "qk", [1.0, 1.0])]
+  assert transformer_lr_sweep.failing_lr(runs, "none", 0.1) == 0.3
+  assert transformer_lr_sweep.failing_lr(runs, "qk", 0.1) is None  # recovers at 0.3
+
+
+def test_digits_are_bundled_and_standardised():
+  (x_train, y_train), (x_test, y_test) = deep_mlp.load_digits()
+  assert x_train.shape == (1437, 64) and x_test.shape == (360, 64)
+  assert set(np.unique(y_train)) == set(range(10))
+  varying = x_train.std(axis=0) > 1e-3
+  np.testing.assert_allclose(x_train.mean(axis=0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(x_train.std(axis=0)[varying], 1.0, rtol=1e-4)
 
 
 def test_deep_mlp_numpy_init_matches_the_named_scales():
   model = deep_mlp.MLP(32, 64, 10, init_kind="bad", gain=1.6)
-  params = deep_mlp.init_variables(model, 32, seed=0)["params"]
+  params = deep_mlp.init_variables(model, 64, seed=0)["params"]
   kernel = params["ScanBlock_0"]["Dense_0"]["kernel"]
   assert kernel.shape == (31, 64, 64)
   assert abs(kernel.std() - 1.6 / 8) < 0.01
   np.testing.assert_array_equal(params["ScanBlock_0"]["Dense_0"]["bias"], 0.0)
-  he = deep_mlp.init_variables(deep_mlp.MLP(32, 64, 10, init_kind="he"), 32, 0)["params"]
+  he = deep_mlp.init_variables(deep_mlp.MLP(32, 64, 10, init_kind="he"), 64, 0)["params"]
   assert abs(he["ScanBlock_0"]["Dense_0"]["kernel"].std() - math.sqrt(2 / 64)) < 0.01
 
 
-def test_transformer_spikes_tiny_run_logs_guard_stats(tmp_path):
-  config = transformer_spikes.Config(
-      steps=20, seeds=1, vocab=8, length=8, batch=4, width=16, heads=2, layers=1,
-      warmup_steps=4, glitch_every=6, val_size=16,
-      defences=("none", "skip_on_spike"))
-  result = transformer_spikes.run(config, progress=False)
-  _, rows = _check_outputs(result, tmp_path)
-  assert result.checks["glitch_steps"] == [3, 9, 15]
-  for r in result.runs:
-    assert np.isfinite(r.loss).all(), r.defence
-    assert "monitor/global_norm" in r.extra
-    np.testing.assert_allclose(r.grad_norm, r.extra["monitor/global_norm"])
-    assert np.isfinite(r.metrics["val_loss"]).all()
-  assert "skip_on_spike/num_skipped" in _run(result, "skip_on_spike").extra
-  assert "skip_on_spike/num_skipped" in rows[0]
-
-
-def test_transformer_spikes_data_is_the_markov_chain():
-  table, entropy = transformer_spikes.markov_chain(8, 0.0)
-  seq = transformer_spikes.make_sequences(np.random.default_rng(0), (5,), 12, 8, 0.0)
-  np.testing.assert_array_equal(seq[:, 2:], table[seq[:, :-2], seq[:, 1:-1]])
-  assert entropy == pytest.approx(0.0, abs=1e-12)
-  _, h = transformer_spikes.markov_chain(32, 0.1)
-  p_top, p = 0.9 + 0.1 / 32, 0.1 / 32
-  assert h == pytest.approx(-(p_top * math.log(p_top) + 31 * p * math.log(p)))
-  bad = transformer_spikes.corrupt(np.random.default_rng(0), seq, 8)
-  assert (bad == bad[:, :1]).all()
-
-
-def test_data_parallel_tiny_run_matches_single_device(tmp_path):
-  config = data_parallel.Config(steps=16, depth=2, width=16, per_device_batch=4,
-                                glitch_step=10)
-  result = data_parallel.run(config, progress=False)
-  _check_outputs(result, tmp_path)
-  n = len(jax.local_devices())
-  assert result.checks["devices"].startswith(f"{n} x")
-  assert result.checks["pmap: allclose(rtol=0.0001, atol=1e-05)"] is True
-  assert result.checks["jit + NamedSharding: allclose(rtol=0.0001, atol=1e-05)"] is True
-  ref = _run(result, "single device")
-  for name in ("pmap", "jit + NamedSharding"):
-    r = _run(result, name)
-    assert np.isfinite(r.loss).all()
-    np.testing.assert_allclose(r.loss, ref.loss, rtol=1e-4, atol=1e-5)
-    np.testing.assert_array_equal(r.skipped, ref.skipped)
-
-
 def test_data_parallel_compare_rejects_a_mismatch():
-  ref = {"loss": np.ones(4), "skipped": np.zeros(4), "params": {"w": np.ones(3)}}
-  bad = {"loss": np.ones(4) * 1.01, "skipped": np.zeros(4), "params": {"w": np.ones(3)}}
+  ref = {"loss": np.ones(4), "skipped": np.zeros(1), "params": {"w": np.ones(3)}}
+  bad = {"loss": np.ones(4) * 1.01, "skipped": np.zeros(1), "params": {"w": np.ones(3)}}
   with pytest.raises(AssertionError, match="loss curve"):
     data_parallel.compare({"single device": ref, "pmap": bad}, rtol=1e-4, atol=1e-5)
 
@@ -197,14 +234,43 @@ def test_run_diverged_and_final_losses():
   np.testing.assert_allclose(final[[0, 2, 3]], [np.mean([1.0] * 4 + [0.5]), 20.0, 5.0])
   assert np.isnan(final[1])
   assert run.first_nonfinite_step() == [None, 50, None, None]
+  assert run.nan_note() == "NaN at step -,50,-,-"
 
 
-def test_count_spikes_matches_a_direct_loop():
-  rng = np.random.default_rng(1)
-  loss = 1.0 + 0.05 * rng.random((2, 80))
-  loss[0, [30, 31, 60]] = 3.0
-  loss[1, 10] = 9.0  # inside the first window: not counted
-  np.testing.assert_array_equal(transformer_spikes.count_spikes(loss, 1.5), [3, 0])
+def _fake_result():
+  ok = C.Run("T=1 lr=0.1", "clip", np.array([[1.0, 0.5], [1.0, 0.25]]), np.ones((2, 2)),
+             [0, 3], metrics={"test_error": [0.02, 0.06]}, injected_faults=4)
+  bad = C.Run("T=1 lr=0.1", "none", np.array([[1.0, np.nan], [1.0, 0.5]]), np.ones((2, 2)),
+              [0, 0], metrics={"test_error": [1.0, 0.3]})
+  ref = C.Run("any T", "baseline", np.full((1, 1), np.nan), np.full((1, 1), np.nan), [0],
+              metrics={"test_error": [0.36]})
+  return C.ExperimentResult("toy", "toy", {}, [ok, bad, ref], metric="test_error",
+                            data="load_digits")
+
+
+def test_summary_records_have_the_documented_keys_and_values():
+  ok, bad, ref = C.summary_records([_fake_result()])
+  for rec in (ok, bad, ref):
+    assert SUMMARY_KEYS <= set(rec)
+    assert rec["experiment"] == "toy" and rec["data"] == "load_digits"
+    assert rec["metric"] == "test_error"
+  assert ok["defence"] == "clip" and ok["setting"] == bad["setting"] == "T=1 lr=0.1"
+  assert ok["seeds"] == 2 and ok["diverged"] == 0
+  assert ok["final_loss"] == pytest.approx(np.mean([0.5, 0.25]))
+  assert ok["value"] == pytest.approx(0.04) and ok["values"] == pytest.approx([0.02, 0.06])
+  assert ok["min"] == pytest.approx(0.02) and ok["max"] == pytest.approx(0.06)
+  assert ok["injected_faults"] == 4 and ok["skipped"] == [0, 3]
+  assert bad["diverged"] == 1 and bad["final_loss"] is None and bad["injected_faults"] == 0
+  assert ref["final_loss"] is None and ref["diverged"] == 0 and ref["steps"] == 0
+  json.dumps([ok, bad, ref])  # plain JSON
+
+
+def test_summary_table_shows_the_spread_over_seeds():
+  table = C.summary_table([_fake_result()])
+  line = next(ln for ln in table.splitlines() if " clip " in ln)
+  assert "0.0400 (0.0200-0.0600)" in line  # metric mean (min-max)
+  assert "0.3750 (0.2500-0.5000)" in line  # final loss mean (min-max)
+  assert "min-max" in table.splitlines()[0]
 
 
 def test_num_chunks_divides_steps():
@@ -214,33 +280,288 @@ def test_num_chunks_divides_steps():
     assert all(steps % k for k in range(n + 1, min(steps, 10) + 1))
 
 
-def test_scan_loop_equals_a_python_loop():
-  def step(c, inputs):
-    t, x = inputs
-    c = c * 0.5 + x + t
-    return c, c * 2
-
-  xs = np.arange(12, dtype=np.float32)
-  carry, out = C.scan_loop(step, jnp.float32(1.0), 12, xs=xs, chunks=4)
+def _python_loop(steps, xs):
   c, expected = 1.0, []
-  for t in range(12):
+  for t in range(steps):
     c = c * 0.5 + xs[t] + t
     expected.append(2 * c)
+  return c, expected
+
+
+def _step(c, inputs):
+  t, x = inputs
+  c = c * 0.5 + x + t
+  return c, c * 2
+
+
+def test_scan_loop_equals_a_python_loop():
+  xs = np.arange(12, dtype=np.float32)
+  carry, out = C.scan_loop(_step, jnp.float32(1.0), 12, xs=xs, chunks=4)
+  c, expected = _python_loop(12, xs)
   np.testing.assert_allclose(out, expected, rtol=1e-6)
   assert float(carry) == pytest.approx(c, rel=1e-6)
+  # the batches can also come from a callable, chunk by chunk
+  calls = []
+
+  def make(lo, hi):
+    calls.append((lo, hi))
+    return xs[lo:hi]
+
+  _, out2 = C.scan_loop(_step, jnp.float32(1.0), 12, xs=make, chunks=4)
+  np.testing.assert_array_equal(out, out2)
+  assert calls == [(0, 3), (3, 6), (6, 9), (9, 12)]
 
 
-def test_main_cli_writes_summary(tmp_path, capsys):
-  out = tmp_path / "res"
-  rc = main(["--only", "data_parallel", "--steps", "8", "--out", str(out), "--no-progress"])
-  assert rc == 0
-  text = capsys.readouterr().out
-  assert "data_parallel" in text and "wall s" in text
-  summary = (out / "summary.md").read_text()
-  assert "| data_parallel |" in summary and "pmap" in summary
-  assert (out / "data_parallel.json").exists() and (out / "data_parallel.csv").exists()
+def test_scan_loop_stops_once_everything_is_nan():
+  def step(c, inputs):
+    t, _ = inputs
+    c = jnp.where(t == 4, jnp.nan, c + 1.0)
+    return c, (c, t)
+
+  bar = C.Progress(20, "t", enabled=False)
+  _, (vals, ts) = C.scan_loop(step, jnp.zeros(3), 20, chunks=4, bar=bar,
+                              stop=lambda c: C.all_nonfinite({"p": c[None]}))
+  assert vals.shape == (20, 3) and ts.shape == (20,)
+  np.testing.assert_array_equal(vals[:4, 0], [1, 2, 3, 4])
+  assert np.isnan(vals[4:]).all()
+  np.testing.assert_array_equal(ts[:5], np.arange(5))  # ran one chunk: NaN everywhere at t=4
+  np.testing.assert_array_equal(ts[5:], 4)  # the rest: the last value
+  assert bar.done == 20
+
+
+def test_all_nonfinite_needs_every_run():
+  tree = {"a": jnp.array([[1.0, jnp.nan], [jnp.inf, 0.0]]), "b": jnp.array([0.0, 1.0])}
+  assert bool(C.all_nonfinite(tree))
+  tree = {"a": jnp.array([[1.0, jnp.nan], [2.0, 0.0]]), "b": jnp.array([0.0, 1.0])}
+  assert not bool(C.all_nonfinite(tree))
+
+
+def test_parallel_map_keeps_the_order():
+  def slow_square(x):
+    time.sleep(0.01 * (5 - x))
+    return x * x
+
+  assert C.parallel_map(slow_square, list(range(5)), jobs=3) == [0, 1, 4, 9, 16]
+  assert C.parallel_map(slow_square, list(range(5)), jobs=1) == [0, 1, 4, 9, 16]
+
+
+def test_progress_prints_plain_lines_without_a_terminal():
+  stream = io.StringIO()  # not a TTY
+  with C.Progress(100, "exp", every_s=0.05, stream=stream) as bar:
+    with bar.phase_of("clip_global"):
+      bar.update(40)
+      time.sleep(0.3)
+  lines = stream.getvalue().splitlines()
+  assert lines, "no progress line"
+  assert all(ln.startswith("[exp]") for ln in lines)
+  assert any("clip_global: 40/100 steps" in ln and "elapsed" in ln for ln in lines)
+  quiet = io.StringIO()
+  with C.Progress(10, "exp", enabled=False, every_s=0.01, stream=quiet) as bar:
+    bar.update(5)
+    time.sleep(0.05)
+  assert quiet.getvalue() == ""
+
+
+def test_default_output_is_a_new_folder_under_runs(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  first = _default_out()
+  assert os.path.dirname(first) == "runs"
+  os.makedirs(first)
+  second = _default_out()
+  assert second != first and second.startswith(first)
+
+
+def test_runs_folder_is_ignored_by_git():
+  with open(os.path.join(ROOT, ".gitignore")) as f:
+    assert "runs/" in f.read().split()
+
+
+def test_update_docs_rewrites_only_the_marked_table(tmp_path):
+  page = tmp_path / "docs" / "experiments.md"
+  page.parent.mkdir()
+  page.write_text(f"# Experiments\n\nintro\n\n{MARK_START}\nold table\n{MARK_END}\n\nafter\n")
+  png = tmp_path / "toy.png"
+  png.write_bytes(b"\x89PNG")
+  res = _fake_result()
+  res.files = [str(png), str(tmp_path / "toy.json")]
+  written = update_docs([res], "| new | table |", "header", root=str(tmp_path))
+  text = page.read_text()
+  assert "old table" not in text and "| new | table |" in text and "header" in text
+  assert text.startswith("# Experiments\n\nintro\n") and text.endswith("\nafter\n")
+  assert (tmp_path / "docs" / "_static" / "experiments" / "toy.png").read_bytes() == b"\x89PNG"
+  assert len(written) == 2
+
+
+def test_main_cli_lists_and_rejects_bad_arguments(capsys):
   assert main(["--list"]) == 0
-  assert "adding_problem" in capsys.readouterr().out
+  text = capsys.readouterr().out
+  for name in ("adding_problem", "transformer_lr_sweep", "deep_mlp", "transformer_injected",
+               "data_parallel"):
+    assert name in text
   with pytest.raises(SystemExit):
     main(["--help"])
-  assert "--quick" in capsys.readouterr().out
+  help_text = capsys.readouterr().out
+  assert "--quick" in help_text and "--full" in help_text and "--coordinator" in help_text
+  assert main(["--steps", "0"]) == 2
+  assert main(["--coordinator", "localhost:1"]) == 2
+  assert main(["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"]) == 2
+  with pytest.raises(SystemExit):
+    main(["--quick", "--full"])
+
+
+def test_every_experiment_documents_claim_paper_and_changes():
+  for module in (adding_problem, transformer_lr_sweep, deep_mlp, transformer_injected,
+                 data_parallel):
+    doc = module.__doc__
+    assert "Claim tested" in doc, module.__name__
+    assert "changed" in doc, module.__name__
+    assert any(str(y) in doc for y in range(1990, 2030)), module.__name__  # a dated reference
+    for profile in ("quick", "full"):
+      assert isinstance(getattr(module.Config, profile)(), module.Config)
+
+
+# ---------------------------------------------------------------------------
+# End to end, tiny sizes (slow)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_adding_problem_tiny_run(tmp_path):
+  config = adding_problem.Config(lengths=(10,), learning_rates=(0.1, 3.0), seeds=2, steps=60,
+                                 hidden=16, test_size=500,
+                                 defences=("none", "clip_global", "zclip+max_norm"))
+  result = adding_problem.run(config, progress=False)
+  _, rows = _check_outputs(result, tmp_path)
+  assert result.runs[0].defence.startswith("baseline")
+  none = _run(result, "none", "T=10 lr=3")
+  assert none.diverged().all() and not np.isfinite(none.loss).all()
+  assert none.note.startswith("NaN at step")
+  for lr in ("0.1", "3"):
+    r = _run(result, "clip_global", f"T=10 lr={lr}")
+    assert np.isfinite(r.loss).all()
+    assert all(0.0 <= e <= 1.0 for e in r.metrics["test_error"])
+  params = adding_problem.init_params(adding_problem.TanhRNN(16), 10, 0, 1.2)
+  keys = og.guard_stats(adding_problem.defence_factories(config)["zclip+max_norm"](0.1)
+                        .init(params))
+  assert keys
+  _assert_guard_columns(rows, _run(result, "zclip+max_norm", "T=10 lr=0.1"), keys)
+
+
+@pytest.mark.slow
+def test_transformer_lr_sweep_tiny_run(tmp_path):
+  config = transformer_lr_sweep.Config(
+      learning_rates=(1e-3, 1.0), steps=12, seeds=2, vocab=8, length=8, batch=4, width=16,
+      heads=2, layers=1, warmup_steps=3, val_size=16,
+      defences=("none", "zclip", "skip_on_spike", "qk_layernorm"))
+  result = transformer_lr_sweep.run(config, progress=False)
+  _, rows = _check_outputs(result, tmp_path)
+  assert len(result.runs) == 2 * 4
+  assert {r.setting for r in result.runs} == {"lr=0.001", "lr=1"}
+  for r in result.runs:
+    assert r.injected_faults == 0
+    assert np.isfinite(r.extra["max_attn_logit"]).all()
+    assert "log_z" in r.extra
+    np.testing.assert_allclose(r.grad_norm, r.extra["monitor/global_norm"])
+  for name in config.defences:
+    qk, make_tx = transformer_lr_sweep.DEFENCES[name]
+    _, params = T.init_params(8, 8, 16, 2, 1, qk, 0)
+    keys = og.guard_stats(make_tx(config, 0.1).init(params))
+    assert "monitor/global_norm" in keys
+    _assert_guard_columns(rows, _run(result, name, "lr=1"), keys)
+  assert any(k.endswith("fails from lr") for k in result.checks)
+
+
+@pytest.mark.slow
+def test_deep_mlp_tiny_run_explodes_without_defences(tmp_path):
+  config = deep_mlp.Config(steps=12, seeds=1, batch=32, defences=(
+      "none", "clip_global", "batchnorm", "warmup+inv_sqrt", "skip_nonfinite", "clip+plateau"))
+  result = deep_mlp.run(config, guards=list(config.defences), progress=False)
+  _, rows = _check_outputs(result, tmp_path)
+  assert result.data == "load_digits"
+  assert not np.isfinite(_run(result, "none").loss).all()  # the blow-up is reproduced
+  assert _run(result, "none").diverged().all()
+  for name in ("clip_global", "batchnorm", "warmup+inv_sqrt", "clip+plateau"):
+    r = _run(result, name)
+    assert np.isfinite(r.loss).all(), name
+    assert not r.diverged().any(), name
+    assert 0.0 <= r.metrics["test_accuracy"][0] <= 1.0
+  for name in ("skip_nonfinite", "clip+plateau"):
+    params = deep_mlp.init_variables(deep_mlp.MLP(32, 64, 10), 64, 0)["params"]
+    keys = og.guard_stats(deep_mlp.DEFENCES[name].make_tx(config).init(params))
+    assert keys
+    _assert_guard_columns(rows, _run(result, name), keys)
+
+
+@pytest.mark.slow
+def test_transformer_injected_tiny_run_is_labelled_injected(tmp_path):
+  config = transformer_injected.Config(
+      steps=20, seeds=1, vocab=8, length=8, batch=4, width=16, heads=2, layers=1,
+      warmup_steps=4, glitch_every=6, val_size=16, defences=("none", "skip_on_spike"))
+  result = transformer_injected.run(config, progress=False)
+  _, rows = _check_outputs(result, tmp_path)
+  assert result.checks["glitch_steps"] == [3, 9, 15]
+  for r in result.runs:
+    assert "INJECTED" in r.setting and r.injected_faults == 3
+    assert np.isfinite(r.loss).all(), r.defence
+    np.testing.assert_allclose(r.grad_norm, r.extra["monitor/global_norm"])
+  _, params = T.init_params(8, 8, 16, 2, 1, False, 0)
+  keys = og.guard_stats(transformer_injected.DEFENCES["skip_on_spike"](config).init(params))
+  _assert_guard_columns(rows, _run(result, "skip_on_spike"), keys)
+
+
+@pytest.mark.slow
+def test_data_parallel_tiny_run_matches_single_device(tmp_path):
+  config = data_parallel.Config(steps=24, depth=2, width=16, global_batch=64)
+  result = data_parallel.run(config, progress=False)
+  _, rows = _check_outputs(result, tmp_path)
+  n = len(jax.devices())
+  assert result.checks["devices"].startswith(f"{n} x")
+  assert result.checks["pmap: allclose(rtol=0.0001, atol=1e-05)"] is True
+  assert result.checks["jit + NamedSharding: allclose(rtol=0.0001, atol=1e-05)"] is True
+  ref = _run(result, "single device")
+  assert ref.injected_faults == 1
+  for name in ("pmap", "jit + NamedSharding"):
+    r = _run(result, name)
+    assert np.isfinite(r.loss).all()
+    np.testing.assert_allclose(r.loss, ref.loss, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(r.skipped, ref.skipped)
+  assert "skip_on_spike/num_skipped" in rows[0] and "zclip/threshold" in rows[0]
+
+
+@pytest.mark.slow
+def test_results_do_not_depend_on_the_number_of_jobs():
+  config = deep_mlp.Config(steps=6, seeds=1, batch=16,
+                           defences=("none", "clip_global", "agc"))
+  jobs = C.JOBS
+  try:
+    C.JOBS = 1
+    serial = deep_mlp.run(config, progress=False)
+    C.JOBS = 3
+    threaded = deep_mlp.run(config, progress=False)
+  finally:
+    C.JOBS = jobs
+  for a, b in zip(serial.runs, threaded.runs, strict=True):
+    np.testing.assert_array_equal(a.loss, b.loss)
+    assert a.metrics == b.metrics
+
+
+@pytest.mark.slow
+def test_main_cli_writes_summary_into_runs_and_never_tracked_files(tmp_path):
+  # a fresh process, run from a scratch folder: the default output lands in ./runs/
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments", "--only", "data_parallel", "--steps", "8",
+       "--no-plots"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  assert "wall s" in proc.stdout
+  (out,) = list((tmp_path / "runs").iterdir())
+  summary = (out / "summary.md").read_text()
+  assert "| data_parallel |" in summary and "pmap" in summary
+  records = json.loads((out / "summary.json").read_text())
+  assert [r["defence"] for r in records] == ["single device", "pmap", "jit + NamedSharding"]
+  for rec in records:
+    assert SUMMARY_KEYS <= set(rec) and rec["data"] == "load_digits"
+  info = json.loads((out / "run.json").read_text())
+  assert info["wall_s"] > 0 and info["profile"] == "default"
+  assert (out / "data_parallel.csv").exists()
+  assert sorted(os.listdir(tmp_path)) == ["runs"]

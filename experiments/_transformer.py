@@ -1,0 +1,127 @@
+"""The small decoder-only transformer and the Markov-chain language of the LM experiments.
+
+Model: a Flax NNX decoder-only transformer (token + position embeddings,
+``layers`` pre-LayerNorm blocks of causal multi-head attention and a GELU MLP,
+final LayerNorm, untied read-out). With ``qk_norm=True`` the queries and keys
+of every head go through their own LayerNorm before the dot product
+(Dehghani et al. 2023; Wortsman et al. 2023): the architectural fix for
+attention-logit growth. The forward pass also returns the largest attention
+logit and the mean log-partition ``log Z`` of the output logits, the two
+quantities Wortsman et al. watch for their two instabilities.
+
+Data: token sequences from a fixed random second-order Markov chain over
+``vocab`` tokens: with probability ``1 - noise`` the next token is
+``table[previous two]``, otherwise uniform. The best achievable loss is the
+chain's entropy rate, far below ``log(vocab)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments import _common as C
+
+
+class Block(nnx.Module):
+  """Pre-LN block: causal multi-head self-attention (optionally qk-LayerNorm), GELU MLP."""
+
+  def __init__(self, width: int, heads: int, qk_norm: bool, *, rngs: nnx.Rngs):
+    self.heads = heads
+    head = width // heads
+    self.ln1 = nnx.LayerNorm(width, rngs=rngs)
+    self.qkv = nnx.Linear(width, 3 * width, rngs=rngs)
+    self.q_norm = nnx.LayerNorm(head, rngs=rngs) if qk_norm else None
+    self.k_norm = nnx.LayerNorm(head, rngs=rngs) if qk_norm else None
+    self.proj = nnx.Linear(width, width, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(width, rngs=rngs)
+    self.fc1 = nnx.Linear(width, 4 * width, rngs=rngs)
+    self.fc2 = nnx.Linear(4 * width, width, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    b, n, d = x.shape
+    h = self.heads
+    q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
+    q, k, v = (t.reshape(b, n, h, d // h) for t in (q, k, v))
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
+    causal = jnp.tril(jnp.ones((n, n), bool))
+    top = jnp.max(jnp.where(causal, logits, -jnp.inf))
+    logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+    att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(b, n, d)
+    x = x + self.proj(att)
+    return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)))), top
+
+
+class TransformerLM(nnx.Module):
+  """``tokens [batch, length] -> (logits [batch, length, vocab], max attention logit)``."""
+
+  def __init__(self, vocab: int, length: int, width: int, heads: int, layers: int,
+               qk_norm: bool = False, *, rngs: nnx.Rngs):
+    self.tok = nnx.Embed(vocab, width, rngs=rngs)
+    self.pos = nnx.Embed(length, width, rngs=rngs)
+    self.blocks = nnx.List([Block(width, heads, qk_norm, rngs=rngs) for _ in range(layers)])
+    self.ln = nnx.LayerNorm(width, rngs=rngs)
+    self.head = nnx.Linear(width, vocab, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = self.tok(tokens) + self.pos(jnp.arange(tokens.shape[1]))
+    tops = []
+    for block in self.blocks:
+      x, top = block(x)
+      tops.append(top)
+    return self.head(self.ln(x)), jnp.max(jnp.stack(tops))
+
+
+def init_params(vocab: int, length: int, width: int, heads: int, layers: int, qk_norm: bool,
+                seed: int) -> tuple[Any, Any]:
+  """``(graphdef, params)``: kernels ``N(0, 1/fan_in)``, embeddings ``N(0, 1)``."""
+  abstract = nnx.eval_shape(lambda: TransformerLM(vocab, length, width, heads, layers, qk_norm,
+                                                  rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+
+  def std(name, shape):
+    return 1.0 if name.endswith("embedding") else 1.0 / math.sqrt(shape[-2])
+
+  return graphdef, C.numpy_init(state, seed, std)
+
+
+def lm_loss(graphdef: Any, params: Any, tokens: jax.Array) -> tuple[jax.Array, dict]:
+  """Next-token cross-entropy and ``{"max_attn_logit", "log_z"}`` diagnostics."""
+  model = nnx.merge(graphdef, params)
+  logits, top = model(tokens[:, :-1])
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  log_z = jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+  return loss, {"max_attn_logit": top, "log_z": log_z}
+
+
+@functools.lru_cache(maxsize=4)
+def markov_chain(vocab: int, noise: float, seed: int = 7) -> tuple[np.ndarray, float]:
+  """The chain's table ``[vocab, vocab] -> next token`` and its entropy rate (nats)."""
+  table = np.random.default_rng(seed).integers(0, vocab, (vocab, vocab))
+  p_top = 1 - noise + noise / vocab
+  p_other = noise / vocab
+  entropy = -sum(n * p * math.log(p) for n, p in ((1, p_top), (vocab - 1, p_other)) if p > 0)
+  return table, entropy
+
+
+def make_sequences(rng: np.random.Generator, shape: tuple[int, ...], length: int, vocab: int,
+                   noise: float) -> np.ndarray:
+  """Token sequences ``[*shape, length + 1]`` (int32) from the Markov chain."""
+  table, _ = markov_chain(vocab, noise)
+  seq = np.empty((*shape, length + 1), np.int32)
+  seq[..., :2] = rng.integers(0, vocab, (*shape, 2))
+  random_tok = rng.integers(0, vocab, (*shape, length + 1))
+  use_random = rng.random((*shape, length + 1)) < noise
+  for t in range(2, length + 1):
+    nxt = table[seq[..., t - 2], seq[..., t - 1]]
+    seq[..., t] = np.where(use_random[..., t], random_tok[..., t], nxt)
+  return seq

@@ -1,0 +1,260 @@
+"""Learning-rate sensitivity of a small transformer LM: a natural instability, no injected faults.
+
+Claim tested: sweeping the learning rate upward, a small transformer without
+qk-layernorm stops training well at high rates (attention logits grow until
+the softmax saturates, the loss stalls or diverges), as Wortsman et al. 2023
+("Small-scale proxies for large-scale Transformer training instabilities")
+show at small scale; qk-layernorm (their architectural fix) moves the failure
+to higher rates. The question asked of each optimizer-side defence is whether
+it widens the range of learning rates that train (their "LR sensitivity"
+figure: final loss against learning rate). Nothing is corrupted: every batch
+is clean data, and whatever goes wrong comes from the optimization itself.
+
+Followed from the paper: pre-LayerNorm decoder-only transformer without
+qk-layernorm (the baseline) and with it (the reference); Adam with
+``b1 = 0.9, b2 = 0.95, eps = 1e-8``; linear warm-up then decay; a learning rate
+grid of factors of ~3; the final loss of each run; the largest attention logit
+as the diagnostic of attention-logit growth and the mean ``log Z`` of the
+output softmax as the diagnostic of output-logit divergence, both logged at
+every step (CSV columns ``max_attn_logit`` and ``log_z``).
+
+What we changed, to fit a CPU budget: 2 layers of width 32 (the paper's
+smallest models are ~10M parameters) trained for a few hundred steps on
+sequences of a synthetic second-order Markov chain instead of C4 (the best
+loss is the chain's entropy rate, printed as a check); no weight decay and no
+z-loss; the decay is linear to 0 (the paper: cosine); the learning rates run
+up to 1 (small models fail only at higher rates, as the paper finds).
+
+Defences, each in front of the same Adam (``og.monitor()`` first in every
+chain, so the raw gradient norm is in ``guard_stats``): ``none``,
+``clip_global`` (``og.clip_by_global_norm(1)``), ``zclip`` (``og.zclip()``),
+``autoclip`` (``og.autoclip(10)``), ``skip_on_spike`` (``og.skip_on_spike(adam,
+sigma=6)`` fed the loss as ``value=``) and ``qk_layernorm`` (no optimizer
+defence: LayerNorm on queries and keys). The table's metric is the loss of
+the final weights on 256 held-out sequences; one row per (learning rate,
+defence). All learning rates and seeds of a defence train together in one
+compiled, ``vmap``-ed ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+import optax_guard as og
+from experiments import _common as C
+from experiments import _transformer as T
+
+NAME = "transformer_lr_sweep"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Sizes of the learning-rate sweep (defaults: the suite's default run)."""
+
+  learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+  steps: int = 300
+  seeds: int = 2
+  vocab: int = 32
+  length: int = 32
+  batch: int = 16
+  width: int = 32
+  heads: int = 4
+  layers: int = 2
+  noise: float = 0.1
+  warmup_steps: int = 30
+  clip_norm: float = 1.0
+  val_size: int = 256
+  fail_margin: float = 0.1
+  defences: tuple[str, ...] = ("none", "clip_global", "zclip", "autoclip", "skip_on_spike",
+                               "qk_layernorm")
+
+  @classmethod
+  def quick(cls) -> Config:
+    return cls(learning_rates=(3e-3, 3e-2, 0.3, 1.0), steps=200,
+               defences=("none", "clip_global", "skip_on_spike", "qk_layernorm"))
+
+  @classmethod
+  def full(cls) -> Config:
+    return cls(learning_rates=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0), steps=2000,
+               seeds=3, width=64, layers=4, length=64, batch=32, warmup_steps=200)
+
+
+def unit_schedule(config: Config) -> optax.Schedule:
+  """Linear warm-up from 0 to 1, then linear decay to 0 at the last step."""
+  return og.warmup(og.linear_decay(1.0, max(config.steps - config.warmup_steps, 1)),
+                   config.warmup_steps)
+
+
+def _adam(config: Config, lr) -> optax.GradientTransformation:
+  unit = unit_schedule(config)
+  return optax.adam(lambda t: lr * unit(t), b1=0.9, b2=0.95, eps=1e-8)
+
+
+DEFENCES: dict[str, tuple[bool, Callable[[Config, Any], Any]]] = {
+    # name -> (qk-layernorm in the model, (config, lr) -> optimizer)
+    "none": (False, lambda c, lr: optax.chain(og.monitor(), _adam(c, lr))),
+    "clip_global": (False, lambda c, lr: optax.chain(
+        og.monitor(), og.clip_by_global_norm(c.clip_norm), _adam(c, lr))),
+    "zclip": (False, lambda c, lr: optax.chain(og.monitor(), og.zclip(), _adam(c, lr))),
+    "autoclip": (False, lambda c, lr: optax.chain(og.monitor(), og.autoclip(10.0),
+                                                  _adam(c, lr))),
+    "skip_on_spike": (False, lambda c, lr: optax.chain(
+        og.monitor(), og.skip_on_spike(_adam(c, lr), sigma=6.0))),
+    "qk_layernorm": (True, lambda c, lr: optax.chain(og.monitor(), _adam(c, lr))),
+    "qk_layernorm+clip_global": (True, lambda c, lr: optax.chain(
+        og.monitor(), og.clip_by_global_norm(c.clip_norm), _adam(c, lr))),
+}
+
+
+def data(config: Config) -> tuple[np.ndarray, np.ndarray]:
+  """Training batches ``[steps, seeds, batch, length + 1]`` and the validation set."""
+  train = np.stack([T.make_sequences(np.random.default_rng(100 + s),
+                                     (config.steps, config.batch), config.length,
+                                     config.vocab, config.noise)
+                    for s in range(config.seeds)], axis=1)
+  val = T.make_sequences(np.random.default_rng(99), (config.val_size,), config.length,
+                         config.vocab, config.noise)
+  return train, val
+
+
+def _train(config: Config, name: str, train, val, bar) -> dict[str, Any]:
+  qk_norm, make_tx = DEFENCES[name]
+  lrs = np.repeat(np.asarray(config.learning_rates, np.float32), config.seeds)
+  seeds = np.tile(np.arange(config.seeds), len(config.learning_rates))
+  inits = [T.init_params(config.vocab, config.length, config.width, config.heads,
+                         config.layers, qk_norm, int(s)) for s in seeds]
+  graphdef = inits[0][0]
+  params = C.stack([p for _, p in inits])
+
+  def tx(lr):
+    return optax.with_extra_args_support(make_tx(config, lr))
+
+  def one(lr, params, opt_state, tokens):
+    (loss, diag), grads = jax.value_and_grad(
+        lambda p: T.lm_loss(graphdef, p, tokens), has_aux=True)(params)
+    updates, opt_state = tx(lr).update(grads, opt_state, params, value=loss)
+    curves = {**C.guard_curves(opt_state), **diag}
+    return optax.apply_updates(params, updates), opt_state, loss, curves
+
+  def step(carry, inputs):
+    params, opt_state = carry
+    params, opt_state, loss, curves = jax.vmap(one)(lrs, params, opt_state, inputs[1][seeds])
+    return (params, opt_state), (loss, curves)
+
+  opt_state = jax.jit(jax.vmap(lambda lr, p: tx(lr).init(p)))(lrs, params)
+  (params, _), (loss, curves) = C.scan_loop(
+      step, (params, opt_state), config.steps, xs=train, bar=bar,
+      stop=lambda carry: C.all_nonfinite(carry[0]))
+  val_loss = np.asarray(jax.jit(jax.vmap(lambda p: T.lm_loss(graphdef, p, val)[0]))(params))
+  curves = {k: np.asarray(v, np.float64).T for k, v in curves.items()}
+  skipped = C.skipped_from_curves(curves)
+  return {"loss": loss.T, "grad_norm": curves["monitor/global_norm"], "curves": curves,
+          "skipped": np.zeros(len(lrs), np.int64) if skipped is None else skipped,
+          "val_loss": val_loss}
+
+
+def failing_lr(runs: Sequence[C.Run], defence: str, margin: float) -> float | None:
+  """The smallest learning rate from which on every run of ``defence`` fails.
+
+  A run *fails* when a seed diverged or its mean validation loss is more than
+  ``margin`` (relative) above the best mean validation loss of the whole sweep.
+  None when the defence trains at every learning rate of the sweep.
+  """
+  best = min(float(np.mean(r.metrics["val_loss"])) for r in runs
+             if np.isfinite(r.metrics["val_loss"]).all())
+  rows = sorted((lr_of(r), r) for r in runs if r.defence == defence)
+  fails = [bool(r.diverged().any()) or not np.isfinite(r.metrics["val_loss"]).all()
+           or float(np.mean(r.metrics["val_loss"])) > (1 + margin) * best for _, r in rows]
+  for i, (lr, _) in enumerate(rows):
+    if all(fails[i:]):
+      return lr
+  return None
+
+
+def lr_of(run: C.Run) -> float:
+  return float(run.setting.split("lr=")[1])
+
+
+def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
+        progress: bool | None = None) -> C.ExperimentResult:
+  """Trains every defence at every learning rate; one row per (lr, defence)."""
+  names = C.select(list(DEFENCES) if guards else list(config.defences), guards)
+  train_data, val = data(config)
+  _, entropy = T.markov_chain(config.vocab, config.noise)
+  per: dict[str, list[C.Run]] = {}
+  with C.Progress(len(names) * config.steps, NAME, progress) as bar, C.Timer() as total:
+
+    def train(name):
+      with bar.phase_of(name), C.Timer() as timer:
+        out = _train(config, name, train_data, val, bar)
+      return out, timer.s
+
+    for name, (out, wall) in zip(names, C.parallel_map(train, names), strict=True):
+      per[name] = []
+      for i, lr in enumerate(config.learning_rates):
+        sl = slice(i * config.seeds, (i + 1) * config.seeds)
+        curves = {k: v[sl] for k, v in out["curves"].items()}
+        r = C.Run(setting=f"lr={lr:g}", defence=name, loss=out["loss"][sl],
+                  grad_norm=out["grad_norm"][sl], skipped=out["skipped"][sl],
+                  wall_s=wall / len(config.learning_rates), extra=curves,
+                  metrics={"val_loss": out["val_loss"][sl].tolist(),
+                           "max_attn_logit": np.nanmax(curves["max_attn_logit"], axis=1).tolist()})
+        r.note = r.nan_note() or f"max attn logit {np.nanmax(curves['max_attn_logit']):.3g}"
+        per[name].append(r)
+  runs = [r for i in range(len(config.learning_rates)) for name in names for r in [per[name][i]]]
+  checks: dict[str, Any] = {"entropy_rate_nats": round(entropy, 4),
+                            "uniform_loss_nats": round(math.log(config.vocab), 4)}
+  for name in names:
+    lr = failing_lr(runs, name, config.fail_margin)
+    checks[f"{name}: fails from lr"] = "never (in the sweep)" if lr is None else lr
+  return C.ExperimentResult(
+      name=NAME,
+      title=(f"Transformer LM ({config.layers} layers, width {config.width}), Adam, "
+             f"{config.steps} steps: final loss vs peak learning rate, {config.seeds} seeds"),
+      config=dataclasses.asdict(config), runs=runs, metric="val_loss", metric_label="val loss",
+      notes=[f"fails: a seed diverged or the mean val loss is > {config.fail_margin:.0%} above "
+             "the best of the sweep, at this and every higher learning rate"],
+      checks=checks, wall_s=total.s, plot=plot)
+
+
+def plot(result: C.ExperimentResult, path: str) -> str | None:
+  """Final validation loss and largest attention logit against the learning rate."""
+  plt = C.pyplot()
+  if plt is None or not result.runs:
+    return None
+  defences = list(dict.fromkeys(r.defence for r in result.runs))
+  cmap = plt.get_cmap("tab10")
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+  for i, name in enumerate(defences):
+    rows = sorted((lr_of(r), r) for r in result.runs if r.defence == name)
+    lrs = np.asarray([lr for lr, _ in rows])
+    style = "--" if name == "none" else ":" if name.startswith("qk_") else "-"
+    for ax, key in zip(axes, ("val_loss", "max_attn_logit"), strict=True):
+      vals = np.asarray([r.metrics[key] for _, r in rows], np.float64)  # [lrs, seeds]
+      with np.errstate(invalid="ignore"):
+        mid = np.nanmean(np.where(np.isfinite(vals), vals, np.nan), axis=1)
+      ax.plot(lrs, mid, style, marker="o", ms=3, color=cmap(i), lw=1.2, label=name)
+      ax.fill_between(lrs, np.nanmin(vals, axis=1), np.nanmax(vals, axis=1), color=cmap(i),
+                      alpha=0.12, lw=0)
+  entropy = result.checks.get("entropy_rate_nats")
+  if entropy is not None:
+    axes[0].axhline(entropy, color="k", lw=0.6, alpha=0.5)
+  axes[0].set_ylabel("final validation loss (nats)", fontsize=8)
+  axes[1].set_ylabel("largest attention logit during training", fontsize=8)
+  axes[1].set_yscale("log")
+  for ax in axes:
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate", fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.tick_params(labelsize=8)
+  axes[0].legend(fontsize=7, frameon=False)
+  fig.suptitle(result.title + "; band: min-max over seeds; line: entropy rate", fontsize=9)
+  fig.tight_layout()
+  return C.save_figure(fig, path)
