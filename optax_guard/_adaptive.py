@@ -127,7 +127,7 @@ class AutoClipState(NamedTuple):
       been recorded, i.e. no clipping).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   history: jax.Array
   norm: jax.Array
   threshold: jax.Array
@@ -272,7 +272,7 @@ class ZClipState(NamedTuple):
     norm: float32, the global norm of this step's incoming updates.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   mean: jax.Array
   std: jax.Array
   threshold: jax.Array

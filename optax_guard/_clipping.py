@@ -24,7 +24,9 @@ from optax_guard import _numerics as num
 from optax_guard import _validation as val
 
 
-def _bounds(owner: str, max_value: ArrayLike, min_value: ArrayLike | None):
+def _bounds(
+    owner: str, max_value: ArrayLike, min_value: ArrayLike | None
+) -> tuple[ArrayLike, ArrayLike]:
   """Checks a box ``[min_value, max_value]``; ``min_value`` defaults to ``-max_value``.
 
   A box that is the whole real line (both bounds infinite) would make the
@@ -32,7 +34,7 @@ def _bounds(owner: str, max_value: ArrayLike, min_value: ArrayLike | None):
   """
   hi = val.number(owner, "max_value", max_value)
   if min_value is None:
-    min_value = -max_value
+    min_value = jnp.negative(max_value) if val.is_jax(max_value) else -float(max_value)  # type: ignore[arg-type]
     lo = None if hi is None else -hi
   else:
     lo = val.number(owner, "min_value", min_value)

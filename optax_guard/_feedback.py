@@ -45,7 +45,7 @@ class ReduceOnPlateauState(NamedTuple):
   best: jax.Array
   num_bad_steps: jax.Array
   cooldown_counter: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
 
 
 def reduce_on_plateau(

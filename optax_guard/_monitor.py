@@ -9,6 +9,7 @@ as a flat ``dict`` ready for a logger.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -157,7 +158,7 @@ def _is_scalar(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0
 
 
-def _scalars(prefix: str, tree: Any):
+def _scalars(prefix: str, tree: Any) -> Iterator[tuple[str, jax.Array]]:
   """``(name, scalar)`` for every scalar leaf of ``tree``; arrays are skipped.
 
   A trailing ``.value`` attribute in the path (the array inside a variable

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 INF_ORDS = (math.inf, "inf", np.inf)
 
@@ -271,7 +272,9 @@ def partial_stats(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   return partial_norm(x, 2), max_abs, count
 
 
-def ring_record(history: jax.Array, count: jax.Array, x: jax.Array, ok: jax.Array):
+def ring_record(
+    history: jax.Array, count: jax.Array, x: ArrayLike, ok: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Appends ``x`` to a history buffer if ``ok``; returns ``(history, count)``.
 
   The buffer is a shift register: the newest observation is always the last

@@ -15,7 +15,7 @@ the parameters (or a prefix of it), or a callable ``params -> such a tree``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,7 +27,8 @@ from optax_guard import _validation as val
 
 # A mask: a tree of bools with the structure of the params (or a prefix of
 # it), or a callable that returns one from the params.
-Mask = Any | Callable[[optax.Params], Any]
+BoolTree = bool | Mapping[Any, "BoolTree"] | Sequence["BoolTree"]
+Mask = BoolTree | Callable[[optax.Params], BoolTree]
 
 
 def _expand_mask(owner: str, mask: Mask, params: Any) -> Any:

@@ -99,7 +99,8 @@ def _whole(owner: str, name: str, value: Any, *, minimum: int) -> Any:
     val.integer(owner, name, value)  # shape and dtype; the value is not read
     return value
   if isinstance(value, (float, np.floating)):
-    v = val.number(owner, name, value)
+    v = float(value)
+    val.number(owner, name, value)  # NaN
     if not (math.isfinite(v) and v == math.floor(v)):
       raise ValueError(f"{owner}({name}=...) must be a whole number, got {value!r}")
     value = int(v)
@@ -112,7 +113,8 @@ def _whole(owner: str, name: str, value: Any, *, minimum: int) -> Any:
 def _mark(owner: str, value: Any) -> int:
   """A milestone: a whole number >= 0 (any size; beyond int32 it is never reached)."""
   if isinstance(value, (float, np.floating)):
-    v = val.number(owner, "milestones", value)
+    v = float(value)
+    val.number(owner, "milestones", value)  # NaN
     if not (math.isfinite(v) and v == math.floor(v)):
       raise ValueError(f"{owner}(milestones=...) must hold whole numbers, got {value!r}")
     value = int(v)
@@ -240,7 +242,10 @@ def _polynomial_core(n, init, end, steps, power, *, cycle, unit):
   return jnp.where(n == 0, init, out)
 
 
-def _polynomial(init_value, decay_steps, power, end_value, cycle) -> optax.Schedule:
+def _polynomial(
+    init_value: ArrayLike, decay_steps: Any, power: ArrayLike, end_value: ArrayLike,
+    cycle: bool,
+) -> optax.Schedule:
   hp = (_f32(init_value), _f32(end_value), _int32(decay_steps), _f32(power))
   unit = _unit(power)
   return lambda count: _polynomial_core(_step(count), *hp, cycle=cycle, unit=unit)
@@ -553,13 +558,13 @@ def multistep_decay(
   val.finite(owner, "init_value", init_value)
   val.positive(owner, "factor", factor, finite=True)
   if _is_jax(milestones):
-    marks = _int32(jnp.ravel(milestones))
+    marks = _int32(jnp.ravel(jnp.asarray(milestones)))
   else:
     if isinstance(milestones, (str, bytes)) or not isinstance(
         milestones, (Sequence, np.ndarray)
     ):
       raise TypeError(f"{owner}(milestones=...) must be a sequence of ints, got {milestones!r}")
-    ms = [_mark(owner, m) for m in np.ravel(np.asarray(milestones, dtype=object))]
+    ms = [_mark(owner, m) for m in np.asarray(milestones, dtype=object).ravel()]
     if any(ms[i] > ms[i + 1] for i in range(len(ms) - 1)):
       raise ValueError(f"{owner}(milestones=...) must be sorted, got {list(milestones)!r}")
     marks = np.asarray([m for m in ms if m <= _INT32_MAX], np.int32)  # others: never reached

@@ -305,7 +305,8 @@ def float_leaves(owner: str, tree: Any, *, what: str = "updates", complex_ok: bo
 def matching_params(owner: str, updates: Any, params: Any) -> None:
   """``params`` has the tree structure and leaf shapes of ``updates``."""
   needs_params(owner, params)
-  u_struct, p_struct = jax.tree.structure(updates), jax.tree.structure(params)
+  u_struct: Any = jax.tree.structure(updates)
+  p_struct: Any = jax.tree.structure(params)
   if u_struct != p_struct:
     raise ValueError(
         f"{owner}: params must have the tree structure of the updates, got "
