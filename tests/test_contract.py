@@ -794,3 +794,39 @@ def test_penalties_on_complex_params_follow_optax_convention(factory, penalty):
   if factory is og.add_l2_penalty:
     ref, _ = optax.add_decayed_weights(0.6).update(g, optax.EmptyState(), p)
     chex.assert_trees_all_close(out, ref, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# No device work at construction: a script may build its optimizer before
+# jax.distributed.initialize().
+# ---------------------------------------------------------------------------
+
+_BUILD_BEFORE_INITIALIZE = r"""
+import socket, sys
+sys.path.insert(0, {tests!r})
+import jax
+import test_contract as tc  # the registry builds every transformation at import
+for entry in list(tc.TRANSFORMS.values()) + list(tc.SCHEDULES.values()):
+  entry.factory(**entry.kwargs)
+for name, (kwargs, _) in tc.NONDEFAULT.items():
+  getattr(tc.og, name)(**kwargs)
+with socket.socket() as s:
+  s.bind(("localhost", 0))
+  port = s.getsockname()[1]
+jax.distributed.initialize(f"localhost:{{port}}", num_processes=1, process_id=0)
+print("initialized after building", len(tc.TRANSFORMS) + len(tc.SCHEDULES), "factories")
+"""
+
+
+def test_every_factory_builds_before_jax_distributed_initialize(tmp_path):
+  import os
+  import subprocess
+  import sys
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "-c", _BUILD_BEFORE_INITIALIZE.format(tests=tests)],
+      capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "initialized after building" in proc.stdout
