@@ -8,27 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import make_grads, make_params
 from flax import serialization
 
 import optax_guard as og
 
 
-def _params():
-  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  return {"dense": {"kernel": jax.random.normal(k1, (4, 3)), "bias": jnp.zeros(3)},
-          "scale": jax.random.normal(k2, ())}
-
-
 def _grads(i):
   """Gradients with a NaN at step 5 and a x50 spike at step 7."""
-  leaves, treedef = jax.tree_util.tree_flatten(_params())
-  keys = jax.random.split(jax.random.PRNGKey(100 + i), len(leaves))
-  g = [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+  g = make_grads(i, scale=50.0 if i == 7 else 1.0)
   if i == 5:
-    g[0] = g[0].at[0].set(jnp.nan)
-  if i == 7:
-    g = [50.0 * x for x in g]
-  return jax.tree_util.tree_unflatten(treedef, g)
+    g["dense"]["bias"] = g["dense"]["bias"].at[0].set(jnp.nan)
+  return g
 
 
 def _value(i):
@@ -48,35 +39,23 @@ def _recipe():
   )
 
 
-def _factories():
-  out = {
-      "skip_nonfinite": lambda: og.skip_nonfinite(optax.adam(1e-2)),
-      "skip_on_spike": lambda: og.skip_on_spike(optax.adam(1e-2), window=8, min_history=4),
-      "monitor": lambda: og.monitor(),
-      "monitor/per_leaf": lambda: og.monitor(per_leaf=True),
-      "recipe": _recipe,
-      "inject_hyperparams": lambda: optax.inject_hyperparams(og.skip_on_spike)(
-          optax.chain(og.monitor(), optax.sgd(0.1)), window=8, min_history=4
-      ),
-  }
-  adaptive = {
-      "autoclip": lambda: og.autoclip(50.0, history_size=8),
-      "zclip": lambda: og.zclip(warmup_steps=3),
-      "reduce_on_plateau": lambda: og.reduce_on_plateau(patience=2),
-  }
-  for name, make in adaptive.items():
-    out[name] = make if hasattr(og, name) else None
-  return out
-
-
-FACTORIES = _factories()
+FACTORIES = {
+    "skip_nonfinite": lambda: og.skip_nonfinite(optax.adam(1e-2)),
+    "skip_on_spike": lambda: og.skip_on_spike(optax.adam(1e-2), window=8, min_history=4),
+    "monitor": lambda: og.monitor(),
+    "monitor/per_leaf": lambda: og.monitor(per_leaf=True),
+    "recipe": _recipe,
+    "inject_hyperparams": lambda: optax.inject_hyperparams(og.skip_on_spike)(
+        optax.chain(og.monitor(), optax.sgd(0.1)), window=8, min_history=4
+    ),
+    "autoclip": lambda: og.autoclip(50.0, history_size=8),
+    "zclip": lambda: og.zclip(warmup_steps=3),
+    "reduce_on_plateau": lambda: og.reduce_on_plateau(patience=2),
+}
 
 
 def _make(name):
-  make = FACTORIES[name]
-  if make is None:
-    pytest.skip(f"og.{name} is not exported yet")
-  return optax.with_extra_args_support(make())
+  return optax.with_extra_args_support(FACTORIES[name]())
 
 
 def _step_fn(tx):
@@ -88,12 +67,12 @@ def _step_fn(tx):
   return step
 
 
-_GRADS = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[_grads(i) for i in range(16)])
+_GRADS = jax.tree.map(lambda *xs: jnp.stack(xs), *[_grads(i) for i in range(16)])
 _VALUES = jnp.stack([_value(i) for i in range(16)])
 
 
 def _grads_traced(i):
-  return jax.tree_util.tree_map(lambda x: x[i], _GRADS)
+  return jax.tree.map(lambda x: x[i], _GRADS)
 
 
 def _value_traced(i):
@@ -109,27 +88,27 @@ def _run(tx, step, params, state, start, stop):
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_checkpoint_state_round_trips_through_flax_serialization(name):
   tx = _make(name)
-  params = _params()
+  params = make_params()
   _, state = _run(tx, _step_fn(tx), params, tx.init(params), 0, 9)
   blob = serialization.to_bytes(state)
   restored = serialization.from_bytes(tx.init(params), blob)
-  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(state)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
   chex.assert_trees_all_equal(restored, state)
   chex.assert_trees_all_equal_dtypes(restored, state)
   # the state holds only arrays (no Python scalars that a checkpoint would drop)
-  assert all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(state))
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
 
 
 @pytest.mark.parametrize("name", ["recipe", "skip_nonfinite"])
 def test_checkpoint_restored_run_continues_bitwise(name):
   tx = _make(name)
   step = _step_fn(tx)
-  params = _params()
+  params = make_params()
   full_p, full_s = _run(tx, step, params, tx.init(params), 0, 16)
   half_p, half_s = _run(tx, step, params, tx.init(params), 0, 8)
   blob = serialization.to_bytes({"params": half_p, "opt_state": half_s})
   del half_p, half_s
-  template = {"params": _params(), "opt_state": tx.init(_params())}
+  template = {"params": make_params(), "opt_state": tx.init(make_params())}
   restored = serialization.from_bytes(template, blob)
   p, s = _run(tx, step, restored["params"], restored["opt_state"], 8, 16)
   chex.assert_trees_all_equal(p, full_p)
@@ -144,17 +123,17 @@ def test_checkpoint_orbax_round_trip(tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
   tx = _make("recipe")
   step = _step_fn(tx)
-  params = _params()
+  params = make_params()
   p8, s8 = _run(tx, step, params, tx.init(params), 0, 8)
   tree = {"params": p8, "opt_state": s8}
-  abstract = jax.tree_util.tree_map(
+  abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
   )
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp_path / "standard", tree)
     ckptr.wait_until_finished()
     restored = ckptr.restore(tmp_path / "standard", abstract)
-  assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(tree)
+  assert jax.tree.structure(restored) == jax.tree.structure(tree)
   chex.assert_trees_all_equal(restored, tree)
   chex.assert_trees_all_equal_dtypes(restored, tree)
   ckptr = ocp.PyTreeCheckpointer()

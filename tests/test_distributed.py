@@ -104,8 +104,8 @@ def _inputs(steps):
       _tree(jax.random.PRNGKey(10 + i), 4 * NDEV) for i in range(steps)
   ]
   # a spike and a NaN-free large step so that guards take both branches
-  grads[steps // 2] = jax.tree_util.tree_map(lambda x: 40.0 * x, grads[steps // 2])
-  grads = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *grads)
+  grads[steps // 2] = jax.tree.map(lambda x: 40.0 * x, grads[steps // 2])
+  grads = jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
   values = jnp.linspace(3.0, 1.0, steps).at[steps // 2].set(50.0)
   return params, grads, values
 
@@ -116,11 +116,11 @@ def _run_steps(tx, params, grads, values):
   state = tx.init(params)
   outs = []
   for i in range(values.shape[0]):
-    g = jax.tree_util.tree_map(lambda x, i=i: x[i], grads)
+    g = jax.tree.map(lambda x, i=i: x[i], grads)
     u, state = tx.update(g, state, params, value=values[i])
     params = optax.apply_updates(params, u)
     outs.append(u)
-  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
 def _single(entry):
@@ -151,9 +151,9 @@ def test_pmap_matches_single_device(name, devices):
   )
   out = jax.pmap(
       partial(_run_steps, entry.make("d")), axis_name="d", in_axes=(0, 0, None)
-  )(jax.tree_util.tree_map(shard, params), jax.tree_util.tree_map(shard_steps, grads), values)
+  )(jax.tree.map(shard, params), jax.tree.map(shard_steps, grads), values)
   # (dev, step, k, ...) -> (step, dev*k, ...)
-  out = jax.tree_util.tree_map(
+  out = jax.tree.map(
       lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], -1) + x.shape[3:]), out
   )
   chex.assert_trees_all_close(out, _single(entry), rtol=2e-5, atol=1e-6)
