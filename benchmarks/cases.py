@@ -7,9 +7,16 @@ so the runner works on any checkout.
 ``extra_passes`` is the number of extra full reads of the gradients that the
 variant needs on top of Adam's own traffic, in the ideal fused program: a norm
 is one read (the scale by one factor fuses into Adam's read of the gradients),
-an elementwise clip is none. Adam reads the gradients, parameters, ``mu`` and
-``nu`` and writes the last three (7 tree-sized transfers), so the traffic
-bound of a variant is ``adam * (1 + extra_passes / 7)``.
+an elementwise clip is none, a guard around a clip two (its own norm and the
+clip's).
+
+Adam reads the gradients, parameters, ``mu`` and ``nu`` and writes the last
+three (7 tree-sized transfers), so the traffic bound of a variant is
+``adam * (1 + extra_passes / 7)``.
+
+A variant with ``fused=True`` is timed as ``og.update_and_apply(tx, ...)``
+instead of ``tx.update`` followed by ``optax.apply_updates``; ``base`` names the
+unguarded variant its overhead is measured against (the guard's own cost).
 """
 
 from __future__ import annotations
@@ -41,6 +48,9 @@ class StepVariant:
   equiv_exact: bool = False  # same semantics (else: the closest optax has)
   extra_passes: int = 1
   group: str = "ours"  # "baseline", "ours" or "optax"
+  fused: bool = False  # timed through og.update_and_apply
+  base: str | None = None  # the unguarded variant this one wraps
+  refs: tuple[str, ...] = ()  # variants selected with this one (--only)
 
 
 def _adam():
@@ -49,6 +59,13 @@ def _adam():
 
 def _og(name: str) -> Any:
   return getattr(og, name)
+
+
+def _guarded(guard: str) -> Callable[[], optax.GradientTransformation]:
+  return lambda: _og(guard)(optax.chain(_og("clip_by_global_norm")(MAX_NORM), _adam()))
+
+
+CHAIN = "og.clip_by_global_norm"  # the unguarded chain(og.clip_by_global_norm(1), adam)
 
 
 def step_variants() -> list[StepVariant]:
@@ -85,19 +102,29 @@ def step_variants() -> list[StepVariant]:
       ),
       StepVariant(
           "og.skip_nonfinite", "og.skip_nonfinite(chain(og.clip_by_global_norm(1), adam))",
-          lambda: _og("skip_nonfinite")(
-              optax.chain(_og("clip_by_global_norm")(MAX_NORM), adam())
-          ),
-          needs=("skip_nonfinite", "clip_by_global_norm"),
-          equiv="optax.apply_if_finite", equiv_exact=True,
+          _guarded("skip_nonfinite"), needs=("skip_nonfinite", "clip_by_global_norm"),
+          equiv="optax.apply_if_finite", equiv_exact=True, extra_passes=2, base=CHAIN,
+      ),
+      StepVariant(
+          "og.skip_nonfinite:fused",
+          "og.update_and_apply(og.skip_nonfinite(chain(og.clip_by_global_norm(1), adam)))",
+          _guarded("skip_nonfinite"),
+          needs=("update_and_apply", "skip_nonfinite", "clip_by_global_norm"),
+          equiv="optax.apply_if_finite", equiv_exact=True, extra_passes=2, fused=True,
+          base=CHAIN, refs=("og.skip_nonfinite",),
       ),
       StepVariant(
           "og.skip_on_spike", "og.skip_on_spike(chain(og.clip_by_global_norm(1), adam))",
-          lambda: _og("skip_on_spike")(
-              optax.chain(_og("clip_by_global_norm")(MAX_NORM), adam())
-          ),
-          needs=("skip_on_spike", "clip_by_global_norm"),
-          equiv="optax.apply_if_finite",
+          _guarded("skip_on_spike"), needs=("skip_on_spike", "clip_by_global_norm"),
+          equiv="optax.apply_if_finite", extra_passes=2, base=CHAIN,
+      ),
+      StepVariant(
+          "og.skip_on_spike:fused",
+          "og.update_and_apply(og.skip_on_spike(chain(og.clip_by_global_norm(1), adam)))",
+          _guarded("skip_on_spike"),
+          needs=("update_and_apply", "skip_on_spike", "clip_by_global_norm"),
+          equiv="optax.apply_if_finite", extra_passes=2, fused=True, base=CHAIN,
+          refs=("og.skip_on_spike",),
       ),
       StepVariant(
           "og.monitor", "chain(og.monitor(), adam)",
@@ -121,9 +148,14 @@ def step_variants() -> list[StepVariant]:
               optax.chain(optax.clip_by_global_norm(MAX_NORM), adam()),
               max_consecutive_errors=5,
           ),
-          group="optax",
+          extra_passes=2, group="optax",
       ),
   ]
+
+
+def variant(name: str) -> StepVariant:
+  """The step variant called ``name``."""
+  return next(v for v in step_variants() if v.name == name)
 
 
 def missing(variant: StepVariant) -> list[str]:

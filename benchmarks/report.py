@@ -27,11 +27,29 @@ def _mib(b: float | None) -> str:
 def _value(t: dict[str, Any]) -> str:
   if t["value"] is None:
     return "-"
+  if t["kind"] == "share":
+    return f"{100 * t['value']:.2f}%"
   return _pct(t["value"]) if t["kind"] == "pct" else _x(t["value"])
 
 
 def _limit(t: dict[str, Any]) -> str:
+  if t["kind"] == "share":
+    return f"<= {100 * t['limit']:.0f}%"
   return f"<= {t['limit']:+.0f}%" if t["kind"] == "pct" else f"<= {t['limit']:.1f}x"
+
+
+def smoke_note(results: dict[str, Any]) -> str:
+  """One sentence when the run is too short to judge its targets, else ''."""
+  smoke = results.get("smoke") or {}
+  parts = []
+  if smoke.get("time"):
+    parts.append("timings (`--scale` < 1 or fewer than 5 rounds)")
+  if smoke.get("compile") and results.get("compile"):
+    parts.append("compile times (fewer than 3 compile rounds)")
+  if not parts:
+    return ""
+  return ("Smoke run: " + " and ".join(parts) + " are noisy; their targets are labelled "
+          "NOISY, not judged.")
 
 
 def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
@@ -70,6 +88,9 @@ def header(results: dict[str, Any]) -> list[str]:
         f"state donated; buffers "
         + ("kept alive." if mem.get("mode") == "keep" else "recreated per turn.")
     )
+  note = smoke_note(results)
+  if note:
+    lines += ["", f"**{note}**"]
   return lines
 
 
@@ -87,16 +108,24 @@ def step_table(results: dict[str, Any]) -> list[str]:
     rows.append([
         f"`{r['code']}`", _ms(r["median_s"]),
         "-" if name == "adam" else _pct(r.get("overhead_pct")),
+        _pct(r.get("overhead_base_pct")),
         eq, _x(r.get("ratio_bound")), _x(r.get("traffic_vs_adam")),
         _mib(r.get("temp_bytes")),
     ])
   return [
       "## Optimizer step (`tx.update` + `optax.apply_updates`, jitted, donated)", "",
-      *_table(["step", "median ms", "over adam", "vs optax's equivalent",
-               "vs traffic bound", "XLA bytes vs adam", "XLA temp MiB"], "lrrrrrr", rows),
+      *_table(["step", "median ms", "over adam", "over the unguarded chain",
+               "vs optax's equivalent", "vs traffic bound", "XLA bytes vs adam",
+               "XLA temp MiB"], "lrrrrrrr", rows),
+      "",
+      "`og.update_and_apply(tx)` rows time `og.update_and_apply(tx, grads, state, params)` "
+      "(the parameter update inside the guard's `lax.cond`); the others `tx.update` "
+      "followed by `optax.apply_updates`. Over the unguarded chain: the guarded step "
+      "relative to `chain(og.clip_by_global_norm(1), adam)` alone, the guard's own cost.",
       "",
       "Traffic bound: `adam * (1 + k/7)` with `k` the extra full reads of the gradients "
-      "the variant needs (1 for a norm, 0 for an elementwise clip); Adam moves 7 tree-sized "
+      "the variant needs (1 for a norm, 0 for an elementwise clip, 2 for a guard around a "
+      "clip); Adam moves 7 tree-sized "
       "buffers (reads g, p, mu, nu; writes p, mu, nu). XLA bytes: bytes accessed by the "
       "compiled step according to XLA's cost model, relative to adam's (deterministic, "
       "unlike the timings). XLA temp: temporary buffers of the compiled step, allocated "
@@ -163,8 +192,9 @@ def targets_table(results: dict[str, Any]) -> list[str]:
   rows = [[t["target"] + (f" ({t['note']})" if t.get("note") else ""), _value(t),
            _limit(t), f"**{t['status']}**" if t["status"] == "MISS" else t["status"]]
           for t in ts]
+  note = smoke_note(results)
   return ["## Targets", "", *_table(["target", "measured", "limit", "result"],
-                                              "lrrl", rows)]
+                                    "lrrl", rows), *(["", note] if note else [])]
 
 
 def skipped_lines(results: dict[str, Any]) -> list[str]:
@@ -191,6 +221,9 @@ def console(results: dict[str, Any]) -> str:
     if lines:
       parts.append("\n".join(lines))
   ts = results.get("targets", [])
+  note = smoke_note(results)
+  if note:
+    parts.append(note)
   if ts:
     parts.append("\n".join(
         f"{t['status']:4s}  {t['target']}: {_value(t)} (limit {_limit(t)[3:]})"

@@ -27,6 +27,13 @@ state is selected elementwise. The results are the same, but the step costs
 what a ``jnp.where`` over the whole state costs. Under ``jit``, ``pmap`` and
 ``shard_map`` the decision is one scalar and the branch is a real one.
 
+A guard returns its updates out of the ``lax.cond``, and XLA does not fuse
+across a conditional, so ``optax.apply_updates`` reads them again as a full
+update-sized buffer. :func:`~optax_guard.update_and_apply` on a guard runs the
+parameter update inside the ``cond`` instead: each guard registers that fused
+step when it is built, and stays an ordinary
+``optax.GradientTransformationExtraArgs`` otherwise.
+
 Counters are int32 and saturate at ``2**31 - 1`` (``optax.safe_increment``).
 """
 
@@ -40,6 +47,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from optax_guard import _apply
 from optax_guard import _numerics as num
 from optax_guard import _validation as val
 
@@ -164,6 +172,28 @@ def _apply_or_skip(inner, skip, updates, inner_state, params, extra_args):
   return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
 
 
+def _apply_params_or_skip(inner, skip, grads, inner_state, params, extra_args):
+  """The fused form of :func:`_apply_or_skip`: ``(new_params, new_inner_state)``.
+
+  The apply branch runs ``inner.update`` and adds its updates to ``params``
+  inside the ``cond``, so XLA fuses the addition into the inner update (no
+  update-sized buffer crosses the conditional); the skip branch returns
+  ``params`` and ``inner_state`` as they are. Same branch order as
+  :func:`_apply_or_skip`.
+  """
+
+  def apply():
+    updates, new_state = inner.update(grads, inner_state, params, **extra_args)
+    return optax.apply_updates(params, updates), new_state
+
+  out_params, out_state = jax.eval_shape(apply)
+
+  def skip_branch():
+    return jax.tree.map(_like, params, out_params), jax.tree.map(_like, inner_state, out_state)
+
+  return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
+
+
 def _counters(state, skip):
   """The new ``(num_skipped, consecutive_skipped, last_skipped)``."""
   num_skipped = jnp.where(skip, optax.safe_increment(state.num_skipped), state.num_skipped)
@@ -174,8 +204,9 @@ def _counters(state, skip):
 
 
 def _zero_counters():
-  zero = jnp.zeros((), jnp.int32)
-  return zero, zero, jnp.zeros((), jnp.bool_)
+  # one array per field: a state whose fields share a buffer cannot be
+  # donated to a jitted step ("donate the same buffer twice")
+  return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)
 
 
 def _nonfinite_decision(updates, state, axis_name):
@@ -215,7 +246,9 @@ def skip_nonfinite(
   with a decision that varies along the mapped axis the ``cond`` becomes a
   select: ``inner.update`` runs and its state is selected elementwise, with
   the same results.) Keyword extras such as ``value=`` are passed through to
-  ``inner``.
+  ``inner``. With the guard outermost, ``og.update_and_apply(guard, grads,
+  state, params)`` applies the update to the parameters inside the ``cond``
+  (no update-sized buffer between the guard and ``optax.apply_updates``).
 
   Args:
     inner: the transformation to guard (usually the whole optimizer).
@@ -259,7 +292,14 @@ def skip_nonfinite(
     )
     return new_updates, SkipNonfiniteState(inner_state, *fields)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def fused_fn(grads, state, params, **extra_args):
+    skip, fields = _nonfinite_decision(grads, state, axis_name)
+    new_params, inner_state = _apply_params_or_skip(
+        inner, skip, grads, state.inner_state, params, extra_args
+    )
+    return new_params, SkipNonfiniteState(inner_state, *fields)
+
+  return _apply.register_fused(optax.GradientTransformationExtraArgs(init_fn, update_fn), fused_fn)
 
 
 def _median(x, valid, n):
@@ -388,7 +428,9 @@ def skip_on_spike(
   (list it in ``static_args`` to ``jax.jit`` the ``init``); ``sigma`` and
   ``min_history`` may be traced or scheduled. Under ``jax.vmap`` with a
   decision that varies along the mapped axis, the ``cond`` becomes a select
-  over both branches (same results, the cost of a whole-state select).
+  over both branches (same results, the cost of a whole-state select). With
+  the guard outermost, ``og.update_and_apply(guard, grads, state, params,
+  value=loss)`` applies the update to the parameters inside the ``cond``.
 
   Args:
     inner: the transformation to guard (usually the whole optimizer).
@@ -460,4 +502,13 @@ def skip_on_spike(
     )
     return new_updates, SkipOnSpikeState(inner_state, *fields)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def fused_fn(grads, state, params, **extra_args):
+    skip, fields = _spike_decision(
+        grads, state, extra_args.get("value"), sigma, min_history, axis_name
+    )
+    new_params, inner_state = _apply_params_or_skip(
+        inner, skip, grads, state.inner_state, params, extra_args
+    )
+    return new_params, SkipOnSpikeState(inner_state, *fields)
+
+  return _apply.register_fused(optax.GradientTransformationExtraArgs(init_fn, update_fn), fused_fn)
