@@ -369,3 +369,100 @@ def test_update_and_apply_donated_guard_step_keeps_no_update_sized_temporary(gua
   unfused = int(_compiled_step(tx, fused=False).memory_analysis().temp_size_in_bytes)
   print(f"temp bytes: fused {fused}, unfused {unfused}, leaf {LEAF_BYTES}")
   assert fused < LEAF_BYTES // 4
+
+
+# ---------------------------------------------------------------------------
+# Flax: NNX (split/merge) and linen (TrainState), with value=loss
+# ---------------------------------------------------------------------------
+
+
+def _data():
+  x = jax.random.normal(jax.random.PRNGKey(5), (16, 3))
+  return x, jnp.sin(x @ jnp.array([[1.0], [-2.0], [0.5]]))
+
+
+def test_update_and_apply_flax_nnx_split_merge_matches_the_unfused_step():
+  nnx = pytest.importorskip("flax.nnx")
+
+  class MLP(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(3, 8, rngs=rngs)
+      self.out = nnx.Linear(8, 1, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(nnx.relu(self.hidden(x)))
+
+  tx = _spike()
+  graphdef, params0, rest = nnx.split(MLP(nnx.Rngs(0)), nnx.Param, ...)
+  x, y = _data()
+
+  def loss_fn(params, x, y):
+    return jnp.mean((nnx.merge(graphdef, params, rest)(x) - y) ** 2)
+
+  def make(fused):
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, x, y):
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+      if fused:
+        return (*og.update_and_apply(tx, grads, opt_state, params, value=loss), loss)
+      return (*_unfused(tx, grads, opt_state, params, value=loss), loss)
+
+    return step
+
+  runs = []
+  for fused in (True, False):
+    step, params = make(fused), jax.tree.map(jnp.copy, params0)
+    opt_state, losses = tx.init(params), []
+    for i in range(6):
+      xi = x.at[0, 0].set(jnp.nan) if i == 4 else x  # a NaN batch: skipped
+      params, opt_state, loss = step(params, opt_state, xi, y)
+      losses.append(float(loss))
+    runs.append((params, opt_state, losses))
+  _assert_same(runs[0][:2], runs[1][:2])
+  assert int(runs[0][1].num_skipped) == 1 and runs[0][2][5] < runs[0][2][0]
+  model = nnx.merge(graphdef, runs[0][0], rest)  # merges back into a model
+  assert model(x).shape == (16, 1)
+
+
+def test_update_and_apply_flax_linen_train_state_matches_apply_gradients():
+  nn = pytest.importorskip("flax.linen")
+  from flax.training import train_state
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(nn.relu(nn.Dense(8)(x)))
+
+  x, y = _data()
+  model = MLP()
+  tx = og.skip_nonfinite(_inner())
+  state0 = train_state.TrainState.create(
+      apply_fn=model.apply, params=model.init(jax.random.PRNGKey(1), x)["params"], tx=tx)
+
+  def fused_apply_gradients(state, grads, **extra):
+    params, opt_state = og.update_and_apply(
+        state.tx, grads, state.opt_state, state.params, **extra)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+  def make(fused):
+    @jax.jit
+    def step(state, x, y):
+      def loss_fn(params):
+        return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2)
+
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      if fused:
+        return fused_apply_gradients(state, grads, value=loss)
+      return state.apply_gradients(grads=grads)
+
+    return step
+
+  states = []
+  for fused in (True, False):
+    step, state = make(fused), state0
+    for i in range(6):
+      state = step(state, x.at[1, 2].set(jnp.inf) if i == 2 else x, y)
+    states.append(state)
+  assert int(states[0].step) == int(states[1].step) == 6
+  _assert_same((states[0].params, states[0].opt_state), (states[1].params, states[1].opt_state))
+  assert int(states[0].opt_state.num_skipped) == 1
