@@ -93,7 +93,7 @@ class SpikeTracker(NamedTuple):
   """
 
   history: jax.Array
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   last: jax.Array
   threshold: jax.Array
 
