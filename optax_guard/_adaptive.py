@@ -62,7 +62,8 @@ def adaptive_grad_clip(
   Args:
     clipping: the ratio ``lambda > 0`` of gradient norm to weight norm allowed
       per unit (Brock et al. use 0.01 to 0.16, smaller for larger batches).
-    eps: the smallest weight norm ``>= 0`` used for the limit.
+    eps: the smallest weight norm used for the limit, ``> 0`` and finite
+      (with 0, a zero-initialised unit would get a zero limit and never move).
     axis: int, tuple of ints, or None (see above); applies to every leaf.
       Under ``optax.inject_hyperparams`` an int ``axis`` would become an
       array, which raises a ``TypeError``: pass ``static_args=("axis",)`` or
@@ -87,7 +88,8 @@ def adaptive_grad_clip(
   """
   owner = "adaptive_grad_clip"
   val.positive(owner, "clipping", clipping, finite=True)
-  val.non_negative(owner, "eps", eps, finite=True)
+  # eps = 0 would freeze zero-initialised weights (their limit is 0) for good
+  val.positive(owner, "eps", eps, finite=True)
   axis = val.unit_axis(owner, axis)
 
   def update_fn(updates, state, params=None):

@@ -29,7 +29,9 @@ def _bounds(
 ) -> tuple[ArrayLike, ArrayLike]:
   """Checks a box ``[min_value, max_value]``; ``min_value`` defaults to ``-max_value``.
 
-  A box that is the whole real line (both bounds infinite) would make the
+  A box of zero width (``max_value == min_value``, e.g. ``clip_by_value(0.0)``)
+  would replace everything with one constant, and a box that is the whole real
+  line (both bounds infinite) would make the
   transformation a silent no-op, so it is rejected.
   """
   hi = val.number(owner, "max_value", max_value)
@@ -38,7 +40,8 @@ def _bounds(
     lo = None if hi is None else -hi
   else:
     lo = val.number(owner, "min_value", min_value)
-  val.ordered(owner, "min_value", min_value, "max_value", max_value)
+  # a box of zero width, such as [0, 0], would set every value to one constant
+  val.ordered(owner, "min_value", min_value, "max_value", max_value, strict=True)
   if lo is not None and hi is not None and lo == -math.inf and hi == math.inf:
     raise ValueError(
         f"{owner}(max_value=..., min_value=...) must bound something, got "

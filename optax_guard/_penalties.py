@@ -36,13 +36,19 @@ def _expand_mask(owner: str, mask: Mask, params: Any) -> Any:
   tree = mask(params) if callable(mask) else mask
   val.mask_tree(owner, tree)
   try:
-    return jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, params)
+    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, params)
   except (ValueError, TypeError) as e:
     raise ValueError(
         f"{owner}(mask=...) must have the tree structure of the params or a prefix "
         f"of it; mask {jax.tree.structure(tree)} does not fit params "
         f"{jax.tree.structure(params)} ({e})"
     ) from None
+  if jax.tree.leaves(params) and not any(jax.tree.leaves(full)):
+    raise ValueError(
+        f"{owner}(mask=...) selects no parameter: the penalty would add nothing "
+        f"(leave the transformation out instead)"
+    )
+  return full
 
 
 def _penalty(
@@ -53,6 +59,8 @@ def _penalty(
 ) -> optax.GradientTransformation:
   val.positive(owner, "weight", weight, finite=True)
   val.mask(owner, mask)
+  if mask is not None and not callable(mask) and not any(jax.tree.leaves(mask)):
+    raise ValueError(f"{owner}(mask=...) selects no parameter, got {mask!r}")
 
   def update_fn(updates, state, params=None):
     val.matching_params(owner, updates, params)

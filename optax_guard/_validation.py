@@ -135,13 +135,16 @@ def finite(owner: str, name: str, value: Any) -> None:
     raise _fail(owner, name, value, "finite")
 
 
-def ordered(owner: str, lo_name: str, lo: Any, hi_name: str, hi: Any) -> None:
-  """``lo <= hi`` when both are concrete."""
+def ordered(
+    owner: str, lo_name: str, lo: Any, hi_name: str, hi: Any, *, strict: bool = False
+) -> None:
+  """``lo <= hi`` (``lo < hi`` if ``strict``) when both are concrete."""
   a, b = number(owner, lo_name, lo), number(owner, hi_name, hi)
-  if a is not None and b is not None and a > b:
+  if a is not None and b is not None and (a >= b if strict else a > b):
+    relation = "<" if strict else "<="
     raise ValueError(
-        f"{owner}({lo_name}=..., {hi_name}=...) needs {lo_name} <= {hi_name}, "
-        f"got {lo_name}={lo!r} > {hi_name}={hi!r}"
+        f"{owner}({lo_name}=..., {hi_name}=...) needs {lo_name} {relation} {hi_name}, "
+        f"got {lo_name}={lo!r} and {hi_name}={hi!r}"
     )
 
 

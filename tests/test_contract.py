@@ -52,7 +52,8 @@ TRANSFORMS: dict[str, Transform] = {
     "clip_by_value": Transform(
         og.clip_by_value, dict(max_value=0.5),
         bad=(dict(max_value=NAN), dict(max_value=1.0, min_value=2.0),
-             dict(max_value=-1.0), dict(max_value="big")),
+             dict(max_value=-1.0), dict(max_value="big"), dict(max_value=0.0),
+             dict(max_value=float("inf"), min_value=-float("inf"))),
     ),
     "clip_by_norm": Transform(
         og.clip_by_norm, dict(max_norm=0.5),
@@ -74,7 +75,8 @@ TRANSFORMS: dict[str, Transform] = {
     ),
     "clip_weights": Transform(
         og.clip_weights, dict(max_value=0.3), needs_params=True,
-        bad=(dict(max_value=0.1, min_value=0.2), dict(max_value=NAN)),
+        bad=(dict(max_value=0.1, min_value=0.2), dict(max_value=NAN),
+             dict(max_value=0.2, min_value=0.2)),
     ),
     "clip_weights_by_norm": Transform(
         og.clip_weights_by_norm, dict(max_norm=0.5), needs_params=True,
@@ -83,7 +85,7 @@ TRANSFORMS: dict[str, Transform] = {
     # --- _adaptive.py ---
     "adaptive_grad_clip": Transform(
         og.adaptive_grad_clip, dict(clipping=0.05), needs_params=True,
-        bad=(dict(clipping=0.0), dict(clipping=NAN), dict(eps=-1.0),
+        bad=(dict(clipping=0.0), dict(clipping=NAN), dict(eps=-1.0), dict(eps=0.0),
              dict(axis="rows")),
     ),
     "autoclip": Transform(
@@ -133,7 +135,8 @@ TRANSFORMS: dict[str, Transform] = {
     "add_l1_penalty": Transform(
         og.add_l1_penalty, dict(weight=0.01), needs_params=True,
         bad=(dict(weight=-1.0), dict(weight=NAN), dict(weight=float("inf")),
-             dict(weight="big")),
+             dict(weight="big"), dict(mask=False),
+             dict(mask={"dense": False, "scale": False})),
     ),
     "add_l2_penalty": Transform(
         og.add_l2_penalty,
@@ -511,7 +514,7 @@ ARGS: dict[str, dict[str, str]] = {
     "truncate_by_value": dict(threshold="pos_finite"),
     "clip_weights": dict(max_value="real", min_value="real?"),
     "clip_weights_by_norm": dict(max_norm="pos_finite", axis="axis"),
-    "adaptive_grad_clip": dict(clipping="pos_finite", eps="nonneg_finite", axis="axis"),
+    "adaptive_grad_clip": dict(clipping="pos_finite", eps="pos_finite", axis="axis"),
     "autoclip": dict(percentile="percent", history_size="int_pos", axis_name="axis_name"),
     "zclip": dict(alpha="unit", z_threshold="pos_finite", warmup_steps="int_pos",
                   max_norm="pos_finite?", eps="nonneg_finite", axis_name="axis_name"),
@@ -830,3 +833,10 @@ def test_every_factory_builds_before_jax_distributed_initialize(tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "initialized after building" in proc.stdout
+
+
+def test_callable_mask_selecting_nothing_is_an_error():
+  tx = og.add_l2_penalty(0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim > 5, p))
+  params = _params()
+  with pytest.raises(ValueError, match=r"add_l2_penalty\(mask=...\) selects no parameter"):
+    tx.update(_grads(0), tx.init(params), params)

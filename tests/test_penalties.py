@@ -89,7 +89,6 @@ def test_add_penalties_respect_masks(factory):
   fn_mask = lambda p: jax.tree.map(lambda x: x.ndim == 2, p)
   for mask, on in [
       (tree_mask, {"kernel"}), (fn_mask, {"kernel"}), (prefix_mask, {"kernel", "bias"}),
-      ({"dense": False, "scale": False}, set()),
   ]:
     tx = factory(0.3, mask=mask)
     out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
