@@ -50,11 +50,11 @@ NAME = "transformer_injected"
 class Config:
   """Sizes of the injected-fault experiment (defaults: the suite's default run)."""
 
-  steps: int = 320
+  steps: int = 240
   seeds: int = 2
   vocab: int = 32
   length: int = 16
-  batch: int = 16
+  batch: int = 8
   width: int = 32
   heads: int = 4
   layers: int = 2
@@ -69,11 +69,11 @@ class Config:
 
   @classmethod
   def quick(cls) -> Config:
-    return cls(steps=240, defences=("none", "clip_global", "skip_on_spike"))
+    return cls(steps=160, defences=("none", "skip_on_spike"))
 
   @classmethod
   def full(cls) -> Config:
-    return cls(steps=2000, seeds=3, length=32, glitch_every=100)
+    return cls(steps=1000, seeds=3, glitch_every=100)
 
 
 def _schedule(c: Config):
