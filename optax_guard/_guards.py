@@ -203,7 +203,7 @@ def _counters(state, skip):
   return num_skipped, consecutive, jnp.asarray(skip, jnp.bool_)
 
 
-def _zero_counters():
+def _zero_counters() -> tuple[jax.Array, jax.Array, jax.Array]:
   # one array per field: a state whose fields share a buffer cannot be
   # donated to a jitted step ("donate the same buffer twice")
   return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)
@@ -485,7 +485,7 @@ def skip_on_spike(
           f"shape), got a tracer; use inject_hyperparams(..., static_args=('window',))"
       ) from None
 
-    def tracker():
+    def tracker() -> SpikeTracker:
       return SpikeTracker(
           jnp.zeros((size,), jnp.float32), jnp.zeros((), jnp.int32),
           jnp.zeros((), jnp.float32), jnp.full((), jnp.inf, jnp.float32),
