@@ -92,7 +92,7 @@ def reduce_on_plateau(
   ``a < b (1 - tau)`` (``a > b (1 + tau)`` in max mode), computed the same way.
   For a negative ``best`` torch's margin ``b * tau`` flips sign, so a value up
   to ``|b| tau`` *worse* than ``best`` counts as better and a flat negative
-  plateau never reduces the scale (pytorch issue 47513; ``optax.contrib``
+  plateau never reduces the scale (reported as pytorch/pytorch#47513; ``optax.contrib``
   has the same flaw). Here the margin is ``tau |b|`` whatever the sign, so
   negative losses (e.g. log-likelihood bounds) plateau as positive ones do.
   This is the one deliberate difference from torch's decision rule.

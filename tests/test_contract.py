@@ -1,4 +1,4 @@
-"""The contract every public factory of optax_guard honours (DESIGN.md 4).
+"""The contract every public factory of optax_guard honours.
 
 One registry lists every public name with a small valid configuration and
 configurations that must be rejected. ``test_registry_covers_public_api``
