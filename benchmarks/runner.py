@@ -470,7 +470,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
       b = rs.get(theirs, {}).get("total_s")
       add(f"compile {ours} vs {theirs} ({c['leaves']} leaves)", _ratio(a, b), 1.1, "ratio",
           section="compile")
-  # The goal: never slower than optax's equivalent (same semantics).
+  # The goal: never slower than optax's equivalent (same semantics).
   for ours, theirs in (("og.clip_by_value", "optax.clip"),
                        ("og.skip_nonfinite", "optax.apply_if_finite")):
     same = step.get(ours, {}).get("same_program_as_equiv")
