@@ -370,9 +370,9 @@ def zclip(
 
   def init_fn(params):
     del params
-    zero = jnp.zeros((), jnp.float32)
+    zero = lambda: jnp.zeros((), jnp.float32)  # one buffer per field (donatable)
     return ZClipState(
-        count=jnp.zeros((), jnp.int32), mean=zero, std=zero, threshold=zero, norm=zero,
+        count=jnp.zeros((), jnp.int32), mean=zero(), std=zero(), threshold=zero(), norm=zero(),
     )
 
   def update_fn(updates, state, params=None):

@@ -88,11 +88,11 @@ def monitor(
   axis_name = val.axis_name("monitor", axis_name)
 
   def init_fn(params):
-    zero = jnp.zeros((), jnp.float32)
+    zero = lambda: jnp.zeros((), jnp.float32)  # one buffer per field (donatable)
     leaf_norms = None
     if per_leaf:
       leaf_norms = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
-    return MonitorState(zero, zero, jnp.zeros((), jnp.int32), leaf_norms)
+    return MonitorState(zero(), zero(), jnp.zeros((), jnp.int32), leaf_norms)
 
   def update_fn(updates, state, params=None):
     del params

@@ -827,3 +827,14 @@ def test_callable_mask_selecting_nothing_is_an_error():
   params = _params()
   with pytest.raises(ValueError, match=r"add_l2_penalty\(mask=...\) selects no parameter"):
     tx.update(_grads(0), tx.init(params), params)
+
+
+@pytest.mark.parametrize("name", transform_names)
+def test_transform_fresh_state_can_be_donated(name):
+  """``init`` gives every field its own buffer, so a jitted step may donate the state."""
+  tx = optax.with_extra_args_support(_make(TRANSFORMS[name]))
+  params = _params()
+  step = jax.jit(lambda g, s: tx.update(g, s, params, value=_value(0)), donate_argnums=1)
+  _, state = step(_grads(0), tx.init(params))
+  _, state = step(_grads(1), state)
+  assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
