@@ -12,8 +12,8 @@ and one batch in the middle of training corrupted on purpose (inputs x30:
 an INJECTED fault, counted in ``injected_faults``) so that ``skip_on_spike``
 really skips a step and the test covers a skip decision.
 
-The same optimizer, ``chain(og.monitor(), og.zclip(), og.skip_on_spike(sgd
-with momentum))`` fed the loss as ``value=``, trains the same MLP on the same
+The same optimizer, ``chain(og.monitor(), og.skip_on_spike(chain(og.zclip(),
+sgd with momentum)))`` fed the loss as ``value=``, trains the same MLP on the same
 global batches of ``global_batch`` digits in three ways:
 
 * ``single device``: ``jit`` on the first local device, the whole global batch;
@@ -88,11 +88,12 @@ class Config:
 
 
 def make_tx(config: Config) -> optax.GradientTransformationExtraArgs:
+  """Watch the raw gradient, skip it if its norm spikes, else clip it adaptively and step."""
   return optax.chain(
       og.monitor(),
-      og.zclip(warmup_steps=10),
-      og.skip_on_spike(optax.sgd(config.learning_rate, momentum=0.9), sigma=6.0, window=32,
-                       min_history=16),
+      og.skip_on_spike(
+          optax.chain(og.zclip(warmup_steps=10), optax.sgd(config.learning_rate, momentum=0.9)),
+          sigma=6.0, window=32, min_history=16),
   )
 
 
@@ -266,7 +267,7 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
         else ""))
   return C.ExperimentResult(
       name=NAME,
-      title=(f"Guarded SGD (monitor + zclip + skip_on_spike), {config.depth}-layer MLP on "
+      title=(f"Guarded SGD (monitor, skip_on_spike(zclip + sgd)), {config.depth}-layer MLP on "
              f"digits, {len(devices)} devices in {jax.process_count()} process(es): pmap and "
              "sharded jit vs one device"),
       config=dataclasses.asdict(config), runs=runs, metric="test_accuracy",

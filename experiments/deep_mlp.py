@@ -334,7 +334,8 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
   return C.ExperimentResult(
       name=NAME,
       title=(f"Deep MLP on {config.data} ({config.depth} ReLU layers x {config.width}, init gain "
-             f"{config.init_gain:g} vs He {math.sqrt(2):.3g}), SGD lr {config.learning_rate:g}, "
+             f"{config.init_gain:g} vs He {math.sqrt(2):.3g}), SGD lr {config.learning_rate:g} "
+             f"momentum {config.momentum:g}, "
              f"median of {config.seeds} seeds"),
       config=dataclasses.asdict(config), runs=runs, metric="test_accuracy",
       metric_label="test acc", data="load_digits" if config.data == "digits" else "synthetic",

@@ -58,12 +58,12 @@ NAME = "transformer_lr_sweep"
 class Config:
   """Sizes of the learning-rate sweep (defaults: the suite's default run)."""
 
-  learning_rates: tuple[float, ...] = (3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+  learning_rates: tuple[float, ...] = (1e-2, 3e-2, 0.1, 0.3, 1.0)
   steps: int = 300
   seeds: int = 2
   vocab: int = 32
   length: int = 16
-  batch: int = 8
+  batch: int = 16
   width: int = 32
   heads: int = 4
   layers: int = 2
@@ -77,7 +77,7 @@ class Config:
 
   @classmethod
   def quick(cls) -> Config:
-    return cls(learning_rates=(1e-2, 0.1, 1.0), steps=150,
+    return cls(learning_rates=(1e-2, 0.1, 1.0), steps=150, batch=8,
                defences=("none", "clip_global", "qk_layernorm"))
 
   @classmethod

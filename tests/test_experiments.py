@@ -511,7 +511,7 @@ def test_transformer_injected_tiny_run_is_labelled_injected(tmp_path):
 
 @pytest.mark.slow
 def test_data_parallel_tiny_run_matches_single_device(tmp_path):
-  config = data_parallel.Config(steps=24, depth=2, width=16, global_batch=64)
+  config = data_parallel.Config(steps=30, depth=2, width=16, global_batch=64)
   result = data_parallel.run(config, progress=False)
   _, rows = _check_outputs(result, tmp_path)
   n = len(jax.devices())
@@ -520,6 +520,7 @@ def test_data_parallel_tiny_run_matches_single_device(tmp_path):
   assert result.checks["jit + NamedSharding: allclose(rtol=0.0001, atol=1e-05)"] is True
   ref = _run(result, "single device")
   assert ref.injected_faults == 1
+  assert ref.skipped.tolist() == [1]  # the corrupted batch (step 19) was skipped
   for name in ("pmap", "jit + NamedSharding"):
     r = _run(result, name)
     assert np.isfinite(r.loss).all()
