@@ -194,7 +194,7 @@ def _optax_clip(tree, c):
 
 
 def _scale(tree, c):
-  return jax.tree_util.tree_map(lambda x: x * c.astype(x.dtype), tree)
+  return jax.tree.map(lambda x: x * c.astype(x.dtype), tree)
 
 
 def standalone_cases() -> list[Standalone]:

@@ -57,12 +57,12 @@ MIN_COMPILE_ROUNDS = 3
 
 def _nbytes(tree: Any) -> int:
   return sum(
-      math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+      math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
   )
 
 
 def _delete(tree: Any) -> None:
-  for x in jax.tree_util.tree_leaves(tree):
+  for x in jax.tree.leaves(tree):
     if isinstance(x, jax.Array) and not x.is_deleted():
       x.delete()
 
@@ -139,7 +139,7 @@ class StepCase:
     tx = self.tx
 
     def create(g):
-      params = jax.tree_util.tree_map(lambda x: (-50 * x).astype(x.dtype), g)
+      params = jax.tree.map(lambda x: (-50 * x).astype(x.dtype), g)
       return params, tx.init(params)
 
     self._create = jax.jit(create)
@@ -225,10 +225,10 @@ class StandaloneCase:
           jax.jit(spec.fn, donate_argnums=0).lower(abstract, self.c).compile()
       )
       self.bytes = _nbytes(abstract)
-      self._copy = jax.jit(lambda g: jax.tree_util.tree_map(lambda x: -x, g))
+      self._copy = jax.jit(lambda g: jax.tree.map(lambda x: -x, g))
       # Refills the donated tree in place with the gradients (no allocation).
       self._refill = jax.jit(
-          lambda t, g: jax.tree_util.tree_map(lambda _, x: -x, t, g), donate_argnums=0
+          lambda t, g: jax.tree.map(lambda _, x: -x, t, g), donate_argnums=0
       )
     self.compile_s = time.perf_counter() - t0
     self.temp_bytes = _hlo_stats(self.compiled).get("temp_bytes", 0)

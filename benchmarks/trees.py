@@ -82,7 +82,7 @@ def scaled(shape: tuple[int, ...], scale: float) -> tuple[int, ...]:
 
 def abstract_tree(tree: str, dtype: Any, scale: float = 1.0) -> Any:
   """The tree as ``jax.ShapeDtypeStruct`` leaves."""
-  return jax.tree_util.tree_map(
+  return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(scaled(s, scale), jnp.dtype(dtype)),
       tree_shapes(tree),
       is_leaf=_is_shape,
@@ -91,7 +91,7 @@ def abstract_tree(tree: str, dtype: Any, scale: float = 1.0) -> Any:
 
 def describe(abstract: Any) -> dict[str, Any]:
   """Leaf count, parameter count and bytes of an abstract tree."""
-  leaves = jax.tree_util.tree_leaves(abstract)
+  leaves = jax.tree.leaves(abstract)
   n = sum(math.prod(x.shape) for x in leaves)
   nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
   return {"leaves": len(leaves), "params": int(n), "bytes": int(nbytes)}
@@ -107,7 +107,7 @@ def make_gradients(abstract: Any, seed: int = 0, std: float = 1e-3) -> Any:
   With the default ``std`` the GPT-2 tree's global norm is about 11, so
   clipping at 1.0 is active (every clip really multiplies).
   """
-  leaves, treedef = jax.tree_util.tree_flatten(abstract)
+  leaves, treedef = jax.tree.flatten(abstract)
   keys = jax.random.split(jax.random.PRNGKey(seed), max(len(leaves), 1))
   drawers: dict[Any, Any] = {}
   out = []
@@ -120,4 +120,4 @@ def make_gradients(abstract: Any, seed: int = 0, std: float = 1e-3) -> Any:
           ).astype(dtype)
       )
     out.append(drawers[sig](key, np.float32(std)))
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return jax.tree.unflatten(treedef, out)

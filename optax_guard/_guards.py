@@ -123,18 +123,26 @@ class SkipOnSpikeState(NamedTuple):
   value: SpikeTracker
 
 
-def _check_inner(fn: str, inner: Any) -> optax.GradientTransformationExtraArgs:
+def _check_inner(owner: str, inner: Any) -> optax.GradientTransformationExtraArgs:
   if not isinstance(inner, optax.GradientTransformation):
     raise TypeError(
-        f"{fn}(inner=...) must be an optax.GradientTransformation, got {inner!r}"
+        f"{owner}(inner=...) must be an optax.GradientTransformation, got {inner!r}"
     )
   return optax.with_extra_args_support(inner)
 
 
 def _varying(x: Any) -> frozenset:
-  """The manual mesh axes ``x`` varies over inside ``shard_map`` (else empty)."""
-  manual = getattr(x, "manual_axis_type", None)
-  return frozenset(getattr(manual, "varying", ()) or ())
+  """The manual mesh axes ``x`` varies over inside ``shard_map`` (else empty).
+
+  Read from the type that the public ``jax.typeof`` gives (an array, a tracer
+  or a ``jax.ShapeDtypeStruct``): its ``vma`` where JAX calls it so, else its
+  ``manual_axis_type.varying`` (the spelling of JAX 0.10).
+  """
+  aval = jax.typeof(x)
+  if hasattr(aval, "vma"):
+    return frozenset(aval.vma)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying) if manual is not None else frozenset()
 
 
 def _like(x: jax.Array, spec: Any) -> jax.Array:
@@ -145,7 +153,7 @@ def _like(x: jax.Array, spec: Any) -> jax.Array:
   branch of the ``cond`` produces it.
   """
   x = jnp.asarray(x, spec.dtype)
-  missing = _varying(spec) - _varying(jax.typeof(x))
+  missing = _varying(spec) - _varying(x)
   if missing:
     x = jax.lax.pcast(x, tuple(sorted(missing)), to="varying")
   return x
@@ -468,20 +476,20 @@ def skip_on_spike(
     outlier test is Hampel's (Hampel, 1974, *The Influence Curve and Its Role
     in Robust Estimation*, https://doi.org/10.1080/01621459.1974.10482962).
   """
-  fn = "skip_on_spike"
-  inner = _check_inner(fn, inner)
-  val.positive(fn, "sigma", sigma, finite=True)
-  val.integer(fn, "window", window, minimum=1)
-  val.integer(fn, "min_history", min_history, minimum=1)
-  val.ordered(fn, "min_history", min_history, "window", window)
-  axis_name = val.axis_name(fn, axis_name)
+  owner = "skip_on_spike"
+  inner = _check_inner(owner, inner)
+  val.positive(owner, "sigma", sigma, finite=True)
+  val.integer(owner, "window", window, minimum=1)
+  val.integer(owner, "min_history", min_history, minimum=1)
+  val.ordered(owner, "min_history", min_history, "window", window)
+  axis_name = val.axis_name(owner, axis_name)
 
   def init_fn(params):
     try:
       size = int(np.asarray(window))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
       raise ValueError(
-          f"{fn}(window=...) must be concrete when init runs (it sets the history "
+          f"{owner}(window=...) must be concrete when init runs (it sets the history "
           f"shape), got a tracer; use inject_hyperparams(..., static_args=('window',))"
       ) from None
 

@@ -52,7 +52,7 @@ def make_optimizers(axis_name):
     # batch); the mean over devices is taken inside the guard, on applied steps
     head.append(
         optax.GradientTransformation(
-            lambda params: optax.EmptyState(),
+            optax.init_empty_state,
             lambda updates, state, params=None: (_pmean(updates, axis_name), state),
         )
     )

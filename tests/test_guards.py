@@ -43,7 +43,7 @@ def _scaled_by_value():
 
   def update_fn(updates, state, params=None, *, value, **extra_args):
     del params, extra_args
-    return jax.tree_util.tree_map(lambda u: u * value, updates), state
+    return jax.tree.map(lambda u: u * value, updates), state
 
   return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update_fn)
 
@@ -57,7 +57,7 @@ def _faulty(kind):
   if kind == "-inf":
     return _with(g, "b", 0, -jnp.inf)
   if kind == "1e30-scaled":  # every element finite, the sum of squares overflows float32
-    return jax.tree_util.tree_map(lambda x: 1e30 * x, g)
+    return jax.tree.map(lambda x: 1e30 * x, g)
   assert kind == "one-1e20-element"
   return _with(g, "w", (1, 1), 1e20)
 
@@ -77,11 +77,11 @@ def test_skip_nonfinite_skips_every_nonfinite_kind():
   _, state = update(_grads(0), tx.init(params), params)  # one real step first
   for kind in FAULTS:
     g = _faulty(kind)
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(g)) == (
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g)) == (
         kind in ("1e30-scaled", "one-1e20-element")
     )
     u, new = update(g, state, params)
-    chex.assert_trees_all_equal(u, jax.tree_util.tree_map(jnp.zeros_like, params))
+    chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
     chex.assert_trees_all_equal(new.inner_state, state.inner_state)  # untouched, bitwise
     assert int(new.num_skipped) == 1 and int(new.consecutive_skipped) == 1, kind
     assert new.last_skipped.dtype == jnp.bool_ and bool(new.last_skipped)
@@ -101,12 +101,12 @@ def test_skip_nonfinite_finite_step_is_the_inner_step_bitwise():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_skip_nonfinite_zero_updates_keep_the_inner_output_dtype(dtype):
-  params = jax.tree_util.tree_map(lambda x: x.astype(dtype), _params())
-  g = jax.tree_util.tree_map(lambda x: x.astype(dtype), _faulty("nan"))
+  params = jax.tree.map(lambda x: x.astype(dtype), _params())
+  g = jax.tree.map(lambda x: x.astype(dtype), _faulty("nan"))
   tx = og.skip_nonfinite(optax.sgd(0.1))
   u, _ = tx.update(g, tx.init(params), params)
   chex.assert_trees_all_equal_shapes_and_dtypes(u, params)
-  assert all(not bool(jnp.any(x)) for x in jax.tree_util.tree_leaves(u))
+  assert all(not bool(jnp.any(x)) for x in jax.tree.leaves(u))
 
 
 def test_skip_nonfinite_float16_tree_that_overflows_in_float16_is_not_skipped():
@@ -154,7 +154,7 @@ def test_skip_nonfinite_passes_value_and_extras_to_inner():
   params = _params()
   tx = og.skip_nonfinite(_scaled_by_value())
   u, _ = tx.update(_grads(0), tx.init(params), params, value=jnp.float32(3.0), other=1)
-  chex.assert_trees_all_close(u, jax.tree_util.tree_map(lambda x: 3.0 * x, _grads(0)))
+  chex.assert_trees_all_close(u, jax.tree.map(lambda x: 3.0 * x, _grads(0)))
   # inside a chain, the value still arrives
   chained = optax.chain(optax.identity(), tx)
   u2, _ = chained.update(_grads(0), chained.init(params), params, value=jnp.float32(3.0))
@@ -213,14 +213,14 @@ def test_skip_nonfinite_huge_tree_uses_cond_and_no_select_over_the_state():
 
 
 def _where_guard(inner):
-  """The anti-pattern (DESIGN 1.5): jnp.where over updates and state."""
+  """The anti-pattern: selecting updates and the whole state with jnp.where."""
 
   def update_fn(updates, state, params=None):
     ok = jnp.isfinite(optax.tree.norm(updates))
     new_u, new_s = inner.update(updates, state, params)
     pick = lambda a, b: jnp.where(ok, a, b)
-    return (jax.tree_util.tree_map(lambda u: pick(u, jnp.zeros_like(u)), new_u),
-            jax.tree_util.tree_map(pick, new_s, state))
+    return (jax.tree.map(lambda u: pick(u, jnp.zeros_like(u)), new_u),
+            jax.tree.map(pick, new_s, state))
 
   return optax.GradientTransformation(inner.init, update_fn)
 
@@ -684,7 +684,7 @@ def _inject(g, c):
   first = jnp.where((c >= 1) & (c <= 3), bad, g["w1"][0, 0])
   g = {**g, "w1": g["w1"].at[0, 0].set(first)}
   scale = jnp.array([1.0, 1.0, 1.0, 1.0, 1e30, 1e3])[c]
-  return jax.tree_util.tree_map(lambda x: x * scale, g)
+  return jax.tree.map(lambda x: x * scale, g)
 
 
 def _mlp_loss(p, x, y):
@@ -736,7 +736,7 @@ def fault_runs():
 
 
 def _finite(tree):
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree))
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
 def test_skip_nonfinite_fault_injection_run_is_ruined_without_a_guard(fault_runs):
