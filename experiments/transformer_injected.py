@@ -198,5 +198,7 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
       config=dataclasses.asdict(config), runs=runs, metric="val_loss", metric_label="val loss",
       checks={"entropy_rate_nats": round(entropy, 4),
               "uniform_loss_nats": round(math.log(config.vocab), 4),
+              "best_possible_loss_nats": round(
+                  (math.log(config.vocab) + (config.length - 1) * entropy) / config.length, 4),
               "glitch_steps": glitches.tolist()},
       wall_s=total.s)
