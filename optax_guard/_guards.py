@@ -159,28 +159,32 @@ def _like(x: jax.Array, spec: Any) -> jax.Array:
   return x
 
 
-def _apply_or_skip(inner, skip, updates, inner_state, params, extra_args):
+def _apply_or_skip(inner, skip, updates, inner_state, params, extra_args, known):
   """``lax.cond(not skip, inner.update(...), (zeros, inner_state))``.
 
   The apply branch is the *true* branch on purpose: with the branches the
   other way round, XLA:CPU (jax 0.10) keeps full-size copies of the inner
   state next to the donated buffers (3x the gradient bytes of temporaries
   for ``chain(clip, adam)`` instead of 1x, and about twice the step time).
+  ``known`` is ``(partial, axis_name)``, the sum of squares the guard decided
+  on: an inner ``clip_by_global_norm`` of the same updates with the same
+  ``axis_name`` reuses it (see ``_numerics.known_partial``) instead of
+  reading the updates again.
   """
 
   def apply():
     return inner.update(updates, inner_state, params, **extra_args)
 
-  out_updates, out_state = jax.eval_shape(apply)
-
   def skip_branch():
     zeros = jax.tree.map(lambda s: _like(jnp.zeros(s.shape, s.dtype), s), out_updates)
     return zeros, jax.tree.map(_like, inner_state, out_state)
 
-  return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
+  with num.known_partial(updates, known[0], 2, known[1]):
+    out_updates, out_state = jax.eval_shape(apply)
+    return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
 
 
-def _apply_params_or_skip(inner, skip, grads, inner_state, params, extra_args):
+def _apply_params_or_skip(inner, skip, grads, inner_state, params, extra_args, known):
   """The fused form of :func:`_apply_or_skip`: ``(new_params, new_inner_state)``.
 
   The apply branch runs ``inner.update`` and adds its updates to ``params``
@@ -194,12 +198,12 @@ def _apply_params_or_skip(inner, skip, grads, inner_state, params, extra_args):
     updates, new_state = inner.update(grads, inner_state, params, **extra_args)
     return optax.apply_updates(params, updates), new_state
 
-  out_params, out_state = jax.eval_shape(apply)
-
   def skip_branch():
     return jax.tree.map(_like, params, out_params), jax.tree.map(_like, inner_state, out_state)
 
-  return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
+  with num.known_partial(grads, known[0], 2, known[1]):
+    out_params, out_state = jax.eval_shape(apply)
+    return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
 
 
 def _counters(state, skip):
@@ -218,15 +222,17 @@ def _zero_counters() -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _nonfinite_decision(updates, state, axis_name):
-  """The decision of :func:`skip_nonfinite`: ``(skip, fields)``.
+  """The decision of :func:`skip_nonfinite`: ``(skip, fields, partial)``.
 
   ``fields`` are the new guard-side fields of the state, in order after
-  ``inner_state``: ``SkipNonfiniteState(new_inner_state, *fields)``.
+  ``inner_state``: ``SkipNonfiniteState(new_inner_state, *fields)``;
+  ``partial`` is the sum of squares of ``updates`` (over devices) it used.
   """
   # decide on the sum of squares, not on its sqrt: XLA may rewrite
   # sqrt(x * x) as |x| for a one-element tree, hiding the overflow
-  skip = jnp.logical_not(num.is_finite_scalar(num.global_partial(updates, 2, axis_name)))
-  return skip, _counters(state, skip)
+  partial = num.global_partial(updates, 2, axis_name)
+  skip = jnp.logical_not(num.is_finite_scalar(partial))
+  return skip, _counters(state, skip), partial
 
 
 def skip_nonfinite(
@@ -294,16 +300,16 @@ def skip_nonfinite(
     return SkipNonfiniteState(inner.init(params), *_zero_counters())
 
   def update_fn(updates, state, params=None, **extra_args):
-    skip, fields = _nonfinite_decision(updates, state, axis_name)
+    skip, fields, partial = _nonfinite_decision(updates, state, axis_name)
     new_updates, inner_state = _apply_or_skip(
-        inner, skip, updates, state.inner_state, params, extra_args
+        inner, skip, updates, state.inner_state, params, extra_args, (partial, axis_name)
     )
     return new_updates, SkipNonfiniteState(inner_state, *fields)
 
   def fused_fn(grads, state, params, **extra_args):
-    skip, fields = _nonfinite_decision(grads, state, axis_name)
+    skip, fields, partial = _nonfinite_decision(grads, state, axis_name)
     new_params, inner_state = _apply_params_or_skip(
-        inner, skip, grads, state.inner_state, params, extra_args
+        inner, skip, grads, state.inner_state, params, extra_args, (partial, axis_name)
     )
     return new_params, SkipNonfiniteState(inner_state, *fields)
 
@@ -344,7 +350,7 @@ def _track(tracker, x, sigma, min_history):
 
 
 def _spike_decision(updates, state, value, sigma, min_history, axis_name):
-  """The decision of :func:`skip_on_spike`: ``(skip, fields)``.
+  """The decision of :func:`skip_on_spike`: ``(skip, fields, partial)``.
 
   ``value`` is the ``value=`` extra or None. ``fields`` are the new
   guard-side fields of the state, in order after ``inner_state``:
@@ -370,7 +376,7 @@ def _spike_decision(updates, state, value, sigma, min_history, axis_name):
   else:
     _, value_tracker = _track(state.value, value, sigma, min_history)
     skip = skip | jnp.logical_not(jnp.isfinite(value))
-  return skip, (*_counters(state, skip), norm_tracker, value_tracker)
+  return skip, (*_counters(state, skip), norm_tracker, value_tracker), partial
 
 
 def skip_on_spike(
@@ -502,20 +508,20 @@ def skip_on_spike(
     return SkipOnSpikeState(inner.init(params), *_zero_counters(), tracker(), tracker())
 
   def update_fn(updates, state, params=None, **extra_args):
-    skip, fields = _spike_decision(
+    skip, fields, partial = _spike_decision(
         updates, state, extra_args.get("value"), sigma, min_history, axis_name
     )
     new_updates, inner_state = _apply_or_skip(
-        inner, skip, updates, state.inner_state, params, extra_args
+        inner, skip, updates, state.inner_state, params, extra_args, (partial, axis_name)
     )
     return new_updates, SkipOnSpikeState(inner_state, *fields)
 
   def fused_fn(grads, state, params, **extra_args):
-    skip, fields = _spike_decision(
+    skip, fields, partial = _spike_decision(
         grads, state, extra_args.get("value"), sigma, min_history, axis_name
     )
     new_params, inner_state = _apply_params_or_skip(
-        inner, skip, grads, state.inner_state, params, extra_args
+        inner, skip, grads, state.inner_state, params, extra_args, (partial, axis_name)
     )
     return new_params, SkipOnSpikeState(inner_state, *fields)
 

@@ -18,8 +18,10 @@ how partial results are combined across devices.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -124,14 +126,59 @@ def cross_device(partials: Any, ord: Any = 2, axis_name: Any = None) -> Any:  # 
   return jax.lax.psum(partials, axis_name)
 
 
+# (leaves, ord, axis_name, partial) that global_partial may return as known;
+# set by known_partial while a guard traces its inner transformation.
+_KNOWN_PARTIAL: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+    "optax_guard_known_partial", default=None
+)
+
+
+@contextlib.contextmanager
+def known_partial(
+    tree: Any, partial: jax.Array, ord: Any = 2, axis_name: Any = None  # noqa: A002
+) -> Iterator[None]:
+  """While tracing the block, :func:`global_partial` of these very leaves is ``partial``.
+
+  A guard computes the sum of squares of the incoming updates to decide; an
+  inner ``clip_by_global_norm`` of the same updates would compute it again
+  (XLA does not merge the two reductions across the guard's ``lax.cond``).
+  Inside this block a request for the partial of the *same* leaf objects
+  (the same arrays or tracers, in the same order) with the same ``ord`` and
+  ``axis_name`` returns ``partial`` instead of a second pass over the
+  updates. Anything else (other leaves, e.g. after a penalty was added, or
+  another ``ord``) is computed as usual, so results never change.
+  """
+  entry = (tuple(jax.tree.leaves(tree)), canonical_ord(ord), axis_name, partial)
+  token = _KNOWN_PARTIAL.set(entry)
+  try:
+    yield
+  finally:
+    _KNOWN_PARTIAL.reset(token)
+
+
+def _known(leaves: list, ord: Any, axis_name: Any) -> jax.Array | None:  # noqa: A002
+  entry = _KNOWN_PARTIAL.get()
+  if entry is None:
+    return None
+  known_leaves, known_ord, known_axis, partial = entry
+  same = (known_ord == canonical_ord(ord) and known_axis == axis_name
+          and len(known_leaves) == len(leaves)
+          and all(a is b for a, b in zip(known_leaves, leaves, strict=True)))
+  return partial if same else None
+
+
 def global_partial(tree: Any, ord: Any = None, axis_name: Any = None) -> jax.Array:  # noqa: A002
   """The combined partial of a whole tree (e.g. its sum of squares).
 
   Testing this for finiteness is the one-pass non-finite test of the guards:
   it is ``inf``/NaN exactly when an element is, or when the squares exceed
   float32 range (testing ``sqrt`` of it instead can be rewritten by XLA).
+  Inside :func:`known_partial` for the same leaves, the known partial.
   """
   leaves = jax.tree.leaves(tree)
+  known = _known(leaves, ord, axis_name)
+  if known is not None:
+    return known
   partial = combine_partials([partial_norm(x, ord) for x in leaves], ord)
   return cross_device(partial, ord, axis_name)
 

@@ -7,6 +7,7 @@ import math
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -759,3 +760,36 @@ def test_skip_on_spike_fault_injection_skips_nonfinite_and_spikes(fault_runs):
   # every fault is skipped, and no ordinary step (the loss is tested as well)
   assert int(state.num_skipped) == np.sum(fault_runs["code"] > 0) == NONFINITE + SPIKES
   assert abs(loss - fault_runs["clean"][2]) <= 0.1 * fault_runs["clean"][2]
+
+
+def _count_full_reductions(jaxpr, shape):
+  """``reduce_sum`` equations over an operand of ``shape``, sub-jaxprs included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) == shape:
+      count += 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      count += _count_full_reductions(sub, shape)
+  return count
+
+
+@pytest.mark.parametrize("guard", [og.skip_nonfinite,
+                                   lambda i: og.skip_on_spike(i, window=4, min_history=2)],
+                         ids=["skip_nonfinite", "skip_on_spike"])
+def test_guard_shares_its_norm_with_an_inner_global_clip(guard):
+  """The inner clip of the same updates reuses the guard's sum of squares: one pass."""
+  params = {"w": jnp.ones((6, 5))}
+  grads = {"w": jnp.full((6, 5), 0.5)}
+  shared = guard(optax.chain(og.clip_by_global_norm(1.0), optax.sgd(0.1)))
+  # a penalty first makes the clip see other updates: its norm is computed anew
+  separate = guard(optax.chain(og.add_l2_penalty(0.1), og.clip_by_global_norm(1.0),
+                               optax.sgd(0.1)))
+  for tx, expected in ((shared, 1), (separate, 2)):
+    s = tx.init(params)
+    jaxpr = jax.make_jaxpr(lambda g, s, tx=tx: tx.update(g, s, params))(grads, s).jaxpr
+    assert _count_full_reductions(jaxpr, (6, 5)) == expected
+    fused = jax.make_jaxpr(lambda g, s, tx=tx: og.update_and_apply(tx, g, s, params))(grads, s)
+    assert _count_full_reductions(fused.jaxpr, (6, 5)) == expected
+  # and the result is the clip's: the norm sqrt(30 * 0.25) clipped to 1
+  u, _ = jax.jit(shared.update)(grads, shared.init(params), params)
+  np.testing.assert_allclose(u["w"], -0.1 * grads["w"] / np.sqrt(7.5), rtol=1e-6)
