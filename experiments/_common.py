@@ -283,7 +283,14 @@ class Progress:
 # Training loops
 # ---------------------------------------------------------------------------
 
-JOBS = max(1, min(4, os.cpu_count() or 1))
+def _usable_cores() -> int:
+  try:
+    return len(os.sched_getaffinity(0))  # respects taskset / container CPU sets
+  except (AttributeError, OSError):  # pragma: no cover - not on Linux
+    return os.cpu_count() or 1
+
+
+JOBS = max(1, min(4, _usable_cores()))
 """How many independent trainings :func:`parallel_map` runs at once (``--jobs``)."""
 
 
