@@ -199,7 +199,8 @@ def _scale(tree, c):
 
 def standalone_cases() -> list[Standalone]:
   return [
-      Standalone("norm:og", "og._numerics.global_norm(g)", "norm", _og_global_norm,
+      Standalone("norm:og", "og float32 global norm (as in og.clip_by_global_norm)", "norm",
+                 _og_global_norm,
                  needs=("clip_by_global_norm",), equiv="norm:optax"),
       Standalone("norm:optax", "optax.tree.norm(g)  (= optax.global_norm)", "norm",
                  lambda t: optax.tree.norm(t)),
