@@ -110,6 +110,9 @@ class Run:
     return nonfinite | grown
 
   def first_nonfinite_step(self) -> list[int | None]:
+    """Per seed, the first step whose loss is non-finite (None: none, or a reference row)."""
+    if not self.trained:
+      return [None] * self.seeds
     out = []
     for row in self.loss:
       bad = np.flatnonzero(~np.isfinite(row))
