@@ -18,6 +18,7 @@ import platform
 import shutil
 import sys
 import time
+import traceback
 
 from experiments import EXPERIMENTS  # noqa: I001  (sets XLA_FLAGS before JAX starts)
 
@@ -205,11 +206,18 @@ def main(argv: list[str] | None = None) -> int:
   results = []
   load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
   t0, c0 = time.perf_counter(), time.process_time()
+  failed = []
   for n, m in modules.items():
     config = _config(m, args)
     print(f"[{n}] running ...", flush=True)
     c1 = time.process_time()
-    res = m.run(config, guards=args.guards, progress=False if args.no_progress else None)
+    try:
+      res = m.run(config, guards=args.guards, progress=False if args.no_progress else None)
+    except Exception:  # report it, run the other experiments, exit non-zero at the end
+      traceback.print_exc()
+      print(f"[{n}] FAILED (traceback above)", flush=True)
+      failed.append(n)
+      continue
     files = C.save(res, out, plot=not args.no_plots)
     print(f"[{n}] {res.wall_s:.1f}s wall, {time.process_time() - c1:.1f}s CPU; wrote "
           f"{', '.join(os.path.basename(f) for f in files)}", flush=True)
@@ -224,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
   print()
   print(C.summary_table(results))
   print(f"\ntotal {wall:.1f}s wall, {cpu:.1f}s CPU (all threads)")
+  if failed:
+    print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
   command = " ".join(["python -m experiments", *(argv if argv is not None else sys.argv[1:])])
   header = (f"`{command}` ({profile} profile) on {len(devices)} x {devices[0].device_kind}, "
             f"{jax.process_count()} process(es), {C.JOBS} job(s): {wall:.0f} s wall, "
@@ -245,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
       C.summary_table(results, markdown=True),
       "",
   ]
+  for n in failed:
+    md.append(f"- {n}: FAILED (see the run's output)")
   for res in results:
     for note in res.notes:
       md.append(f"- {res.name}: {note}")
@@ -263,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
       "cpu_count": os.cpu_count(), "devices": f"{len(devices)} x {devices[0].device_kind}",
       "process_count": jax.process_count(), "process_index": jax.process_index(),
       "experiments": {res.name: round(res.wall_s, 2) for res in results},
+      "failed": failed,
   }
   with open(os.path.join(out, "run.json"), "w") as f:
     json.dump(info, f, indent=1)
@@ -271,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     table = C.summary_table(results, markdown=True)
     written = update_docs(results, table, header)
     print(f"updated the docs: {', '.join(written) or 'nothing'}")
-  return 0
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

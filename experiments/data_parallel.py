@@ -84,7 +84,9 @@ class Config:
 
   @classmethod
   def full(cls) -> Config:
-    return cls(steps=1000, seeds=3)
+    # float32 reduction-order differences (~1e-7 per step) grow over 1000 steps of
+    # SGD with momentum to ~1e-5 in the weights: a looser tolerance than for 150 steps
+    return cls(steps=1000, seeds=3, rtol=1e-3, atol=1e-4)
 
 
 def make_tx(config: Config) -> optax.GradientTransformationExtraArgs:

@@ -566,3 +566,17 @@ def test_main_cli_writes_summary_into_runs_and_never_tracked_files(tmp_path):
   assert info["wall_s"] > 0 and info["profile"] == "default"
   assert (out / "data_parallel.csv").exists()
   assert sorted(os.listdir(tmp_path)) == ["runs"]
+
+
+def test_main_reports_a_failing_experiment_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+  def broken(config, **kwargs):
+    raise AssertionError("pmap: loss curve differs from single device")
+
+  monkeypatch.setattr(data_parallel, "run", broken)
+  rc = main(["--only", "data_parallel", "--out", str(tmp_path), "--no-progress"])
+  assert rc == 1
+  captured = capsys.readouterr()
+  assert "[data_parallel] FAILED" in captured.out
+  assert "loss curve differs" in captured.err
+  assert "data_parallel: FAILED" in (tmp_path / "summary.md").read_text()
+  assert json.loads((tmp_path / "run.json").read_text())["failed"] == ["data_parallel"]
