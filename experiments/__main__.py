@@ -46,8 +46,9 @@ what happens).
                         every device (and every process with --coordinator), asserted
                         to match one device.
 
-The default run takes about 4-5 minutes on 2 CPU cores, --quick under 2;
---full goes further (the adding problem at T=50 and 100; an hour or more on CPU).
+The default run takes under 5 minutes on 2 idle CPU cores (about 290 s of CPU
+time), --quick under 2 (about 115 s); --full goes further (the adding problem at
+T=50 and 100; about 25 minutes of CPU time).
 Output goes to a new folder runs/<timestamp>/ unless --out is given.
 """
 
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
   size.add_argument("--quick", action="store_true",
                     help="smaller runs (under 2 minutes on 2 CPU cores)")
   size.add_argument("--full", action="store_true",
-                    help="longer runs toward the papers' settings (an hour or more on CPU)")
+                    help="longer runs toward the papers' settings (about 25 minutes of CPU time)")
   p.add_argument("--out", metavar="DIR",
                  help="output folder (default: a new runs/<timestamp>/)")
   p.add_argument("--only", nargs="+", choices=EXPERIMENTS, metavar="NAME",
