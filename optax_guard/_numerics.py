@@ -30,15 +30,19 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
+from optax_guard._validation import AxisName, NormOrd, UnitAxis
+
 INF_ORDS = (math.inf, "inf", np.inf)
 
 
-def canonical_ord(ord: Any) -> Any:  # noqa: A002
+def canonical_ord(ord: NormOrd) -> int | float:  # noqa: A002
   """Maps ``None`` to 2 and ``'inf'``/``numpy.inf`` to ``math.inf``."""
   if ord is None:
     return 2
-  if isinstance(ord, str) and ord == "inf":
-    return math.inf
+  if isinstance(ord, str):
+    if ord == "inf":
+      return math.inf
+    raise ValueError(f"ord must be None, 1, 2, inf or 'inf', got {ord!r}")
   return ord
 
 
@@ -57,8 +61,8 @@ def _magnitude(x: jax.Array) -> jax.Array:
 
 def partial_norm(
     x: jax.Array,
-    ord: Any = 2,  # noqa: A002
-    axis: int | Sequence[int] | None = None,
+    ord: NormOrd = 2,  # noqa: A002
+    axis: UnitAxis = None,
     keepdims: bool = False,
 ) -> jax.Array:
   """The partial of a norm of ``x`` over ``axis``, accumulated in float32.
@@ -92,7 +96,7 @@ def _sum_of_squares(x: jax.Array) -> jax.Array:
   return jnp.sum(a * a)
 
 
-def combine_partials(partials: Sequence[jax.Array], ord: Any = 2) -> jax.Array:  # noqa: A002
+def combine_partials(partials: Sequence[jax.Array], ord: NormOrd = 2) -> jax.Array:  # noqa: A002
   """Combines partials of disjoint pieces (sum, or max for ``inf``)."""
   ord = canonical_ord(ord)
   if not partials:
@@ -107,12 +111,12 @@ def combine_partials(partials: Sequence[jax.Array], ord: Any = 2) -> jax.Array: 
   return total
 
 
-def finish_norm(partial: jax.Array, ord: Any = 2) -> jax.Array:  # noqa: A002
+def finish_norm(partial: jax.Array, ord: NormOrd = 2) -> jax.Array:  # noqa: A002
   """Turns a combined partial into the norm (``sqrt`` for ``ord`` 2)."""
   return jnp.sqrt(partial) if canonical_ord(ord) == 2 else partial
 
 
-def cross_device(partials: Any, ord: Any = 2, axis_name: Any = None) -> Any:  # noqa: A002
+def cross_device(partials: Any, ord: NormOrd = 2, axis_name: AxisName = None) -> Any:  # noqa: A002
   """Combines a tree of partials across devices with one collective.
 
   ``lax.psum`` for sums (``ord`` 1 and 2), ``lax.pmax`` for ``inf``; the
@@ -135,7 +139,7 @@ _KNOWN_PARTIAL: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
 
 @contextlib.contextmanager
 def known_partial(
-    tree: Any, partial: jax.Array, ord: Any = 2, axis_name: Any = None  # noqa: A002
+    tree: Any, partial: jax.Array, ord: NormOrd = 2, axis_name: AxisName = None  # noqa: A002
 ) -> Iterator[None]:
   """While tracing the block, :func:`global_partial` of these very leaves is ``partial``.
 
@@ -156,7 +160,7 @@ def known_partial(
     _KNOWN_PARTIAL.reset(token)
 
 
-def _known(leaves: list, ord: Any, axis_name: Any) -> jax.Array | None:  # noqa: A002
+def _known(leaves: list, ord: NormOrd, axis_name: AxisName) -> jax.Array | None:  # noqa: A002
   entry = _KNOWN_PARTIAL.get()
   if entry is None:
     return None
@@ -167,7 +171,7 @@ def _known(leaves: list, ord: Any, axis_name: Any) -> jax.Array | None:  # noqa:
   return partial if same else None
 
 
-def global_partial(tree: Any, ord: Any = None, axis_name: Any = None) -> jax.Array:  # noqa: A002
+def global_partial(tree: Any, ord: NormOrd = None, axis_name: AxisName = None) -> jax.Array:  # noqa: A002
   """The combined partial of a whole tree (e.g. its sum of squares).
 
   Testing this for finiteness is the one-pass non-finite test of the guards:
@@ -185,8 +189,8 @@ def global_partial(tree: Any, ord: Any = None, axis_name: Any = None) -> jax.Arr
 
 def global_norm(
     tree: Any,
-    ord: Any = None,  # noqa: A002
-    axis_name: Any = None,
+    ord: NormOrd = None,  # noqa: A002
+    axis_name: AxisName = None,
 ) -> jax.Array:
   """The norm of a whole tree, float32-accumulated, across devices if asked.
 
@@ -195,7 +199,7 @@ def global_norm(
   return finish_norm(global_partial(tree, ord, axis_name), ord)
 
 
-def leaf_norms(tree: Any, ord: Any = None, axis_name: Any = None) -> Any:  # noqa: A002
+def leaf_norms(tree: Any, ord: NormOrd = None, axis_name: AxisName = None) -> Any:  # noqa: A002
   """A tree of per-leaf norms (float32 scalars), one collective for all."""
   partials = jax.tree.map(lambda x: partial_norm(x, ord), tree)
   partials = cross_device(partials, ord, axis_name)
@@ -203,7 +207,7 @@ def leaf_norms(tree: Any, ord: Any = None, axis_name: Any = None) -> Any:  # noq
 
 
 def resolve_unit_axes(
-    ndim: int, axis: int | Sequence[int] | None
+    ndim: int, axis: UnitAxis
 ) -> tuple[int, ...]:
   """The axes a per-unit norm reduces over.
 
@@ -228,9 +232,9 @@ def resolve_unit_axes(
 
 def unit_norm(
     x: jax.Array,
-    axis: int | Sequence[int] | None = None,
-    ord: Any = None,  # noqa: A002
-    axis_name: Any = None,
+    axis: UnitAxis = None,
+    ord: NormOrd = None,  # noqa: A002
+    axis_name: AxisName = None,
 ) -> jax.Array:
   """Per-unit norm of ``x`` over ``axis`` (see :func:`resolve_unit_axes`).
 
@@ -244,7 +248,9 @@ def unit_norm(
   return finish_norm(cross_device(partial, ord, axis_name), ord)
 
 
-def unit_norm_at(owner: str, path: Any, x: jax.Array, axis: Any, **kwargs: Any) -> jax.Array:
+def unit_norm_at(
+    owner: str, path: Any, x: jax.Array, axis: UnitAxis, **kwargs: Any
+) -> jax.Array:
   """:func:`unit_norm` of the leaf at ``path``; an axis error names ``owner`` and the path."""
   try:
     return unit_norm(x, axis, **kwargs)
