@@ -20,7 +20,13 @@ the same faults at the same steps; the model is the 2-layer transformer of
 ``experiments._transformer`` on the Markov-chain language.
 
 Training: Adam at a high peak learning rate, ``og.warmup`` +
-``og.inverse_sqrt_decay``. Every optimizer starts with ``og.monitor()``;
+``og.inverse_sqrt_decay``, in the Flax NNX split/merge pattern (a graphdef
+and a params tree) with the step written as ``og.update_and_apply(tx, grads,
+opt_state, params, value=loss)``: the same result as ``tx.update`` +
+``optax.apply_updates``, and the fused step whenever a guard is outermost
+(here it is not: every optimizer starts with ``og.monitor()``, so every row
+takes the same unfused path and the rows stay comparable). Every optimizer
+starts with ``og.monitor()``;
 every ``og.guard_stats`` entry is kept as a per-step curve (CSV columns
 ``monitor/global_norm``, ``zclip/threshold``, ``skip_on_spike/num_skipped``,
 ...). A *spike* is a step whose loss is more than ``spike_ratio`` times the
@@ -147,8 +153,10 @@ def _train(config: Config, make_tx: Callable, train, val, bar) -> dict[str, Any]
   def one(params, opt_state, tokens):
     (loss, diag), grads = jax.value_and_grad(
         lambda p: T.lm_loss(graphdef, p, tokens), has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
-    return optax.apply_updates(params, updates), opt_state, loss, C.guard_curves(opt_state)
+    # tx.update + optax.apply_updates in one call (fused into a guard's lax.cond
+    # when the guard is outermost; here og.monitor() comes first in every row)
+    params, opt_state = og.update_and_apply(tx, grads, opt_state, params, value=loss)
+    return params, opt_state, loss, C.guard_curves(opt_state)
 
   def step(carry, inputs):
     params, opt_state = carry
