@@ -179,7 +179,7 @@ def reduce_on_plateau(
           f"{owner} needs the monitored loss or metric: call "
           "update(updates, state, params, value=loss)"
       )
-    val.number(owner, "value", value)
+    val.scalar(owner, "value", value)  # NaN allowed: a bad step
     val.float_leaves(owner, updates)
     a = jnp.asarray(value).astype(jnp.float32)
     better = is_better(a, state.best) & num.is_finite_scalar(a)

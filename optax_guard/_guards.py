@@ -357,7 +357,8 @@ def _spike_decision(updates, state, value, sigma, min_history, axis_name):
   ``SkipOnSpikeState(new_inner_state, *fields)``.
   """
   if value is not None:
-    value = jnp.asarray(value).astype(jnp.float32).reshape(())
+    val.scalar("skip_on_spike", "value", value)  # a scalar loss (NaN allowed: it skips)
+    value = jnp.asarray(value).astype(jnp.float32)
   if value is not None and axis_name is not None:
     # one collective for the norm partial, the values and the device count
     partial, value_sum, ndev = num.cross_device(

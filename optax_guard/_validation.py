@@ -67,11 +67,22 @@ def _dtype_kind(owner: str, name: str, value: Any, dtype: Any, *, what: str) -> 
 def number(owner: str, name: str, value: Any) -> float | None:
   """Checks ``value`` is a real scalar and not NaN; returns it when concrete.
 
+  See :func:`scalar` for what is accepted.
+  """
+  v = scalar(owner, name, value)
+  if v is not None and math.isnan(v):
+    raise _fail(owner, name, value, "a number, not NaN")
+  return v
+
+
+def scalar(owner: str, name: str, value: Any) -> float | None:
+  """Checks ``value`` is a real scalar (NaN and inf allowed); returns it when concrete.
+
   Accepts Python ``int``/``float``, NumPy scalars and shape-``()`` arrays, and
   JAX arrays and tracers of shape ``()`` with an integer or float dtype
   (returns None for those: their values are not checked).
   Raises ``TypeError`` for bools, strings, containers, complex numbers and
-  ``ValueError`` for arrays with dimensions and for NaN.
+  ``ValueError`` for arrays with dimensions.
   """
   if isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{owner}({name}=...) must be a number, not a bool, got {value!r}")
@@ -89,8 +100,6 @@ def number(owner: str, name: str, value: Any) -> float | None:
     raise TypeError(
         f"{owner}({name}=...) must be a number, got {value!r} of type {type(value).__name__}"
     )
-  if v is not None and math.isnan(v):
-    raise _fail(owner, name, value, "a number, not NaN")
   return v
 
 

@@ -516,3 +516,14 @@ def test_scale_by_parameter_matches_optax_scale_by_trust_ratio():
   ref_tx = optax.scale_by_trust_ratio()
   theirs, _ = ref_tx.update(grads, ref_tx.init(params), params)
   chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+
+
+def test_reduce_on_plateau_python_nan_value_is_a_bad_step():
+  tx = og.reduce_on_plateau(patience=0, factor=0.5)
+  s = tx.init(None)
+  g = jnp.ones(2)
+  _, s = tx.update(g, s, value=1.0)
+  _, s = tx.update(g, s, value=float("nan"))  # never better: a bad step, reduces
+  assert float(s.scale) == 0.5
+  with pytest.raises(ValueError, match=r"reduce_on_plateau\(value=\.\.\.\) must be a scalar"):
+    tx.update(g, s, value=jnp.ones(3))

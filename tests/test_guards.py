@@ -793,3 +793,11 @@ def test_guard_shares_its_norm_with_an_inner_global_clip(guard):
   # and the result is the clip's: the norm sqrt(30 * 0.25) clipped to 1
   u, _ = jax.jit(shared.update)(grads, shared.init(params), params)
   np.testing.assert_allclose(u["w"], -0.1 * grads["w"] / np.sqrt(7.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [jnp.ones(4), True, "1.0"], ids=["vector", "bool", "string"])
+def test_skip_on_spike_value_must_be_a_scalar_number(value):
+  tx = og.skip_on_spike(optax.sgd(0.1))
+  p = jnp.zeros(3)
+  with pytest.raises((TypeError, ValueError), match=r"skip_on_spike\(value=\.\.\.\)"):
+    tx.update(jnp.ones(3), tx.init(p), p, value=value)
