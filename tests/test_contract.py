@@ -843,3 +843,17 @@ def test_transform_fresh_state_can_be_donated(name):
   _, state = step(_grads(0), tx.init(params))
   _, state = step(_grads(1), state)
   assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+
+
+STATE_TYPES = ("AutoClipState", "MonitorState", "ReduceOnPlateauState", "SkipNonfiniteState",
+               "SkipOnSpikeState", "SpikeTracker", "ZClipState")
+
+
+def test_state_types_are_named_tuples_with_documented_fields():
+  assert set(STATE_TYPES) == _state_class_names()
+  for name in STATE_TYPES:
+    cls = getattr(og, name)
+    assert issubclass(cls, tuple) and hasattr(cls, "_fields"), name
+    doc = cls.__doc__ or ""
+    for field in cls._fields:
+      assert f"{field}:" in doc, f"{name}.{field} is not documented"
