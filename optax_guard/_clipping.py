@@ -50,17 +50,6 @@ def _bounds(
   return min_value, max_value
 
 
-def _bound(owner: str, name: str, value: ArrayLike) -> None:
-  """A clipping bound: ``> 0`` and finite (an infinite bound never clips)."""
-  val.positive(owner, name, value)
-  v = val.number(owner, name, value)
-  if v is not None and not math.isfinite(v):
-    raise ValueError(
-        f"{owner}({name}=...) must be finite, got {value!r}: an infinite bound never "
-        f"clips (leave the transformation out instead)"
-    )
-
-
 def _clamp(x: jax.Array, lo: ArrayLike, hi: ArrayLike) -> jax.Array:
   """``clip(x, lo, hi)`` keeping ``x.dtype`` even for traced float32 bounds."""
   x = jnp.asarray(x)
@@ -141,7 +130,7 @@ def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
     Brno University of Technology.
   """
   owner = "truncate_by_value"
-  _bound(owner, "threshold", threshold)
+  val.positive(owner, "threshold", threshold, finite=True)
 
   def update_fn(updates, state, params=None):
     del params
@@ -191,7 +180,7 @@ def clip_by_norm(
     https://keras.io/api/optimizers/#base-optimizer-class
   """
   owner = "clip_by_norm"
-  _bound(owner, "max_norm", max_norm)
+  val.positive(owner, "max_norm", max_norm, finite=True)
   ord = val.norm_ord(owner, ord)  # noqa: A001
   axis_name = val.axis_name(owner, axis_name)
 
@@ -252,7 +241,7 @@ def clip_by_global_norm(
     neural networks*, https://arxiv.org/abs/1211.5063
   """
   owner = "clip_by_global_norm"
-  _bound(owner, "max_norm", max_norm)
+  val.positive(owner, "max_norm", max_norm, finite=True)
   ord = val.norm_ord(owner, ord)  # noqa: A001
   axis_name = val.axis_name(owner, axis_name)
 
@@ -305,7 +294,7 @@ def clip_by_axis_norm(
     https://arxiv.org/abs/2102.06171
   """
   owner = "clip_by_axis_norm"
-  _bound(owner, "max_norm", max_norm)
+  val.positive(owner, "max_norm", max_norm, finite=True)
   axis = val.unit_axis(owner, axis)
   axis_name = val.axis_name(owner, axis_name)
 
@@ -413,7 +402,7 @@ def clip_weights_by_norm(
     from overfitting* (max-norm regularisation), JMLR 15.
   """
   owner = "clip_weights_by_norm"
-  _bound(owner, "max_norm", max_norm)
+  val.positive(owner, "max_norm", max_norm, finite=True)
   axis = val.unit_axis(owner, axis)
 
   def update_fn(updates, state, params=None):

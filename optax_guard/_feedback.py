@@ -15,7 +15,7 @@ so every leaf keeps its dtype and shape.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -214,13 +214,8 @@ def reduce_on_plateau(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _callable_fn(owner: str, fn: Any) -> None:
-  if not callable(fn):
-    raise TypeError(
-        f"{owner}(fn=...) must be callable, got {fn!r}; under "
-        f"optax.inject_hyperparams pass static_args=('fn',) (callables are "
-        f"otherwise taken for schedules)"
-    )
+_FN_HINT = ("; under optax.inject_hyperparams pass static_args=('fn',) (callables are "
+            "otherwise taken for schedules)")
 
 
 def scale_by_grad_norm(
@@ -262,7 +257,7 @@ def scale_by_grad_norm(
     neural networks* (norm-dependent step sizes), https://arxiv.org/abs/1211.5063
   """
   owner = "scale_by_grad_norm"
-  _callable_fn(owner, fn)
+  val.callable_(owner, "fn", fn, hint=_FN_HINT)
   axis_name = val.axis_name(owner, axis_name)
 
   def update_fn(updates, state, params=None):
@@ -314,7 +309,7 @@ def scale_by_parameter(
     Networks* (LARS), https://arxiv.org/abs/1708.03888
   """
   owner = "scale_by_parameter"
-  _callable_fn(owner, fn)
+  val.callable_(owner, "fn", fn, hint=_FN_HINT)
 
   def update_fn(updates, state, params=None):
     val.matching_params(owner, updates, params)

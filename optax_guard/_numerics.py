@@ -32,8 +32,6 @@ from jax.typing import ArrayLike
 
 from optax_guard._validation import AxisName, NormOrd, UnitAxis
 
-INF_ORDS = (math.inf, "inf", np.inf)
-
 
 def canonical_ord(ord: NormOrd) -> int | float:  # noqa: A002
   """Maps ``None`` to 2 and ``'inf'``/``numpy.inf`` to ``math.inf``."""

@@ -272,9 +272,10 @@ def mask(owner: str, value: Any) -> None:
   mask_tree(owner, value)
 
 
-def callable_(owner: str, name: str, value: Any) -> None:
+def callable_(owner: str, name: str, value: Any, *, hint: str = "") -> None:
+  """``value`` is callable; ``hint`` is appended to the message."""
   if not callable(value):
-    raise TypeError(f"{owner}({name}=...) must be callable, got {value!r}")
+    raise TypeError(f"{owner}({name}=...) must be callable, got {value!r}{hint}")
 
 
 def needs_params(owner: str, params: Any) -> None:
