@@ -12,8 +12,15 @@ how partial results are combined across devices.
   devices with a single collective, and only then turned into a norm.
 * The scale factor is ``min(1, c / max(norm, tiny))``: a multiply by one
   scalar (or per-unit) factor fuses into its consumer, a zero norm gives 1,
-  a norm at or under ``c`` gives exactly 1, an infinite norm gives 0 and a
-  NaN norm gives NaN.
+  an infinite norm gives 0 and a NaN norm gives NaN. Whether a norm is at or
+  under ``c`` is decided by the comparison ``norm <= c``, never by the
+  rounding of the quotient (XLA:GPU's float32 division is not correctly
+  rounded: ``c / c`` can be ``0.99999994`` there), so updates at or under the
+  bound are bitwise unchanged on every backend.
+* Stacked (scanned) layers: per-tensor statistics can treat each slice of a
+  leaf's leading layer axes as a tensor of its own (:func:`stacked_counts`,
+  :func:`tensor_partial`), so a scanned model and its unrolled twin get the
+  same updates.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from optax_guard._validation import AxisName, NormOrd, UnitAxis
+from optax_guard._validation import AxisName, NormOrd, Stacked, UnitAxis
 
 
 def canonical_ord(ord: NormOrd) -> int | float:  # noqa: A002
@@ -205,15 +212,19 @@ def leaf_norms(tree: Any, ord: NormOrd = None, axis_name: AxisName = None) -> An
 
 
 def resolve_unit_axes(
-    ndim: int, axis: UnitAxis
+    ndim: int, axis: UnitAxis, lead: int = 0
 ) -> tuple[int, ...]:
   """The axes a per-unit norm reduces over.
 
   ``axis=None`` means every axis but the last for ``ndim >= 2`` (the fan-in of
   a Flax ``Dense`` kernel ``(in, out)`` or an HWIO convolution kernel) and
   every axis for scalars and vectors. Negative axes are normalised; an axis
-  out of range raises ``ValueError``.
+  out of range raises ``ValueError``. With ``lead`` stacked layer axes (see
+  :func:`stacked_counts`) ``axis`` refers to the axes of one layer's slice,
+  as in the unrolled model, and the result is shifted past the layer axes.
   """
+  if lead:
+    return tuple(a + lead for a in resolve_unit_axes(ndim - lead, axis))
   if axis is None:
     return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
   axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
@@ -233,6 +244,7 @@ def unit_norm(
     axis: UnitAxis = None,
     ord: NormOrd = None,  # noqa: A002
     axis_name: AxisName = None,
+    lead: int = 0,
 ) -> jax.Array:
   """Per-unit norm of ``x`` over ``axis`` (see :func:`resolve_unit_axes`).
 
@@ -241,7 +253,7 @@ def unit_norm(
   (the reduced axes are split over the devices).
   """
   x = jnp.asarray(x)
-  axes = resolve_unit_axes(x.ndim, axis)
+  axes = resolve_unit_axes(x.ndim, axis, lead)
   partial = partial_norm(x, ord, axis=axes, keepdims=True)
   return finish_norm(cross_device(partial, ord, axis_name), ord)
 
@@ -257,17 +269,20 @@ def unit_norm_at(
 
 
 def safe_factor(bound: Any, norm: jax.Array) -> jax.Array:
-  """``min(1, bound / max(norm, tiny))`` in the norm's dtype.
+  """``1`` where ``norm <= bound``, else ``min(1, bound / max(norm, tiny))``.
 
-  Zero norm gives 1 (for ``bound > 0``); a norm at or under ``bound`` gives
-  exactly 1; an infinite norm gives 0, even for an infinite bound (where
-  ``inf / inf`` would be NaN); a NaN norm gives NaN.
+  In the norm's dtype, elementwise for per-unit norms. The outcome "at or
+  under the bound" is decided by the comparison, so such updates are
+  multiplied by exactly 1 (bitwise unchanged) on every backend, however the
+  division rounds. A zero norm gives 1 (for ``bound >= 0``); an infinite norm
+  gives 0 for a finite bound; an infinite bound (clipping switched off) gives
+  1 for every norm but NaN; a NaN norm gives NaN.
   """
   norm = jnp.asarray(norm)
   tiny = jnp.finfo(norm.dtype).tiny
   bound = jnp.asarray(bound, norm.dtype)
-  factor = jnp.minimum(1.0, bound / jnp.maximum(norm, tiny)).astype(norm.dtype)
-  return jnp.where(jnp.isposinf(norm), jnp.zeros((), norm.dtype), factor)
+  quotient = jnp.minimum(1.0, bound / jnp.maximum(norm, tiny)).astype(norm.dtype)
+  return jnp.where(norm <= bound, jnp.ones((), norm.dtype), quotient)
 
 
 def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
@@ -287,6 +302,79 @@ def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
 def scale_tree(tree: Any, factor: jax.Array) -> Any:
   """Multiplies every leaf by one scalar factor, keeping each leaf's dtype."""
   return jax.tree.map(lambda x: scale_leaf(x, factor), tree)
+
+
+def stacked_counts(owner: str, tree: Any, stacked: Stacked) -> list[int]:
+  """Per leaf of ``tree`` (in ``jax.tree.leaves`` order), its number of layer axes.
+
+  ``stacked`` says how many *leading* axes of a leaf index stacked layers (a
+  model built with ``nnx.scan``/``nn.scan`` keeps every layer's kernel in one
+  leaf of shape ``(layers, ...)``): None for no leaf, an int for every leaf,
+  a callable ``(path, leaf) -> int``, or a tree of ints (None for 0) that is
+  a prefix of ``tree``. A per-tensor statistic then treats each slice
+  ``x[i]`` (``x[i, j]`` for two layer axes) as a tensor of its own. A count
+  above a leaf's number of dimensions raises ``ValueError`` naming ``owner``
+  and the leaf path.
+  """
+  paths_leaves = jax.tree.flatten_with_path(tree)[0]
+  if stacked is None:
+    return [0] * len(paths_leaves)
+  if callable(stacked):
+    counts = [stacked(path, leaf) for path, leaf in paths_leaves]
+  elif isinstance(stacked, (int, np.integer)):
+    counts = [int(stacked)] * len(paths_leaves)
+  else:
+    try:
+      expanded = jax.tree.map(
+          lambda n, sub: jax.tree.map(lambda _: 0 if n is None else int(n), sub),
+          stacked, tree, is_leaf=lambda x: x is None,
+      )
+    except ValueError as e:
+      raise ValueError(
+          f"{owner}(stacked=...) must be a prefix of the updates tree: {e}"
+      ) from None
+    counts = jax.tree.leaves(expanded)
+  out = []
+  for (path, leaf), n in zip(paths_leaves, counts, strict=True):
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 0:
+      raise TypeError(
+          f"{owner}(stacked=...) gave {n!r} for the leaf "
+          f"{jax.tree_util.keystr(path) or '(root)'}; it must be an int >= 0"
+      )
+    if n > np.ndim(leaf):
+      raise ValueError(
+          f"{owner}(stacked=...): the leaf {jax.tree_util.keystr(path) or '(root)'} of "
+          f"shape {np.shape(leaf)} has fewer than {int(n)} leading layer axes"
+      )
+    out.append(int(n))
+  return out
+
+
+def tensor_partial(x: jax.Array, lead: int = 0, ord: NormOrd = 2) -> jax.Array:  # noqa: A002
+  """:func:`partial_norm` of each layer slice of ``x`` (its first ``lead`` axes).
+
+  ``lead=0`` gives the scalar partial of the whole leaf. Otherwise the
+  result has shape ``x.shape[:lead] + (1,) * (x.ndim - lead)``: one partial
+  per layer, broadcastable against ``x``.
+  """
+  x = jnp.asarray(x)
+  if lead == 0:
+    return partial_norm(x, ord)
+  return partial_norm(x, ord, axis=tuple(range(lead, x.ndim)), keepdims=True)
+
+
+def tensor_norms(
+    tree: Any, leads: Sequence[int], ord: NormOrd = None, axis_name: AxisName = None  # noqa: A002
+) -> list[jax.Array]:
+  """Per-tensor norms of ``tree``'s leaves (one per layer slice), one collective.
+
+  ``leads`` comes from :func:`stacked_counts`; with every count 0 this is
+  :func:`leaf_norms` as a list.
+  """
+  leaves = jax.tree.leaves(tree)
+  partials = [tensor_partial(x, n, ord) for x, n in zip(leaves, leads, strict=True)]
+  partials = cross_device(partials, ord, axis_name)
+  return [finish_norm(p, ord) for p in partials]
 
 
 def is_finite_scalar(x: jax.Array) -> jax.Array:

@@ -38,6 +38,10 @@ NormOrd = int | float | str | None
 UnitAxis = int | Sequence[int] | None
 # The mapped axis of ``pmap``/``shard_map`` to reduce over.
 AxisName = str | tuple[str, ...] | None
+# Stacked (scanned) layers: how many leading axes of a leaf index layers.
+# None (no leaf is stacked), an int for every leaf, a tree of ints (or None)
+# that is a prefix of the updates tree, or a callable ``(path, leaf) -> int``.
+Stacked = Any
 
 
 def _fail(owner: str, name: str, value: Any, rule: str) -> ValueError:
@@ -246,6 +250,29 @@ def axis_name(owner: str, value: Any) -> AxisName:
       f"{owner}(axis_name=...) must be None, a string or a tuple of strings (the "
       f"mapped axis of pmap/shard_map), got {value!r}"
   )
+
+
+def stacked(owner: str, value: Any) -> Any:
+  """``stacked`` is None, an int ``>= 0``, a callable, or a tree of those ints.
+
+  Returns it unchanged; the per-leaf counts are resolved (and checked against
+  each leaf's number of dimensions) by ``_numerics.stacked_counts``.
+  """
+  if value is None or callable(value):
+    return value
+  if is_jax(value):
+    raise _static_hint(owner, "stacked", value, "None, an int, a tree of ints or a callable")
+  for path, leaf in jax.tree.flatten_with_path(value, is_leaf=lambda x: x is None)[0]:
+    if leaf is None:
+      continue
+    if not _is_int(leaf) or int(leaf) < 0:
+      where = jax.tree_util.keystr(path)
+      raise TypeError(
+          f"{owner}(stacked=...) must be None, an int >= 0 (the number of leading "
+          f"layer axes), a callable (path, leaf) -> int, or a tree of such ints; "
+          f"got {leaf!r}" + (f" at {where}" if where else "")
+      )
+  return value
 
 
 def _is_bool_leaf(x: Any) -> bool:

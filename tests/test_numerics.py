@@ -224,13 +224,30 @@ def test_safe_factor_edge_cases():
     assert float(num.safe_factor(c, f32(c) * f32(0.5))) == 1.0
   assert float(num.safe_factor(1.0, f32(jnp.inf))) == 0.0
   assert np.isnan(num.safe_factor(1.0, f32(jnp.nan)))
-  assert float(num.safe_factor(jnp.inf, f32(jnp.inf))) == 0.0  # not inf/inf = NaN
+  # an infinite bound switches clipping off: factor 1 for every non-NaN norm
+  assert float(num.safe_factor(jnp.inf, f32(jnp.inf))) == 1.0
+  assert float(num.safe_factor(jnp.inf, f32(3e38))) == 1.0
   assert float(num.safe_factor(jnp.inf, f32(3.0))) == 1.0
   assert np.isnan(num.safe_factor(jnp.inf, f32(jnp.nan)))
   assert float(num.safe_factor(2.0, f32(4.0))) == 0.5
   assert num.safe_factor(2.0, f32(4.0)).dtype == jnp.float32
   # the bound is cast to the norm's dtype: a traced float32 bound works under jit
   assert float(jax.jit(num.safe_factor)(jnp.float32(3.0), f32(6.0))) == 0.5
+
+
+def test_safe_factor_decides_by_comparison():
+  # "at or under the bound" is decided by norm <= bound, not by the rounding of
+  # bound / norm (XLA:GPU's float32 division is not correctly rounded): the
+  # traced function compares and selects exactly 1.
+  text = str(jax.make_jaxpr(num.safe_factor)(jnp.float32(1.0), jnp.float32(1.0)))
+  assert " le " in text and "select_n" in text
+  rng = np.random.default_rng(0)
+  c = rng.lognormal(0.0, 10.0, 20_000).astype(np.float32)
+  below = np.nextafter(c, np.float32(0))
+  assert np.all(np.asarray(jax.jit(num.safe_factor)(c, c)) == 1.0)
+  assert np.all(np.asarray(jax.jit(num.safe_factor)(c, below)) == 1.0)
+  above = np.nextafter(c, np.float32(np.inf))
+  assert np.all(np.asarray(jax.jit(num.safe_factor)(c, above)) <= 1.0)
 
 
 @given(c=st.floats(1e-6, 1e6), n=st.floats(0.0, 1e7))
