@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 
 # The data-parallel recipes run on 8 simulated CPU devices; this must be set
@@ -54,7 +55,23 @@ myst_heading_anchors = 3
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
-autodoc_type_aliases = {"ArrayLike": "jax.typing.ArrayLike"}
+# Type names shown as the code writes them instead of expanded:
+# jax.typing.ArrayLike would otherwise print as a ten-member union and every
+# schedule as a Callable of it. Keys are the annotation text in the sources.
+autodoc_type_aliases = {
+    name: name
+    for name in (
+        "optax.GradientTransformation",
+        "optax.GradientTransformationExtraArgs",
+        "optax.Schedule",
+        "optax.ScalarOrSchedule",
+        "optax.Params",
+        "optax.Updates",
+        "optax.OptState",
+        "jax.Array",
+        "Mask",
+    )
+} | {"ArrayLike": "jax.typing.ArrayLike"}
 autodoc_default_options = {"show-inheritance": False}
 autosummary_generate = False
 napoleon_google_docstring = True
@@ -103,5 +120,20 @@ def _check_api_reference(app, env):
                    name, type="optax_guard", subtype="api")
 
 
+_ALIAS_REPR = re.compile(r"TypeAliasForwardRef\('([^']*)'\)")
+
+
+def _readable_signature(app, what, name, obj, options, signature, return_annotation):
+  """Writes a type alias inside a union or a Callable by its name.
+
+  Sphinx prints an alias of ``autodoc_type_aliases`` nested in another type
+  (``ArrayLike | None``) as ``TypeAliasForwardRef('jax.typing.ArrayLike')``.
+  """
+  del app, what, name, obj, options
+  fix = lambda text: text and _ALIAS_REPR.sub(r"\1", text)
+  return fix(signature), fix(return_annotation)
+
+
 def setup(app):
   app.connect("env-check-consistency", _check_api_reference)
+  app.connect("autodoc-process-signature", _readable_signature)

@@ -586,7 +586,7 @@ def _multistep_core(n, init, marks, factor):
 
 
 def warmup(
-    schedule: Callable[[Any], ArrayLike],
+    schedule: optax.Schedule,
     warmup_steps: int,
     *,
     init_value: ArrayLike = 0.0,
