@@ -91,6 +91,10 @@ import optax
 import optax_guard as og
 """
 
+# Formulas render offline: MathJax 3 ships in _static/mathjax (see SOURCE.txt
+# there) instead of loading from a CDN when a page is read.
+mathjax_path = "mathjax/tex-chtml-full.js"
+
 html_theme = "sphinx_book_theme"
 html_title = f"optax_guard {release}"
 html_static_path = ["_static"]
