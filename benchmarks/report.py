@@ -24,6 +24,10 @@ def _mib(b: float | None) -> str:
   return "-" if b is None else f"{b / 2**20:.1f}"
 
 
+def _gbs(r: float | None) -> str:
+  return "-" if r is None else f"{r:,.1f}" if r < 100 else f"{r:,.0f}"
+
+
 def _value(t: dict[str, Any]) -> str:
   if t["value"] is None:
     return "-"
@@ -106,7 +110,7 @@ def step_table(results: dict[str, Any]) -> list[str]:
       if r.get("same_program_as_equiv"):
         eq += " (same HLO)"
     rows.append([
-        f"`{r['code']}`", _ms(r["median_s"]),
+        f"`{r['code']}`", _ms(r["median_s"]), _gbs(r.get("gb_per_s")),
         "-" if name == "adam" else _pct(r.get("overhead_pct")),
         _pct(r.get("overhead_base_pct")),
         eq, _x(r.get("ratio_bound")), _x(r.get("traffic_vs_adam")),
@@ -114,9 +118,9 @@ def step_table(results: dict[str, Any]) -> list[str]:
     ])
   return [
       "## Optimizer step (`tx.update` + `optax.apply_updates`, jitted, donated)", "",
-      *_table(["step", "median ms", "over adam", "over the unguarded chain",
-               "vs optax's equivalent", "vs traffic bound", "XLA bytes vs adam",
-               "XLA temp MiB"], "lrrrrrrr", rows),
+      *_table(["step", "median ms", "GB/s at adam's 7 passes", "over adam",
+               "over the unguarded chain", "vs optax's equivalent", "vs traffic bound",
+               "XLA bytes vs adam", "XLA temp MiB"], "lrrrrrrrr", rows),
       "",
       "`og.update_and_apply(tx)` rows time `og.update_and_apply(tx, grads, state, params)` "
       "(the parameter update inside the guard's `lax.cond`); the others `tx.update` "
@@ -126,7 +130,9 @@ def step_table(results: dict[str, Any]) -> list[str]:
       "Traffic bound: `adam * (1 + k/7)` with `k` the extra full reads of the gradients "
       "the variant needs (1 for a norm, 0 for an elementwise clip, 2 for a guard around a "
       "clip); Adam moves 7 tree-sized "
-      "buffers (reads g, p, mu, nu; writes p, mu, nu). XLA bytes: bytes accessed by the "
+      "buffers (reads g, p, mu, nu; writes p, mu, nu); GB/s at adam's 7 passes is that "
+      "traffic over the step's time (adam's own bandwidth on its row; compare it with the "
+      "in-place scale's GB/s below). XLA bytes: bytes accessed by the "
       "compiled step according to XLA's cost model, relative to adam's (deterministic, "
       "unlike the timings). XLA temp: temporary buffers of the compiled step, allocated "
       "(and, on CPU, page-faulted) at every call; a full copy of the gradients shows up "
@@ -142,7 +148,7 @@ def standalone_table(results: dict[str, Any]) -> list[str]:
   for _name, r in alone.items():
     rows.append([
         f"`{r['code']}`", _ms(r["median_s"]),
-        "-" if r.get("gb_per_s") is None else f"{r['gb_per_s']:.1f}",
+        _gbs(r.get("gb_per_s")),
         "-" if r.get("ratio_equiv") is None else f"{_x(r['ratio_equiv'])} `{r['equiv']}`",
         _x(r.get("ratio_bound")), _mib(r.get("temp_bytes")),
     ])

@@ -10,10 +10,17 @@ blocked on with ``jax.block_until_ready``. Parameters and optimizer state are
 donated (updated in place); the gradients are fixed and fed to every call.
 
 Memory: when all cases' buffers fit comfortably (``--memory auto``: under 40%
-of the available memory) they stay alive for the whole run; otherwise each
+of the available memory, the device's on an accelerator) they stay alive for
+the whole run; otherwise each
 case creates its parameters and state right before its turn, runs one untimed
 step, the timed step(s), and frees them, so only one variant's buffers (plus
 the shared gradients) are alive at a time.
+
+The wide tree (``--tree wide``: 8 leaves of 8192 x 8192, 2 GiB per float32
+copy) is the bandwidth-bound regime of an accelerator. Without ``--only`` it
+times the cases of :data:`WIDE_ONLY` (``--only '*'`` times them all), e.g.
+``python -m benchmarks --tree wide --rounds 7 --steps 10 --no-compile``;
+``--leaf-size 64`` shrinks it to a CPU-sized smoke run.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ KEEP_FRACTION = 0.4
 # targets are labelled NOISY instead of being judged PASS or MISS.
 MIN_ROUNDS = 5
 MIN_COMPILE_ROUNDS = 3
+# The cases of a wide-tree run unless --only says otherwise (the references
+# adam, optax's clip and the unfused skip_nonfinite come with them).
+WIDE_ONLY = ("og.clip_by_global_norm,og.skip_nonfinite:fused,og.skip_on_spike:fused,"
+             "og.skip_on_spike,optax.apply_if_finite,og.monitor,scale (bound)")
 
 
 # ----------------------------------------------------------------------------
@@ -272,6 +283,15 @@ class StandaloneCase:
 
 
 def available_memory() -> int | None:
+  """Free bytes where the buffers live: the device's memory on an accelerator
+  (None when it does not say), else the host's ``MemAvailable``."""
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    try:
+      stats = dev.memory_stats() or {}
+      return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    except Exception:  # noqa: BLE001 - not every backend reports it
+      return None
   try:
     with open("/proc/meminfo") as f:
       for line in f:
@@ -491,8 +511,13 @@ def parse_args(argv=None) -> argparse.Namespace:
       "transforms against adam alone and optax's own clipping.",
   )
   p.add_argument("--tree", default="gpt2",
-                 help="gpt2 (124M params, 148 leaves), many (2,000 leaves of 10k) "
-                 "or uniform:N (default gpt2)")
+                 help="gpt2 (124M params, 148 leaves), many (2,000 leaves of 10k), "
+                 "uniform:N (N leaves of 10k), wide (8 leaves of 8192x8192, 2 GiB in "
+                 "float32; times the cases of WIDE_ONLY unless --only is given) or "
+                 "wide:N (default gpt2)")
+  p.add_argument("--leaf-size", type=int, default=None, metavar="N",
+                 help="make every leaf of a many, uniform or wide tree N x N "
+                 "(e.g. --tree wide --leaf-size 64 for a quick run on a CPU)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--rounds", type=int, default=10,
                  help="timed rounds after warm-up (default 10; use >= 10 for reports)")
@@ -526,12 +551,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("--rounds, --steps and --compile-rounds must be >= 1, --warmup >= 0")
   if not 0 < args.scale <= 1:
     p.error(f"--scale must be in (0, 1], got {args.scale}")
-  for tree in [args.tree, *args.compile_trees.split(",")]:
+  for tree, size in [(args.tree, args.leaf_size),
+                     *((t, None) for t in args.compile_trees.split(","))]:
     try:
-      tr.tree_shapes(tree)
+      tr.tree_shapes(tree, size)
     except ValueError as e:
       p.error(str(e))
+  if args.only is None and is_wide(args.tree):
+    args.only = WIDE_ONLY
   return args
+
+
+def is_wide(tree: str) -> bool:
+  return tree == "wide" or tree.startswith("wide:")
 
 
 def _selected(names: list[str], patterns: list[str] | None) -> list[str]:
@@ -653,6 +685,8 @@ def derive(results: dict[str, Any], tree_bytes: int) -> None:
     r["code"] = v.code
     r["group"] = v.group
     r["traffic_vs_adam"] = _ratio(r.get("bytes_accessed"), adam_bytes)
+    # Adam's 7 tree-sized transfers in this time (adam's row: its bandwidth)
+    r["gb_per_s"] = cs.ADAM_TRANSFERS * tree_bytes / m / 1e9 if m > 0 else None
   alone = results.get("standalone", {})
   specs = {s.name: s for s in cs.standalone_cases()}
   bound = alone.get("scale (bound)", {}).get("median_s")
@@ -676,11 +710,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   for s in skipped:
     log(f"note: skipping {s['name']}: {s['reason']}")
 
-  abstract = tr.abstract_tree(args.tree, args.dtype, args.scale)
+  abstract = tr.abstract_tree(args.tree, args.dtype, args.scale, args.leaf_size)
   info = tr.describe(abstract)
   results: dict[str, Any] = {
       "config": {
           "tree": args.tree, "dtype": args.dtype, "scale": args.scale,
+          "leaf_size": args.leaf_size,
           "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
           "compile_trees": args.compile_trees.split(","),
           "compile_rounds": args.compile_rounds, "compile_only": args.compile_only,
@@ -760,6 +795,8 @@ def base_name(args: argparse.Namespace) -> str:
   if args.name:
     return args.name
   name = f"{args.tree.replace(':', '')}-{args.dtype}"
+  if args.leaf_size is not None:
+    name += f"-leaf{args.leaf_size}"
   if args.scale != 1:
     name += f"-scale{args.scale:g}"
   if args.compile_only:

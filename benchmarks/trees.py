@@ -7,8 +7,13 @@
 * ``many``: 2,000 leaves of 10,000 parameters (100 x 100): the many-small-leaves
   case where per-leaf overheads (fusions, kernel launches, dispatch) dominate.
 * ``uniform:N``: N leaves of 10,000 parameters (used for quick compile tests).
+* ``wide``: 8 leaves of 8192 x 8192 (2 GiB per copy in float32), ``wide:N``
+  N of them: few, large leaves, where the step is bound by memory bandwidth
+  and not by per-leaf launch or dispatch costs (an accelerator's regime).
 
-``scale`` shrinks every leaf's element count by about that factor (each
+``leaf_size`` makes every leaf of ``many``, ``uniform:N`` and ``wide`` a
+``leaf_size x leaf_size`` matrix (``--leaf-size 64`` gives a wide tree that a
+small CPU runs in seconds). ``scale`` shrinks every leaf's element count by about that factor (each
 dimension by ``scale ** (1 / ndim)``, at least 1) for quick runs; the number of
 leaves and the tree structure never change.
 """
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 GPT2_VOCAB, GPT2_CTX, GPT2_WIDTH, GPT2_LAYERS = 50257, 1024, 768, 12
+WIDE_LEAVES, WIDE_SIZE = 8, 8192
 
 
 def gpt2_shapes() -> dict[str, Any]:
@@ -57,15 +63,39 @@ def uniform_shapes(num_leaves: int, leaf_shape=(100, 100)) -> dict[str, Any]:
   return {f"layer_{i:05d}": tuple(leaf_shape) for i in range(num_leaves)}
 
 
-def tree_shapes(tree: str) -> dict[str, Any]:
-  """Shapes of a named tree: ``gpt2``, ``many`` or ``uniform:N``."""
+def _count(tree: str) -> int:
+  try:
+    n = int(tree.split(":", 1)[1])
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise ValueError(f"tree {tree!r}: the number of leaves must be an integer >= 1")
+  return n
+
+
+def tree_shapes(tree: str, leaf_size: int | None = None) -> dict[str, Any]:
+  """Shapes of a named tree: ``gpt2``, ``many``, ``uniform:N``, ``wide`` or ``wide:N``.
+
+  ``leaf_size``: square leaves of that size instead of the tree's own (not
+  for ``gpt2``, whose shapes are the model's).
+  """
+  if leaf_size is not None:
+    if leaf_size < 1:
+      raise ValueError(f"leaf_size must be >= 1, got {leaf_size}")
+    if tree == "gpt2":
+      raise ValueError("leaf_size does not apply to the gpt2 tree (its shapes are the model's)")
+  square = None if leaf_size is None else (leaf_size, leaf_size)
   if tree == "gpt2":
     return gpt2_shapes()
   if tree == "many":
-    return uniform_shapes(2000)
+    return uniform_shapes(2000, square or (100, 100))
   if tree.startswith("uniform:"):
-    return uniform_shapes(int(tree.split(":", 1)[1]))
-  raise ValueError(f"unknown tree {tree!r}; expected 'gpt2', 'many' or 'uniform:N'")
+    return uniform_shapes(_count(tree), square or (100, 100))
+  if tree == "wide" or tree.startswith("wide:"):
+    n = WIDE_LEAVES if tree == "wide" else _count(tree)
+    return uniform_shapes(n, square or (WIDE_SIZE, WIDE_SIZE))
+  raise ValueError(
+      f"unknown tree {tree!r}; expected 'gpt2', 'many', 'uniform:N', 'wide' or 'wide:N'")
 
 
 def _is_shape(x: Any) -> bool:
@@ -80,11 +110,12 @@ def scaled(shape: tuple[int, ...], scale: float) -> tuple[int, ...]:
   return tuple(max(1, int(round(d * f))) for d in shape)
 
 
-def abstract_tree(tree: str, dtype: Any, scale: float = 1.0) -> Any:
+def abstract_tree(tree: str, dtype: Any, scale: float = 1.0,
+                  leaf_size: int | None = None) -> Any:
   """The tree as ``jax.ShapeDtypeStruct`` leaves."""
   return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(scaled(s, scale), jnp.dtype(dtype)),
-      tree_shapes(tree),
+      tree_shapes(tree, leaf_size),
       is_leaf=_is_shape,
   )
 
@@ -104,8 +135,9 @@ def tree_bytes(abstract: Any) -> int:
 def make_gradients(abstract: Any, seed: int = 0, std: float = 1e-3) -> Any:
   """Fixed, finite gradients ``N(0, std^2)`` with the abstract tree's shapes.
 
-  With the default ``std`` the GPT-2 tree's global norm is about 11, so
-  clipping at 1.0 is active (every clip really multiplies).
+  With the default ``std`` the GPT-2 tree's global norm is about 11 and the
+  wide tree's about 23, so clipping at 1.0 is active (every clip really
+  multiplies).
   """
   leaves, treedef = jax.tree.flatten(abstract)
   keys = jax.random.split(jax.random.PRNGKey(seed), max(len(leaves), 1))

@@ -50,6 +50,19 @@ def test_trees_many_and_uniform():
     trees.tree_shapes("resnet")
 
 
+def test_trees_wide_and_leaf_size():
+  info = trees.describe(trees.abstract_tree("wide", "float32"))
+  assert info == {"leaves": 8, "params": 8 * 8192**2, "bytes": 2 * 2**30}  # 2 GiB a copy
+  small = trees.abstract_tree("wide", "float32", leaf_size=16)
+  assert [x.shape for x in jax.tree.leaves(small)] == [(16, 16)] * 8
+  assert trees.describe(trees.abstract_tree("wide:3", "bfloat16", leaf_size=4)) == {
+      "leaves": 3, "params": 48, "bytes": 96}
+  assert trees.describe(trees.abstract_tree("many", "float32", leaf_size=2))["params"] == 8000
+  for tree, size in (("gpt2", 8), ("wide", 0), ("wide:0", None), ("uniform:x", None)):
+    with pytest.raises(ValueError):
+      trees.tree_shapes(tree, size)
+
+
 def test_trees_scale_keeps_structure():
   full = trees.abstract_tree("gpt2", "float32")
   small = trees.abstract_tree("gpt2", "float32", scale=1e-3)
@@ -194,9 +207,48 @@ def test_runner_hlo_fingerprint_ignores_names_only():
 
 
 def test_runner_rejects_bad_arguments():
-  for argv in (["--scale", "0"], ["--scale", "2"], ["--rounds", "0"], ["--tree", "resnet"]):
+  for argv in (["--scale", "0"], ["--scale", "2"], ["--rounds", "0"], ["--tree", "resnet"],
+               ["--leaf-size", "8"], ["--tree", "wide", "--leaf-size", "0"]):
     with pytest.raises(SystemExit):
       runner.parse_args(argv)
+
+
+def test_runner_wide_tree_selects_its_cases_unless_told():
+  assert runner.parse_args(["--tree", "wide"]).only == runner.WIDE_ONLY
+  assert runner.parse_args(["--tree", "wide:2", "--only", "*"]).only == "*"
+  assert runner.parse_args([]).only is None  # the gpt2 tree times everything
+
+
+WIDE_STEPS = ["adam", "og.clip_by_global_norm", "og.skip_nonfinite", "og.skip_nonfinite:fused",
+              "og.skip_on_spike", "og.skip_on_spike:fused", "og.monitor",
+              "optax.clip_by_global_norm", "optax.apply_if_finite"]
+
+
+def test_runner_wide_tree_tiny(tmp_path, capsys):
+  """The wide-tree run at 8 leaves of 16 x 16: its rows, GB/s and temporaries."""
+  argv = ["--tree", "wide", "--leaf-size", "16", "--rounds", "1", "--warmup", "0",
+          "--no-compile", "--out", str(tmp_path), "--quiet"]
+  assert runner.main(argv) == 0
+  assert "Smoke run" in capsys.readouterr().out
+  res = json.loads((tmp_path / "wide-float32-leaf16.json").read_text())
+  cfg = res["config"]
+  assert (cfg["tree"], cfg["leaf_size"], cfg["tree_leaves"]) == ("wide", 16, 8)
+  assert cfg["tree_bytes"] == 8 * 16 * 16 * 4 and cfg["only"] == runner.WIDE_ONLY
+  assert sorted(res["step"]) == sorted(WIDE_STEPS)
+  assert list(res["standalone"]) == ["scale (bound)"]
+  for name, r in res["step"].items():
+    assert r["finite"] is True and r["median_s"] > 0, name
+    assert math.isclose(r["gb_per_s"], 7 * cfg["tree_bytes"] / r["median_s"] / 1e9)
+    assert r.get("skipped_steps", 0) == 0
+    assert r["temp_bytes"] >= 0  # XLA:CPU reports its temporaries
+  assert res["step"]["og.skip_on_spike:fused"]["fused"] is True
+  assert res["standalone"]["scale (bound)"]["gb_per_s"] > 0
+  md = (tmp_path / "wide-float32-leaf16.md").read_text()
+  assert "GB/s at adam's 7 passes" in md and "`og.update_and_apply(og.skip_on_spike(" in md
+  section = md.split("## Optimizer step")[1].split("\n## ")[0]
+  step_rows = [line for line in section.splitlines() if line.startswith("|")]
+  assert len(step_rows) == 2 + len(WIDE_STEPS)
+  assert len({line.count("|") for line in step_rows}) == 1
 
 
 # ---------------------------------------------------------------------------
