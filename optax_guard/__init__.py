@@ -32,6 +32,13 @@ from optax_guard._guards import (
 )
 from optax_guard._monitor import MonitorState, guard_stats, monitor
 from optax_guard._penalties import add_l1_penalty, add_l2_penalty
+from optax_guard._restart import (
+    SkipStepsState,
+    add_guard_state,
+    seed_spike_history,
+    skip_steps,
+    strip_guard_state,
+)
 from optax_guard._schedules import (
     exponential_decay,
     inverse_sqrt_decay,
@@ -51,10 +58,12 @@ __all__ = [
     "ReduceOnPlateauState",
     "SkipNonfiniteState",
     "SkipOnSpikeState",
+    "SkipStepsState",
     "SpikeTracker",
     "ZClipState",
     "__version__",
     "adaptive_grad_clip",
+    "add_guard_state",
     "add_l1_penalty",
     "add_l2_penalty",
     "autoclip",
@@ -75,9 +84,12 @@ __all__ = [
     "reduce_on_plateau",
     "scale_by_grad_norm",
     "scale_by_parameter",
+    "seed_spike_history",
     "skip_nonfinite",
     "skip_on_spike",
+    "skip_steps",
     "step_decay",
+    "strip_guard_state",
     "truncate_by_value",
     "update_and_apply",
     "warmup",

@@ -126,6 +126,7 @@ _PREFIXES = {
     "AutoClipState": "autoclip",
     "SkipNonfiniteState": "skip_nonfinite",
     "SkipOnSpikeState": "skip_on_spike",
+    "SkipStepsState": "skip_steps",
     "ReduceOnPlateauState": "reduce_on_plateau",
     "MonitorState": "monitor",
 }
@@ -201,9 +202,9 @@ def guard_stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
   other pytree) depth first, in the order ``jax.tree.flatten`` flattens it, and
   finds every state whose class is defined in ``optax_guard``. Each scalar
   field becomes an entry ``"<kind>/<field>"``: the kind is ``zclip``,
-  ``autoclip``, ``skip_nonfinite``, ``skip_on_spike``, ``reduce_on_plateau``,
-  ``monitor``, or for other states the snake-cased class name without
-  ``State``. Arrays with dimensions (history buffers) are left out; a field
+  ``autoclip``, ``skip_nonfinite``, ``skip_on_spike``, ``skip_steps``,
+  ``reduce_on_plateau``, ``monitor``, or for other states the snake-cased
+  class name without ``State``. Arrays with dimensions (history buffers) are left out; a field
   holding a tree of scalars (``monitor(per_leaf=True)``'s ``leaf_norms``)
   gives one entry per leaf, ``"monitor/leaf_norms/<path>"``. Variable
   wrappers holding the array in ``.value`` (the state of Flax NNX's

@@ -114,6 +114,16 @@ TRANSFORMS: dict[str, Transform] = {
         bad=(dict(sigma=0.0), dict(sigma=-1.0), dict(sigma=NAN), dict(window=0),
              dict(window=2.5), dict(min_history=0), dict(min_history=5)),
     ),
+    # --- _restart.py ---
+    "skip_steps": Transform(
+        og.skip_steps,
+        dict(inner=optax.chain(og.clip_by_global_norm(1.0),
+                               og.reduce_on_plateau(patience=1, factor=0.5)),
+             ranges=[(1, 3)]),
+        uses_value=True,
+        bad=(dict(inner="sgd"), dict(ranges=[(3, 1)]), dict(ranges=[(-1, 2)]),
+             dict(ranges="0:5"), dict(ranges=[(0.5, 2)])),
+    ),
     # --- _feedback.py ---
     "reduce_on_plateau": Transform(
         og.reduce_on_plateau, dict(patience=1, factor=0.5, cooldown=1), uses_value=True,
@@ -196,6 +206,10 @@ OTHERS: dict[str, str] = {
     "guard_stats": "tests/test_monitor.py (test_guard_stats_*)",
     # --- _apply.py ---
     "update_and_apply": "tests/test_apply.py (test_update_and_apply_*)",
+    # --- _restart.py ---
+    "add_guard_state": "tests/test_restart.py (test_add_guard_state_*)",
+    "seed_spike_history": "tests/test_restart.py (test_seed_spike_history_*)",
+    "strip_guard_state": "tests/test_restart.py (test_strip_guard_state_*)",
 }
 
 
@@ -488,6 +502,10 @@ _OTHER_BAD = {
     "flag": (("string", "yes"), ("int", 1), ("none", None)),
     "mode": (("other", "median"), ("none", None)),
     "threshold_mode": (("other", "relative"), ("none", None)),
+    "ranges": (("string", "0:5"), ("none", None), ("pair", (1, 3)), ("unordered", [(5, 2)]),
+               ("empty_range", [(2, 2)]), ("negative", [(-1, 3)]), ("fraction", [(0.5, 3)]),
+               ("bool", [(True, 3)]), ("triple", [(1, 2, 3)]), ("too_big", [(0, 2**31)]),
+               ("jax_array", "jnp.ones((1, 2), int)")),
     "milestones": (("unsorted", [5, 2]), ("negative", [-1, 3]), ("scalar", 3),
                    ("string", "ab"), ("fractions", [1.5])),
 }
@@ -508,6 +526,7 @@ ARGS: dict[str, dict[str, str]] = {
     "skip_nonfinite": dict(inner="inner", axis_name="axis_name"),
     "skip_on_spike": dict(inner="inner", sigma="pos_finite", window="int_pos",
                           min_history="int_pos", axis_name="axis_name"),
+    "skip_steps": dict(inner="inner", ranges="ranges"),
     "reduce_on_plateau": dict(factor="unit_open", patience="int_nonneg",
                               threshold="nonneg_finite", threshold_mode="threshold_mode",
                               cooldown="int_nonneg", min_scale="unit_open",
@@ -618,6 +637,7 @@ NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
     "zclip": (dict(alpha=0.9, z_threshold=1.5, warmup_steps=2, max_norm=100.0, eps=1e-5), ()),
     "skip_nonfinite": (dict(inner=optax.sgd(0.1)), ()),
     "skip_on_spike": (dict(inner=optax.sgd(0.1), sigma=2.0, window=4, min_history=2), ()),
+    "skip_steps": (dict(inner=optax.sgd(0.1), ranges=[(1, 3), (4, 5)]), ()),
     "reduce_on_plateau": (dict(factor=0.5, patience=1, threshold=1e-3, threshold_mode="abs",
                                cooldown=1, min_scale=0.01, mode="max", eps=1e-6), ()),
     "scale_by_grad_norm": (dict(fn=lambda n: 1.0 / (2.0 + n)), ("fn",)),
@@ -846,7 +866,7 @@ def test_transform_fresh_state_can_be_donated(name):
 
 
 STATE_TYPES = ("AutoClipState", "MonitorState", "ReduceOnPlateauState", "SkipNonfiniteState",
-               "SkipOnSpikeState", "SpikeTracker", "ZClipState")
+               "SkipOnSpikeState", "SkipStepsState", "SpikeTracker", "ZClipState")
 
 
 def test_state_types_are_named_tuples_with_documented_fields():

@@ -1,0 +1,495 @@
+"""Restartable guards: skip known step ranges, add a guard to a running optimizer.
+
+Long runs restart from checkpoints. After a loss spike the usual remedy is to
+go back to a checkpoint written some steps before it and replay, skipping the
+batches that caused it; and a guard is often added to a run that started
+without one. This module gives both:
+
+* :func:`skip_steps` skips the update calls whose index (counted from
+  ``init`` and kept in its state, so it survives a checkpoint) falls in given
+  ranges, exactly as a guard skips a bad step: zero updates and the inner
+  state untouched, through ``jax.lax.cond``.
+* :func:`add_guard_state` builds the state of a guarded optimizer from the
+  state of the optimizer it wraps (for example restored from a checkpoint
+  written without the guard), :func:`strip_guard_state` goes back, and
+  :func:`seed_spike_history` fills the norm history of
+  :func:`~optax_guard.skip_on_spike` from logged norms, so the restarted guard
+  tests spikes from its first step instead of after ``min_history`` steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.typing import ArrayLike
+
+from optax_guard import _apply
+from optax_guard import _guards as guards
+from optax_guard import _numerics as num
+from optax_guard import _validation as val
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+# The states of the guards: strip_guard_state removes these levels.
+_GUARD_STATES = (guards.SkipNonfiniteState, guards.SkipOnSpikeState)
+
+
+class SkipStepsState(NamedTuple):
+  """State of :func:`skip_steps`.
+
+  Attributes:
+    inner_state: the wrapped transformation's state (unchanged on skipped
+      steps).
+    step: int32, the number of update calls since ``init``, skipped ones
+      included: the index of the next call (saturating at ``2**31 - 1``).
+    num_skipped: int32, total number of skipped steps (saturating).
+    last_skipped: bool scalar, whether the most recent step was skipped.
+  """
+
+  inner_state: optax.OptState
+  step: jax.Array
+  num_skipped: jax.Array
+  last_skipped: jax.Array
+
+
+def _ranges(owner: str, ranges: Any) -> tuple[tuple[int, int], ...]:
+  """``ranges`` as a tuple of ``(start, stop)`` Python ints, checked."""
+  if val.is_jax(ranges):
+    raise TypeError(
+        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs of Python ints, "
+        f"got a JAX array {ranges!r}; optax.inject_hyperparams turns arrays into "
+        f"tracers: pass a list of tuples, or static_args=('ranges',)"
+    )
+  if isinstance(ranges, (str, bytes, dict)) or not isinstance(ranges, (Sequence, np.ndarray)):
+    raise TypeError(
+        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs, got {ranges!r}"
+    )
+  out = []
+  for pair in ranges:
+    if (isinstance(pair, (str, bytes)) or not isinstance(pair, (Sequence, np.ndarray))
+        or len(pair) != 2):
+      raise TypeError(
+          f"{owner}(ranges=...) must be a sequence of (start, stop) pairs, got the "
+          f"entry {pair!r} in {ranges!r}"
+      )
+    start, stop = pair
+    for x in (start, stop):
+      if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(
+            f"{owner}(ranges=...) must hold ints (update-call indices), got {x!r} "
+            f"in {pair!r}"
+        )
+    start, stop = int(start), int(stop)
+    if not 0 <= start < stop <= _INT32_MAX:
+      raise ValueError(
+          f"{owner}(ranges=...) needs 0 <= start < stop <= 2**31 - 1 for every half-open "
+          f"range (start, stop), got {pair!r}"
+      )
+    out.append((start, stop))
+  return tuple(out)
+
+
+def _in_ranges(step: jax.Array, bounds: tuple[tuple[int, int], ...]) -> jax.Array:
+  """Whether ``step`` lies in one of the half-open ranges (a bool scalar)."""
+  if not bounds:
+    return jnp.zeros((), jnp.bool_)
+  starts = np.array([a for a, _ in bounds], np.int32)
+  stops = np.array([b for _, b in bounds], np.int32)
+  return jnp.any((step >= starts) & (step < stops))
+
+
+def skip_steps(
+    inner: optax.GradientTransformation, ranges: Sequence[tuple[int, int]]
+) -> optax.GradientTransformationExtraArgs:
+  r"""Skips the update calls whose index falls in given ranges (for replays).
+
+  With :math:`t` the index of the update call (0 for the first call after
+  ``init``, kept in the state) and :math:`R` the half-open ranges
+  :math:`[a_k, b_k)`:
+
+  .. math::
+    (u, s) \leftarrow \begin{cases} (0,\ s) & t \in \bigcup_k [a_k, b_k) \\
+    \mathrm{inner}(g, s) & \text{otherwise} \end{cases},
+    \qquad t \leftarrow t + 1
+
+  A skipped call is skipped as a guard skips a bad step: it returns
+  ``jnp.zeros`` with the inner's output shapes and dtypes and leaves the inner
+  state bitwise untouched (``jax.lax.cond``; ``inner.update`` does not run),
+  so the inner step count, and any learning-rate schedule driven by it, does
+  not advance either. The index counts every call, skipped or not, and lives
+  in the state: a run restored from a checkpoint of this state continues
+  counting where the saved run stopped, so the ranges keep meaning the same
+  calls. Keyword extras such as ``value=`` are passed through to ``inner``.
+  With ``skip_steps`` outermost, ``og.update_and_apply(tx, grads, state,
+  params)`` applies the update to the parameters inside the ``cond`` (and
+  inside the ``cond`` of a guard it wraps).
+
+  The use: after a loss spike, restore a checkpoint written before it and
+  replay the run with the data that followed, skipping the steps around the
+  spike (the PaLM authors restarted about 100 steps before a spike and
+  skipped 200 to 500 batches). The data loader still delivers the skipped
+  batches, so the data order and every later step index stay as they were.
+  To wrap a running optimizer whose checkpoint has no ``skip_steps`` state,
+  build the state with :func:`add_guard_state` (its ``step=`` sets the index
+  of the next call).
+
+  Args:
+    inner: the transformation to wrap (usually the whole optimizer, or a
+      guard around it).
+    ranges: a sequence of half-open ``(start, stop)`` pairs of update-call
+      indices, ``0 <= start < stop <= 2**31 - 1`` (Python or NumPy ints); they
+      may overlap and come in any order. An empty sequence skips nothing.
+      The ranges are static: they are not part of the state, so a restored
+      run may be given other ranges.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`SkipStepsState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.skip_steps(optax.sgd(1.0), [(1, 3)])
+    >>> state = tx.init(jnp.zeros(1))
+    >>> for _ in range(4):
+    ...   u, state = tx.update(jnp.ones(1), state)
+    ...   print(int(state.step), float(u[0]), bool(state.last_skipped))
+    1 -1.0 False
+    2 0.0 True
+    3 0.0 True
+    4 -1.0 False
+
+  References:
+    Chowdhery et al., 2022, *PaLM: Scaling Language Modeling with Pathways*,
+    https://arxiv.org/abs/2204.02311 (section 5.1, restarting before a spike
+    and skipping batches).
+  """
+  owner = "skip_steps"
+  raw_inner = inner
+  inner = guards._check_inner(owner, inner)
+  bounds = _ranges(owner, ranges)
+
+  def init_fn(params):
+    zero = lambda dtype: jnp.zeros((), dtype)  # one buffer per field (donatable)
+    return SkipStepsState(
+        inner.init(params), zero(jnp.int32), zero(jnp.int32), zero(jnp.bool_)
+    )
+
+  def decide(state):
+    skip = _in_ranges(state.step, bounds)
+    num_skipped = jnp.where(skip, optax.safe_increment(state.num_skipped), state.num_skipped)
+    return skip, (optax.safe_increment(state.step), num_skipped, skip)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    skip, fields = decide(state)
+
+    def apply():
+      return inner.update(updates, state.inner_state, params, **extra_args)
+
+    def skip_branch():
+      zeros = jax.tree.map(
+          lambda s: guards._like(jnp.zeros(s.shape, s.dtype), s), out_updates
+      )
+      return zeros, jax.tree.map(guards._like, state.inner_state, out_state)
+
+    out_updates, out_state = jax.eval_shape(apply)
+    # the apply branch first, as in the guards (XLA:CPU keeps fewer copies)
+    new_updates, inner_state = jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
+    return new_updates, SkipStepsState(inner_state, *fields)
+
+  def fused_fn(grads, state, params, **extra_args):
+    skip, fields = decide(state)
+
+    def apply():
+      # a guard inside applies within its own cond as well
+      return _apply.update_and_apply(raw_inner, grads, state.inner_state, params, **extra_args)
+
+    def skip_branch():
+      return (jax.tree.map(guards._like, params, out_params),
+              jax.tree.map(guards._like, state.inner_state, out_state))
+
+    out_params, out_state = jax.eval_shape(apply)
+    new_params, inner_state = jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
+    return new_params, SkipStepsState(inner_state, *fields)
+
+  return _apply.register_fused(optax.GradientTransformationExtraArgs(init_fn, update_fn), fused_fn)
+
+
+# ---------------------------------------------------------------------------
+# Adding a guard to a running optimizer
+# ---------------------------------------------------------------------------
+
+
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
+
+def _signature(tree: Any) -> tuple[Any, list[tuple[tuple[int, ...], np.dtype]]]:
+  """The tree structure and the ``(shape, dtype)`` of every leaf."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, [(tuple(np.shape(x)), np.dtype(jnp.result_type(x))) for x in leaves]
+
+
+def _descend(state: Any, depth: int) -> Any:
+  for _ in range(depth):
+    state = state.inner_state
+  return state
+
+
+def _replace_at(state: Any, depth: int, new: Any) -> Any:
+  """``state`` with the node ``depth`` levels down its ``inner_state`` chain replaced."""
+  if depth == 0:
+    return new
+  return state._replace(inner_state=_replace_at(state.inner_state, depth - 1, new))
+
+
+def _has_inner_state(x: Any) -> bool:
+  return hasattr(x, "_fields") and "inner_state" in x._fields
+
+
+def add_guard_state(
+    guard: optax.GradientTransformation,
+    inner_state: optax.OptState,
+    params: optax.Params,
+    *,
+    step: ArrayLike | None = None,
+) -> optax.OptState:
+  """The state of ``guard`` around the given state of the optimizer it wraps.
+
+  ``guard`` is a guard built around the optimizer that produced
+  ``inner_state`` (:func:`~optax_guard.skip_nonfinite`,
+  :func:`~optax_guard.skip_on_spike`, :func:`skip_steps`, several of them
+  nested, or any wrapper whose state keeps the wrapped state in an
+  ``inner_state`` field, such as ``optax.inject_hyperparams``). The result is
+  ``guard.init(params)`` with the state of that optimizer replaced by
+  ``inner_state``: the guard's own fields start as after ``init`` (no step
+  skipped yet, an empty spike history), the optimizer continues exactly where
+  ``inner_state`` left it. Use it to add a guard to a run restored from a
+  checkpoint written without one; :func:`strip_guard_state` goes back.
+
+  The place of ``inner_state`` is found by structure: going down the
+  ``inner_state`` fields of ``guard.init(params)``, the first state with the
+  tree structure, shapes and dtypes of ``inner_state``. A state that already
+  has the structure of the whole guarded state is returned as it is. The
+  optimizer's own ``init`` is never run on the parameters (only traced, for
+  its structure), so no second copy of its state is made.
+
+  Args:
+    guard: the guarded optimizer.
+    inner_state: the state of the optimizer that ``guard`` wraps.
+    params: the parameters, or a tree of ``jax.ShapeDtypeStruct`` of their
+      shapes and dtypes (only those are read).
+    step: for a :func:`skip_steps` level of ``guard``, the index of the next
+      update call (for example the number of steps the restored run has
+      made, so that its ranges count from the start of the run); None keeps
+      0, counting from now.
+
+  Returns:
+    The state of ``guard``.
+
+  Raises:
+    ValueError: no state inside ``guard``'s state matches ``inner_state``, or
+      ``step`` is given and ``guard`` adds no :func:`skip_steps` level.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> params = jnp.zeros(3)
+    >>> adam = optax.adam(1e-3)
+    >>> adam_state = adam.init(params)  # e.g. restored from a checkpoint
+    >>> guard = og.skip_on_spike(adam)
+    >>> state = og.add_guard_state(guard, adam_state, params)
+    >>> int(state.num_skipped), state.inner_state is adam_state
+    (0, True)
+    >>> og.strip_guard_state(state) is adam_state
+    True
+  """
+  owner = "add_guard_state"
+  if not isinstance(guard, optax.GradientTransformation):
+    raise TypeError(
+        f"{owner}(guard=...) must be an optax.GradientTransformation, got {guard!r}"
+    )
+  abstract_params = jax.tree.map(_abstract, params)
+  shapes = jax.eval_shape(guard.init, abstract_params)
+  want = _signature(inner_state)
+  depth, node = 0, shapes
+  while _signature(node) != want:
+    if not _has_inner_state(node):
+      raise ValueError(
+          f"{owner}(inner_state=...) does not match the state of the optimizer inside "
+          f"guard: expected {jax.tree.structure(node)}, got {jax.tree.structure(inner_state)} "
+          f"(or leaves of other shapes or dtypes); pass the state of the optimizer that "
+          f"guard wraps"
+      )
+    depth, node = depth + 1, node.inner_state
+  added = [_descend(shapes, d) for d in range(depth)]
+  if step is not None:
+    val.integer(owner, "step", step, minimum=0)
+    if not val.is_jax(step):
+      step = min(int(np.asarray(step)), _INT32_MAX)  # the counter saturates there
+    if not any(isinstance(level, SkipStepsState) for level in added):
+      raise ValueError(
+          f"{owner}(step=...) sets the counter of a skip_steps level, and guard adds none"
+      )
+  if depth == 0:
+    return inner_state
+
+  def fresh():
+    # the optimizer's init is dropped from the outputs, so XLA never runs it
+    state = _replace_at(guard.init(abstract_params), depth, None)
+    if step is None:
+      return state
+    return _set_step(state, depth, jnp.asarray(step).astype(jnp.int32))
+
+  return _replace_at(jax.jit(fresh)(), depth, inner_state)
+
+
+def _set_step(state: Any, depth: int, step: jax.Array) -> Any:
+  """Sets the counter of every :class:`SkipStepsState` of the first ``depth`` levels."""
+  if depth == 0:
+    return state
+  inner = _set_step(state.inner_state, depth - 1, step)
+  if isinstance(state, SkipStepsState):
+    return state._replace(inner_state=inner, step=step)
+  return state._replace(inner_state=inner)
+
+
+def strip_guard_state(state: optax.OptState) -> optax.OptState:
+  """The state of the optimizer inside the guards: the inverse of :func:`add_guard_state`.
+
+  Removes every outer level of :func:`~optax_guard.skip_nonfinite`,
+  :func:`~optax_guard.skip_on_spike` and :func:`skip_steps` state and returns
+  the ``inner_state`` they wrap, unchanged: the state of the unguarded
+  optimizer, for example to continue a run without the guards or to write a
+  checkpoint that an unguarded script can restore. To remove only the
+  outermost level, read ``state.inner_state``.
+
+  Args:
+    state: the state of a guard (outermost).
+
+  Returns:
+    The innermost ``inner_state``.
+
+  Raises:
+    TypeError: ``state`` is not the state of a guard.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.skip_steps(og.skip_nonfinite(optax.sgd(0.1)), [(5, 10)])
+    >>> og.strip_guard_state(tx.init(jnp.zeros(2)))
+    (EmptyState(), EmptyState())
+  """
+  if not isinstance(state, (*_GUARD_STATES, SkipStepsState)):
+    raise TypeError(
+        f"strip_guard_state(state=...) must be the state of skip_nonfinite, skip_on_spike "
+        f"or skip_steps (outermost), got {type(state).__name__}"
+    )
+  while isinstance(state, (*_GUARD_STATES, SkipStepsState)):
+    state = state.inner_state
+  return state
+
+
+def _observations(owner: str, name: str, x: Any) -> jax.Array:
+  """A 1-D float32 array of logged observations."""
+  if isinstance(x, (bool, np.bool_, str, bytes)):
+    raise TypeError(f"{owner}({name}=...) must be a 1-D array of numbers, got {x!r}")
+  try:
+    arr = jnp.asarray(x)
+  except (TypeError, ValueError):
+    raise TypeError(f"{owner}({name}=...) must be a 1-D array of numbers, got {x!r}") from None
+  if arr.dtype == jnp.bool_ or not (
+      jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)
+  ):
+    raise TypeError(f"{owner}({name}=...) must hold real numbers, got dtype {arr.dtype}")
+  if arr.ndim != 1:
+    raise ValueError(f"{owner}({name}=...) must be 1-D (oldest first), got shape {arr.shape}")
+  return arr.astype(jnp.float32)
+
+
+def _seed(tracker: guards.SpikeTracker, xs: jax.Array) -> guards.SpikeTracker:
+  """``tracker`` after recording every finite entry of ``xs`` in order.
+
+  What recording them one step at a time would give: the history keeps the
+  last ``window`` finite observations (old and new), newest last; the count
+  grows by the number of finite ones (saturating); ``last`` is the last entry.
+  """
+  if xs.shape[0] == 0:
+    return tracker
+  window = tracker.history.shape[0]
+  values = jnp.concatenate([tracker.history, xs])
+  valid = jnp.concatenate([num.ring_valid(tracker.history, tracker.count), jnp.isfinite(xs)])
+  rank = jnp.cumsum(valid.astype(jnp.int32))  # 1-based rank among the valid entries
+  slot = window - 1 - (rank[-1] - rank)  # the newest valid entry goes to window - 1
+  keep = valid & (slot >= 0)
+  history = jnp.zeros_like(tracker.history).at[jnp.where(keep, slot, window)].set(
+      values, mode="drop"
+  )
+  added = jnp.sum(jnp.isfinite(xs).astype(jnp.int32))
+  count = jnp.where(tracker.count > _INT32_MAX - added, jnp.int32(_INT32_MAX),
+                    tracker.count + added).astype(jnp.int32)
+  return tracker._replace(history=history, count=count, last=xs[-1])
+
+
+def seed_spike_history(
+    state: optax.OptState, norms: ArrayLike, *, values: ArrayLike | None = None
+) -> optax.OptState:
+  """Records logged norms (and losses) in the history of a :func:`~optax_guard.skip_on_spike`.
+
+  A guard added to a running optimizer (:func:`add_guard_state`), or rebuilt
+  after a restart from a checkpoint without its state, starts with an empty
+  history and tests no spike before ``min_history`` steps. Seeding it with
+  the global gradient norms the run logged (oldest first), for example
+  ``guard_stats(...)["monitor/global_norm"]`` of a ``monitor()`` placed before
+  the optimizer, or ``"skip_on_spike/norm/last"`` of an earlier guard, makes
+  it test from its first step, against the level the run had reached.
+
+  The result is what the guard would hold had it observed ``norms`` one step
+  at a time: the finite entries are recorded in order (NaN and ``inf`` are
+  not, as in the guard), the history keeps the last ``window`` of them (after
+  what it held before), the count grows by their number (saturating) and
+  ``last`` is the last entry. The threshold a step was compared with is not
+  recomputed (it is reported for logging only, and the next step sets it).
+  Give the norms of the gradients the guard sees (raw, if it is outermost):
+  norms logged after a clip would make the history too low. The counters
+  and the inner state are unchanged. Works under ``jax.jit``.
+
+  Args:
+    state: an optimizer state holding exactly one
+      :class:`~optax_guard.SkipOnSpikeState` (anywhere in the tree).
+    norms: 1-D array of global gradient norms, oldest first.
+    values: optionally, a 1-D array of the losses passed as ``value=``,
+      oldest first, for the history of ``value``.
+
+  Returns:
+    ``state`` with the histories of its :class:`~optax_guard.SkipOnSpikeState`
+    extended.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_guard as og
+    >>> tx = og.skip_on_spike(optax.sgd(0.1), window=4, min_history=2)
+    >>> state = og.seed_spike_history(tx.init(jnp.zeros(1)), [1.0, jnp.nan, 1.2, 0.9])
+    >>> state.norm.history, int(state.norm.count)
+    (Array([0. , 1. , 1.2, 0.9], dtype=float32), 3)
+    >>> u, state = tx.update(jnp.array([50.0]), state)  # tested at once: a spike
+    >>> bool(state.last_skipped)
+    True
+  """
+  owner = "seed_spike_history"
+  norms = _observations(owner, "norms", norms)
+  seeded_values = None if values is None else _observations(owner, "values", values)
+  is_spike = lambda x: isinstance(x, guards.SkipOnSpikeState)
+  found = [x for x in jax.tree.leaves(state, is_leaf=is_spike) if is_spike(x)]
+  if len(found) != 1:
+    raise ValueError(
+        f"{owner}(state=...) must hold exactly one skip_on_spike state, found {len(found)}"
+    )
+
+  def seed(node):
+    if not is_spike(node):
+      return node
+    value = node.value if seeded_values is None else _seed(node.value, seeded_values)
+    return node._replace(norm=_seed(node.norm, norms), value=value)
+
+  return jax.tree.map(seed, state, is_leaf=is_spike)
