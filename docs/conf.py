@@ -104,6 +104,8 @@ html_theme_options = {
     "use_repository_button": True,
     "show_toc_level": 2,
     "navigation_with_keys": False,
+    # One search box (the sidebar's): no second one in a header bar.
+    "navbar_persistent": [],
 }
 
 _log = logging.getLogger("optax_guard.docs")
