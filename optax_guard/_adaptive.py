@@ -59,11 +59,18 @@ def adaptive_grad_clip(
   limit leaves the gradient bitwise unchanged and norms never overflow in
   low precision.
 
+  Off switch: ``clipping=inf`` never clips: the updates come back bitwise
+  unchanged (``-0.0`` and ``+-inf`` included, whatever the weights). A unit
+  with a NaN gradient norm still becomes NaN.
+
   Args:
     clipping: the ratio ``lambda > 0`` of gradient norm to weight norm allowed
-      per unit (Brock et al. use 0.01 to 0.16, smaller for larger batches).
-    eps: the smallest weight norm used for the limit, ``> 0`` and finite
-      (with 0, a zero-initialised unit would get a zero limit and never move).
+      per unit (Brock et al. use 0.01 to 0.16, smaller for larger batches);
+      ``inf`` switches clipping off.
+    eps: the smallest weight norm used for the limit, ``>= 0`` and finite.
+      With 0 (accepted, as by optax, with the same math) a unit whose
+      weights are all zero gets a zero limit, so its gradient becomes 0 and
+      it never moves: keep ``eps > 0`` when some units start at zero.
     axis: int, tuple of ints, or None (see above); applies to every leaf.
       Under ``optax.inject_hyperparams`` an int ``axis`` would become an
       array, which raises a ``TypeError``: pass ``static_args=("axis",)`` or
@@ -87,9 +94,8 @@ def adaptive_grad_clip(
     Recognition Without Normalization*, https://arxiv.org/abs/2102.06171
   """
   owner = "adaptive_grad_clip"
-  val.positive(owner, "clipping", clipping, finite=True)
-  # eps = 0 would freeze zero-initialised weights (their limit is 0) for good
-  val.positive(owner, "eps", eps, finite=True)
+  val.positive(owner, "clipping", clipping)
+  val.non_negative(owner, "eps", eps, finite=True)
   axis = val.unit_axis(owner, axis)
 
   def update_fn(updates, state, params=None):
@@ -100,7 +106,9 @@ def adaptive_grad_clip(
     def leaf(path, g, p):
       g_norm = num.unit_norm_at(owner, path, g, axis)
       p_norm = num.unit_norm_at(owner, path, p, axis)
-      limit = clipping * jnp.maximum(p_norm, jnp.asarray(eps, p_norm.dtype))
+      c = jnp.asarray(clipping, p_norm.dtype)
+      # clipping = inf is off: an infinite limit even for a zero (or NaN) weight norm
+      limit = jnp.where(jnp.isposinf(c), c, c * jnp.maximum(p_norm, jnp.asarray(eps, c.dtype)))
       return num.scale_leaf(g, num.safe_factor(limit, g_norm))
 
     return jax.tree.map_with_path(leaf, updates, params), state
@@ -177,6 +185,12 @@ def autoclip(
   updates and an infinite norm gives factor 0. Before any finite norm has been
   recorded the threshold is the current norm (no clipping).
 
+  Float noise never decides: a finite norm within a relative ``1e-3`` of the
+  threshold is left bitwise unchanged. When the recent norms are equal up to
+  rounding (a clip ahead of AutoClip makes them so), whether the current one
+  lies an ulp above or below the percentile depends on the backend's
+  rounding; with the tolerance every backend leaves it alone.
+
   ``history_size`` fixes the state's shape, so it is static: ``update`` reads
   it back from ``state.history.shape``. Under ``optax.inject_hyperparams``
   the integer becomes an array hyperparameter: ``init`` reads its concrete
@@ -187,8 +201,13 @@ def autoclip(
   ``optax.inject_hyperparams(og.autoclip, static_args=("history_size",))``.
   ``percentile`` may be traced or a schedule.
 
+  Off switch: ``percentile=100`` (accepted by the reference code) never
+  clips a finite norm: the threshold is then the largest recorded norm,
+  the current one included, so the updates come back bitwise unchanged.
+  A non-finite norm is handled as at any percentile.
+
   Args:
-    percentile: ``p`` in ``[0, 100)``; the paper recommends 10.
+    percentile: ``p`` in ``[0, 100]``; the paper recommends 10.
     history_size: ``N >= 1``, the number of recent finite norms kept.
     axis_name: inside ``pmap``/``shard_map`` when each device holds a different
       shard of the updates, the mapped axis to ``psum`` the squared norms over
@@ -211,9 +230,7 @@ def autoclip(
     Clipping for Source Separation Networks*, https://arxiv.org/abs/2007.14469
   """
   owner = "autoclip"
-  val.in_range(owner, "percentile", percentile, 0.0, 100.0, hi_open=True,
-               why=" (the 100th percentile of a history that includes the current "
-                   "norm never clips)")
+  val.in_range(owner, "percentile", percentile, 0.0, 100.0)
   val.integer(owner, "history_size", history_size, minimum=1)
   axis_name = val.axis_name(owner, axis_name)
 
@@ -248,7 +265,13 @@ def autoclip(
     threshold = jnp.where(
         n_valid > 0, _percentile_of_valid(history, n_valid, percentile), x
     )
-    updates = num.scale_tree(updates, num.safe_factor(threshold, norm))
+    # a norm within float noise of the threshold is not clipped (see
+    # _numerics.NOISE_RTOL): the outcome never depends on the backend's rounding
+    tolerated = threshold + num.NOISE_RTOL * threshold
+    factor = num.safe_factor(threshold, norm, zero_infinite=True)
+    within = (norm <= tolerated.astype(norm.dtype)) & jnp.isfinite(norm)
+    factor = jnp.where(within, jnp.ones((), factor.dtype), factor)
+    updates = num.scale_tree(updates, factor)
     return updates, AutoClipState(count, history, x, threshold)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -330,12 +353,20 @@ def zclip(
   dtype (``alpha=0.97`` becomes 0.96875 with bfloat16 params): pass
   ``hyperparam_dtype=jnp.float32`` to keep them exact.
 
+  Float noise never decides: the deviation in the z-score is floored at a
+  relative ``1e-3`` of the mean, :math:`\sigma \leftarrow \max(\sigma,
+  10^{-3}\mu)` (an addition to the published rule). When the recorded norms
+  are equal up to rounding (a clip ahead of ZClip makes them so) the EMA
+  deviation shrinks towards 0, and a norm one ulp above the mean would
+  otherwise get a huge z-score and be clipped, differently on each backend.
+
   Args:
     alpha: EMA decay in ``[0, 1]``.
     z_threshold: ``z_thr > 0``; norms with a larger z-score are clipped.
     warmup_steps: number of finite norms (``>= 1``) used to initialise the
       statistics before z-score clipping starts.
-    max_norm: optional fixed bound ``> 0`` applied at every step.
+    max_norm: optional fixed bound ``> 0`` applied at every step; ``inf``
+      is the same as None (no fixed bound).
     eps: ``>= 0`` added to ``sigma`` in the z-score.
     axis_name: inside ``pmap``/``shard_map`` when each device holds a different
       shard of the updates, the mapped axis to ``psum`` the squared norms over
@@ -364,7 +395,7 @@ def zclip(
   val.positive(owner, "z_threshold", z_threshold, finite=True)
   val.integer(owner, "warmup_steps", warmup_steps, minimum=1)
   if max_norm is not None:
-    val.positive(owner, "max_norm", max_norm, finite=True)
+    val.positive(owner, "max_norm", max_norm)
   val.non_negative(owner, "eps", eps, finite=True)
   axis_name = val.axis_name(owner, axis_name)
 
@@ -388,12 +419,15 @@ def zclip(
     mu, sigma = state.mean, state.std
     var = sigma * sigma
 
-    z = (x - mu) / (sigma + jnp.asarray(eps, f32))
+    # the deviation is floored at float noise (NOISE_RTOL of the mean), so
+    # norms equal up to rounding never make a z-score above the threshold
+    spread = num.noise_floor(sigma, mu)
+    z = (x - mu) / (spread + jnp.asarray(eps, f32))
     spike = jnp.logical_and(jnp.logical_not(warm), z > zt)
-    threshold = jnp.where(spike, mu + zt * zt * sigma / z, jnp.inf)
+    threshold = jnp.where(spike, mu + zt * zt * spread / z, jnp.inf)
     if max_norm is not None:
       threshold = jnp.minimum(threshold, jnp.asarray(max_norm, f32))
-    updates = num.scale_tree(updates, num.safe_factor(threshold, norm))
+    updates = num.scale_tree(updates, num.safe_factor(threshold, norm, zero_infinite=True))
 
     # Warm-up: running mean and population variance of the raw norms.
     k = state.count.astype(f32)

@@ -268,21 +268,26 @@ def unit_norm_at(
     raise ValueError(f"{owner}: leaf {jax.tree_util.keystr(path) or '(root)'}: {e}") from None
 
 
-def safe_factor(bound: Any, norm: jax.Array) -> jax.Array:
+def safe_factor(bound: Any, norm: jax.Array, *, zero_infinite: bool = False) -> jax.Array:
   """``1`` where ``norm <= bound``, else ``min(1, bound / max(norm, tiny))``.
 
   In the norm's dtype, elementwise for per-unit norms. The outcome "at or
   under the bound" is decided by the comparison, so such updates are
   multiplied by exactly 1 (bitwise unchanged) on every backend, however the
   division rounds. A zero norm gives 1 (for ``bound >= 0``); an infinite norm
-  gives 0 for a finite bound; an infinite bound (clipping switched off) gives
-  1 for every norm but NaN; a NaN norm gives NaN.
+  gives 0 for a finite bound; an infinite bound (a user's off switch) gives
+  1 for every norm but NaN; a NaN norm gives NaN. With ``zero_infinite`` an
+  infinite norm gives 0 even for an infinite bound: for statistical clips
+  whose threshold is ``inf`` on the steps they leave alone.
   """
   norm = jnp.asarray(norm)
   tiny = jnp.finfo(norm.dtype).tiny
   bound = jnp.asarray(bound, norm.dtype)
   quotient = jnp.minimum(1.0, bound / jnp.maximum(norm, tiny)).astype(norm.dtype)
-  return jnp.where(norm <= bound, jnp.ones((), norm.dtype), quotient)
+  factor = jnp.where(norm <= bound, jnp.ones((), norm.dtype), quotient)
+  if zero_infinite:
+    factor = jnp.where(jnp.isposinf(norm), jnp.zeros((), norm.dtype), factor)
+  return factor
 
 
 def scale_leaf(x: jax.Array, factor: jax.Array) -> jax.Array:
@@ -375,6 +380,28 @@ def tensor_norms(
   partials = [tensor_partial(x, n, ord) for x, n in zip(leaves, leads, strict=True)]
   partials = cross_device(partials, ord, axis_name)
   return [finish_norm(p, ord) for p in partials]
+
+
+# Relative width of float noise for the statistical rules (spike, z-score,
+# percentile): two norms within this fraction of each other are treated as
+# equal. Backends and summation orders change a float32 norm by far less
+# (about 1e-7 relative for one rounding, 1e-5 for a long reduction); a real
+# outlier is far more.
+NOISE_RTOL = 1e-3
+
+
+def noise_floor(scale: jax.Array, level: jax.Array) -> jax.Array:
+  """``max(scale, NOISE_RTOL * |level|)``: a spread never narrower than float noise.
+
+  A rule of the form ``x > level + k * scale`` built on a spread estimate
+  (a standard deviation, a median absolute deviation) fires on rounding
+  noise once the recent observations are equal up to a few ulp (a clip
+  ahead of the rule makes every norm equal): the spread is then 0 or one
+  ulp. With the floor, such an ``x`` has to exceed ``level`` by
+  ``k * NOISE_RTOL`` of it, on every backend alike.
+  """
+  scale = jnp.asarray(scale)
+  return jnp.maximum(scale, jnp.asarray(NOISE_RTOL, scale.dtype) * jnp.abs(level))
 
 
 def is_finite_scalar(x: jax.Array) -> jax.Array:

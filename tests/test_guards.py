@@ -256,14 +256,23 @@ def test_skip_nonfinite_rejects_non_transformations():
 MAD_TO_STD = 1.482602218505602  # 1 / Phi^{-1}(3/4)
 
 
-def _robust_threshold(history, sigma, window, min_history):
-  """float64 ``median + sigma * 1.4826 * MAD`` (population std if the MAD is 0)."""
+def _robust_threshold(history, sigma, window, min_history, min_ratio=3.0):
+  """float64 ``max(median + sigma * scale, min_ratio * median)``.
+
+  ``scale`` is ``1.4826 * MAD`` (the population std if the MAD is 0), floored
+  at float noise, a relative 1e-3 of the median. ``min_ratio=None``: no ratio
+  floor (the loss tracker).
+  """
   if len(history) < min_history:
     return math.inf
   h = np.asarray(history[-window:], np.float64)
   med = np.median(h)
   mad = np.median(np.abs(h - med))
-  return med + sigma * (MAD_TO_STD * mad if mad > 0 else h.std())
+  scale = max(MAD_TO_STD * mad if mad > 0 else h.std(), 1e-3 * abs(med))
+  threshold = med + sigma * scale if scale > 0 else med
+  if min_ratio is not None and med > 0:
+    threshold = max(threshold, min_ratio * med)
+  return threshold
 
 
 def _mean_std_threshold(history, sigma, window, min_history):
@@ -292,7 +301,7 @@ def _reference_skip_on_spike(norm_inputs, values, sigma, window, min_history):
     skip = not math.isfinite(n) or n > tn
     tv = math.inf
     if v is not None:
-      tv = _robust_threshold(values_hist, sigma, window, min_history)
+      tv = _robust_threshold(values_hist, sigma, window, min_history, None)
       skip = skip or not math.isfinite(v)
       if math.isfinite(v):
         values_hist.append(v)
@@ -572,12 +581,15 @@ def test_skip_on_spike_window_must_be_concrete_for_jitted_init():
   )
   s = jax.jit(tx.init)(p)
   assert s.inner_state.norm.history.shape == (8,)
-  # sigma and min_history are traced hyperparameters that can be changed in place
+  # sigma, min_ratio and min_history are traced hyperparameters that can be
+  # changed in place
   s.hyperparams["sigma"] = jnp.float32(1e-3)
+  s.hyperparams["min_ratio"] = jnp.float32(1.0)
   update = jax.jit(tx.update)
   for g in [1.0, 1.1, 1.2]:
     _, s = update(jnp.full((3,), g), s, p)
-  assert int(s.inner_state.num_skipped) == 1  # 1.2 > mean + 0.001 std of [1, 1.1]
+  # 1.2 > median 1.05 + 0.001 * std of [1, 1.1]
+  assert int(s.inner_state.num_skipped) == 1
 
 
 @pytest.mark.parametrize(
@@ -801,3 +813,76 @@ def test_skip_on_spike_value_must_be_a_scalar_number(value):
   p = jnp.zeros(3)
   with pytest.raises((TypeError, ValueError), match=r"skip_on_spike\(value=\.\.\.\)"):
     tx.update(jnp.ones(3), tx.init(p), p, value=value)
+
+
+# ---------------------------------------------------------------------------
+# skip_on_spike: float noise, trends and hard batches are not spikes
+# ---------------------------------------------------------------------------
+
+
+def _ulp_noise_norms(level, window, rng):
+  """Half the window exactly ``level``, the rest ``level`` +-1 ulp."""
+  lvl = np.float32(level)
+  up, down = np.nextafter(lvl, np.float32(np.inf)), np.nextafter(lvl, np.float32(0))
+  noisy = rng.choice(np.array([down, lvl, up], np.float32), window - window // 2)
+  return np.concatenate([np.full(window // 2, lvl, np.float32), noisy])
+
+
+@pytest.mark.parametrize("level", [1e-6, 0.37, 1.0, 5e3])
+def test_skip_on_spike_never_skips_float_noise(level):
+  rng = np.random.default_rng(0)
+  window = 32
+  tx = og.skip_on_spike(optax.sgd(1.0), window=window, min_history=16)
+  lvl = np.float32(level)
+  few_ulp = lvl
+  for _ in range(4):
+    few_ulp = np.nextafter(few_ulp, np.float32(np.inf))
+  # norms equal up to +-1 ulp (the MAD is 0 or one ulp), then a few ulp above
+  x = np.concatenate([_ulp_noise_norms(level, window, rng), [few_ulp, lvl, few_ulp]])
+  s, (skipped, *_rest) = _scan_spike(tx, x.astype(np.float32))
+  assert not skipped.any() and int(s.num_skipped) == 0
+  # a 10x norm after that is still a spike
+  s, (skipped, *_rest) = _scan_spike(tx, np.append(x, 10 * lvl).astype(np.float32))
+  assert skipped.tolist() == [False] * len(x) + [True]
+
+
+def test_skip_on_spike_min_ratio_lets_moderate_outliers_through():
+  # a narrow window (MAD 1% of the median): 2.5x the median is many MADs away,
+  # but under the default ratio floor of 3x, so it is left to a clip inside
+  rng = np.random.default_rng(1)
+  x = (1.0 + 0.01 * rng.standard_normal(64)).astype(np.float32)
+  tx = og.skip_on_spike(optax.sgd(1.0), window=64, min_history=32)
+  for outlier, want in [(2.5, False), (2.9, False), (3.2, True), (1e4, True)]:
+    _, (skipped, *_rest) = _scan_spike(tx, np.append(x, outlier).astype(np.float32))
+    assert bool(skipped[-1]) is want, outlier
+    assert not skipped[:-1].any()
+  # min_ratio=1 is the plain median/MAD rule: 2.5x is then a spike
+  tx1 = og.skip_on_spike(optax.sgd(1.0), window=64, min_history=32, min_ratio=1.0)
+  _, (skipped, *_rest) = _scan_spike(tx1, np.append(x, 2.5).astype(np.float32))
+  assert bool(skipped[-1])
+
+
+def test_skip_on_spike_follows_a_warmup_trend():
+  # the norm grows 1% a step, as under a learning-rate warm-up: never a spike
+  x = (0.5 * 1.01 ** np.arange(400)).astype(np.float32)
+  tx = og.skip_on_spike(optax.sgd(1.0))
+  s, (skipped, *_rest) = _scan_spike(tx, x)
+  assert not skipped.any()
+  x[300] *= 1e4
+  s, (skipped, *_rest) = _scan_spike(tx, x)
+  assert np.flatnonzero(skipped).tolist() == [300]
+
+
+def test_skip_on_spike_off_values_keep_the_nonfinite_test():
+  # sigma = inf or min_ratio = inf: no finite norm is a spike, NaN/inf still skip
+  x = np.array([1.0] * 10 + [1e6, np.nan, 1.0, np.inf], np.float32)
+  for kwargs in (dict(sigma=math.inf), dict(min_ratio=math.inf)):
+    tx = og.skip_on_spike(optax.sgd(1.0), window=8, min_history=4, **kwargs)
+    _, (skipped, *_rest) = _scan_spike(tx, x)
+    assert np.flatnonzero(skipped).tolist() == [11, 13], kwargs
+
+
+@pytest.mark.parametrize("bad", [0.5, 0.0, -1.0, math.nan])
+def test_skip_on_spike_rejects_min_ratio_under_one(bad):
+  with pytest.raises(ValueError, match=r"skip_on_spike\(min_ratio=...\)"):
+    og.skip_on_spike(optax.sgd(1.0), min_ratio=bad)
