@@ -418,8 +418,11 @@ def skip_on_spike(
   deviation (the population standard deviation of :math:`H` instead when the
   MAD is 0, i.e. when more than half of the recorded norms are equal, e.g.
   exact zeros), never below float noise (a relative :math:`10^{-3}` of the
-  median). Every finite norm is recorded, skipped or not. A skipped step returns zero updates and leaves the
-  inner state untouched (``jax.lax.cond``, as :func:`skip_nonfinite`). Norms
+  median). Every finite norm is recorded, skipped or not. A skipped step
+  returns zero updates and leaves the inner state untouched
+  (``jax.lax.cond``, as :func:`skip_nonfinite`); the inner state includes
+  the step count of a learning-rate schedule, so a skipped step also pauses
+  the schedule. Norms
   above float32 range count as non-finite. ``value=`` and all other keyword
   extras are passed through to ``inner``.
 
