@@ -154,7 +154,9 @@ def _percentile_of_valid(values: jax.Array, n_valid: jax.Array, q: ArrayLike) ->
   valid = jnp.arange(size) >= size - n_valid
   ranked = jnp.sort(jnp.where(valid, values, jnp.inf))
   last = jnp.maximum(n_valid - 1, 0)
-  pos = last.astype(jnp.float32) * (jnp.asarray(q, jnp.float32) / 100.0)
+  # q * 0.01, not q / 100: a product is correctly rounded on every backend
+  # (a float32 division is not on XLA:GPU), and 100 * 0.01 rounds to exactly 1
+  pos = last.astype(jnp.float32) * (jnp.asarray(q, jnp.float32) * jnp.float32(0.01))
   pos = jnp.clip(pos, 0.0, last.astype(jnp.float32))
   lo = jnp.floor(pos).astype(jnp.int32)
   hi = jnp.minimum(lo + 1, last)
@@ -422,8 +424,10 @@ def zclip(
     # the deviation is floored at float noise (NOISE_RTOL of the mean), so
     # norms equal up to rounding never make a z-score above the threshold
     spread = num.noise_floor(sigma, mu)
-    z = (x - mu) / (spread + jnp.asarray(eps, f32))
-    spike = jnp.logical_and(jnp.logical_not(warm), z > zt)
+    denom = spread + jnp.asarray(eps, f32)
+    z = (x - mu) / denom
+    # decided by a product (correctly rounded everywhere), not by the quotient z
+    spike = jnp.logical_and(jnp.logical_not(warm), x - mu > zt * denom)
     threshold = jnp.where(spike, mu + zt * zt * spread / z, jnp.inf)
     if max_norm is not None:
       threshold = jnp.minimum(threshold, jnp.asarray(max_norm, f32))
