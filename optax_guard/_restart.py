@@ -337,8 +337,10 @@ def add_guard_state(
     return inner_state
 
   def fresh():
-    # the optimizer's init is dropped from the outputs, so XLA never runs it
-    state = _replace_at(guard.init(abstract_params), depth, None)
+    # traced on stand-in zeros; the optimizer's init is dropped from the
+    # outputs, so XLA computes neither
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params)
+    state = _replace_at(guard.init(zeros), depth, None)
     if step is None:
       return state
     return _set_step(state, depth, jnp.asarray(step).astype(jnp.int32))
