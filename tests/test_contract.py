@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import assert_bitwise_equal, with_special_values
 
 import optax_guard as og
 
@@ -31,6 +32,8 @@ class Transform:
   uses_value: bool = False
   static_args: tuple[str, ...] = ()
   bad: tuple[dict, ...] = ()
+  # keyword extras every update needs (besides value=), e.g. qk_clip's maxima
+  extra: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,7 @@ TRANSFORMS: dict[str, Transform] = {
         og.clip_by_value, dict(max_value=0.5),
         bad=(dict(max_value=NAN), dict(max_value=1.0, min_value=2.0),
              dict(max_value=-1.0), dict(max_value="big"), dict(max_value=0.0),
-             dict(max_value=float("inf"), min_value=-float("inf"))),
+             dict(max_value=-float("inf"))),
     ),
     "clip_by_norm": Transform(
         og.clip_by_norm, dict(max_norm=0.5),
@@ -85,7 +88,7 @@ TRANSFORMS: dict[str, Transform] = {
     # --- _adaptive.py ---
     "adaptive_grad_clip": Transform(
         og.adaptive_grad_clip, dict(clipping=0.05), needs_params=True,
-        bad=(dict(clipping=0.0), dict(clipping=NAN), dict(eps=-1.0), dict(eps=0.0),
+        bad=(dict(clipping=0.0), dict(clipping=NAN), dict(eps=-1.0), dict(eps=float("inf")),
              dict(axis="rows")),
     ),
     "autoclip": Transform(
@@ -112,7 +115,8 @@ TRANSFORMS: dict[str, Transform] = {
              window=4, min_history=2),
         uses_value=True,
         bad=(dict(sigma=0.0), dict(sigma=-1.0), dict(sigma=NAN), dict(window=0),
-             dict(window=2.5), dict(min_history=0), dict(min_history=5)),
+             dict(window=2.5), dict(min_history=0), dict(min_history=5),
+             dict(min_ratio=0.5), dict(min_ratio=NAN)),
     ),
     # --- _restart.py ---
     "skip_steps": Transform(
@@ -145,8 +149,7 @@ TRANSFORMS: dict[str, Transform] = {
     "add_l1_penalty": Transform(
         og.add_l1_penalty, dict(weight=0.01), needs_params=True,
         bad=(dict(weight=-1.0), dict(weight=NAN), dict(weight=float("inf")),
-             dict(weight="big"), dict(mask=False),
-             dict(mask={"dense": False, "scale": False})),
+             dict(weight="big"), dict(mask="no"), dict(mask={"dense": 1.0})),
     ),
     "add_l2_penalty": Transform(
         og.add_l2_penalty,
@@ -154,8 +157,38 @@ TRANSFORMS: dict[str, Transform] = {
         needs_params=True, static_args=("mask",),
         bad=(dict(weight=-0.5), dict(weight=NAN)),
     ),
+    # --- _stable.py ---
+    "scale_by_stable_adam": Transform(
+        og.scale_by_stable_adam, dict(b1=0.8),
+        bad=(dict(b1=1.0), dict(b2=-0.1), dict(eps=-1.0), dict(mu_dtype=jnp.int32),
+             dict(stacked=-1), dict(stacked="layers")),
+    ),
+    "stable_adamw": Transform(
+        og.stable_adamw, dict(learning_rate=0.1, weight_decay=0.01), needs_params=True,
+        bad=(dict(learning_rate=-1.0), dict(learning_rate="fast"), dict(weight_decay=-0.1),
+             dict(mask="no"), dict(b1=1.5)),
+    ),
+    "scale_by_spam": Transform(
+        og.scale_by_spam, dict(threshold=4.0, reset_interval=4, warmup_steps=2, clip_delay=2),
+        bad=(dict(threshold=-1.0), dict(threshold=NAN), dict(reset_interval=-1),
+             dict(clip_delay=0), dict(warmup_steps=1.5)),
+    ),
+    "spam": Transform(
+        og.spam, dict(learning_rate=0.1, threshold=4.0, reset_interval=4, warmup_steps=2,
+                      clip_delay=2),
+        needs_params=True,
+        bad=(dict(learning_rate=NAN), dict(weight_decay=-1.0), dict(threshold=-1.0),
+             dict(clip_delay=0), dict(mask=3)),
+    ),
     # --- _monitor.py ---
     "monitor": Transform(og.monitor, dict(per_leaf=True), bad=(dict(per_leaf="yes"),)),
+    # --- _qk_clip.py --- (one head of width 1 in the fused kernel [4, 3]; S = 8 > 2)
+    "qk_clip": Transform(
+        og.qk_clip, dict(threshold=2.0, layouts=og.qk_fused("dense")), needs_params=True,
+        extra=dict(attn_max_logits=np.array([[1.5], [8.0]], np.float32)),
+        bad=(dict(threshold=0.0), dict(threshold=NAN), dict(threshold=True),
+             dict(layouts="dense"), dict(alpha=1.5), dict(min_factor=0.0)),
+    ),
 }
 
 SCHEDULES: dict[str, Schedule] = {
@@ -206,6 +239,9 @@ OTHERS: dict[str, str] = {
     "guard_stats": "tests/test_monitor.py (test_guard_stats_*)",
     # --- _apply.py ---
     "update_and_apply": "tests/test_apply.py (test_update_and_apply_*)",
+    # --- _qk_clip.py ---
+    "qk_fused": "tests/test_qk_clip.py (test_qk_fused_*)",
+    "qk_separate": "tests/test_qk_clip.py (test_qk_separate_*)",
     # --- _restart.py ---
     "add_guard_state": "tests/test_restart.py (test_add_guard_state_*)",
     "seed_spike_history": "tests/test_restart.py (test_seed_spike_history_*)",
@@ -283,8 +319,17 @@ def _run(tx, steps=6, dtype=jnp.float32, jit=True, select=lambda tree: tree):
   return outs, state
 
 
+def _feed(tx, extra):
+  """``tx`` with the registry's keyword ``extra`` passed to every update."""
+  if not extra:
+    return tx
+  tx = optax.with_extra_args_support(tx)
+  return optax.GradientTransformationExtraArgs(
+      tx.init, lambda u, s, p=None, **kw: tx.update(u, s, p, **{**extra, **kw}))
+
+
 def _make(entry: Transform, **override):
-  return entry.factory(**{**entry.kwargs, **override})
+  return _feed(entry.factory(**{**entry.kwargs, **override}), entry.extra)
 
 
 transform_names = sorted(TRANSFORMS)
@@ -377,7 +422,7 @@ def test_transform_same_under_inject_hyperparams(name):
   injected_tx = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(
       **entry.kwargs
   )
-  injected, _ = _run(injected_tx, steps=6)
+  injected, _ = _run(_feed(injected_tx, entry.extra), steps=6)
   chex.assert_trees_all_close(direct, injected, rtol=1e-5, atol=1e-6)
 
 
@@ -394,8 +439,8 @@ def test_transform_defaults_work_under_inject_hyperparams(name):
   injected_tx = optax.inject_hyperparams(entry.factory, static_args=entry.static_args)(
       **required
   )
-  direct, _ = _run(entry.factory(**required), steps=3)
-  outs, _ = _run(injected_tx, steps=3)
+  direct, _ = _run(_feed(entry.factory(**required), entry.extra), steps=3)
+  outs, _ = _run(_feed(injected_tx, entry.extra), steps=3)
   chex.assert_trees_all_close(direct, outs, rtol=1e-5, atol=1e-6)
   assert all(bool(jnp.all(jnp.isfinite(x))) for u in outs for x in jax.tree.leaves(u))
 
@@ -481,15 +526,23 @@ _RULE_BAD = {
     "real": (),
     "pos": (("zero", 0.0), ("negative", -1.0)),
     "pos_finite": (("zero", 0.0), ("negative", -1.0), ("inf", INF)),
+    "nonneg": (("negative", -1.0), ("minus_inf", -INF)),
     "nonneg_finite": (("negative", -1.0), ("inf", INF)),
     "finite": (("inf", INF),),
     "unit": (("negative", -0.1), ("above_one", 1.5)),
     "unit_open": (("negative", -0.1), ("one", 1.0)),
-    "percent": (("negative", -1.0), ("hundred", 100.0)),
+    "percent": (("negative", -1.0), ("above_hundred", 100.5)),
     "int_pos": (("zero", 0), ("negative", -1)),
     "int_nonneg": (("negative", -1),),
+    "at_least_one": (("below_one", 0.5), ("zero", 0.0), ("negative", -1.0)),
 }
 _OTHER_BAD = {
+    "stacked": (("negative", -1), ("string", "layers"), ("fraction", 1.5), ("bool", True),
+                ("jax_array", "jnp.asarray(1)"), ("tree_leaf", {"dense": -2})),
+    "rate": (("negative", -1.0), ("inf", INF), ("nan", NAN), ("string", "0.1"),
+             ("bool", True), ("array", np.array([1.0, 2.0])), ("jax_array", "jnp.ones(2)"),
+             ("list", [0.1]), ("none", None)),
+    "dtype": (("int", "int32"), ("bool", "bool"), ("unknown", "float99"), ("number", 3)),
     "ord": (("three", 3), ("zero", 0), ("bool", True), ("string", "l2"),
             ("jax_array", "jnp.asarray(1)")),
     "axis": (("string", "rows"), ("fraction", 1.5), ("bool", True), ("empty", ()),
@@ -506,6 +559,10 @@ _OTHER_BAD = {
                ("empty_range", [(2, 2)]), ("negative", [(-1, 3)]), ("fraction", [(0.5, 3)]),
                ("bool", [(True, 3)]), ("triple", [(1, 2, 3)]), ("too_big", [(0, 2**31)]),
                ("jax_array", "jnp.ones((1, 2), int)")),
+    "qk_layouts": (("none", None), ("string", "dense"), ("empty", []), ("number", 3.0),
+                   ("string_leaf", {"a": "dense"})),
+    "stacked": (("string", "layers"), ("negative", -1), ("fraction", 1.5), ("bool", True),
+                ("jax_array", "jnp.asarray(1)")),
     "milestones": (("unsorted", [5, 2]), ("negative", [-1, 3]), ("scalar", 3),
                    ("string", "ab"), ("fractions", [1.5])),
 }
@@ -513,29 +570,45 @@ _OTHER_BAD = {
 # factory -> {argument: rule}; a rule ending in "?" accepts None.
 ARGS: dict[str, dict[str, str]] = {
     "clip_by_value": dict(max_value="real", min_value="real?"),
-    "clip_by_norm": dict(max_norm="pos_finite", ord="ord", axis_name="axis_name"),
-    "clip_by_global_norm": dict(max_norm="pos_finite", ord="ord", axis_name="axis_name"),
-    "clip_by_axis_norm": dict(max_norm="pos_finite", axis="axis", axis_name="axis_name"),
-    "truncate_by_value": dict(threshold="pos_finite"),
+    "clip_by_norm": dict(max_norm="pos", ord="ord", axis_name="axis_name"),
+    "clip_by_global_norm": dict(max_norm="pos", ord="ord", axis_name="axis_name"),
+    "clip_by_axis_norm": dict(max_norm="pos", axis="axis", axis_name="axis_name"),
+    "truncate_by_value": dict(threshold="pos"),
     "clip_weights": dict(max_value="real", min_value="real?"),
-    "clip_weights_by_norm": dict(max_norm="pos_finite", axis="axis"),
-    "adaptive_grad_clip": dict(clipping="pos_finite", eps="pos_finite", axis="axis"),
+    "clip_weights_by_norm": dict(max_norm="pos", axis="axis"),
+    "adaptive_grad_clip": dict(clipping="pos", eps="nonneg_finite", axis="axis"),
     "autoclip": dict(percentile="percent", history_size="int_pos", axis_name="axis_name"),
     "zclip": dict(alpha="unit", z_threshold="pos_finite", warmup_steps="int_pos",
-                  max_norm="pos_finite?", eps="nonneg_finite", axis_name="axis_name"),
+                  max_norm="pos?", eps="nonneg_finite", axis_name="axis_name"),
     "skip_nonfinite": dict(inner="inner", axis_name="axis_name"),
-    "skip_on_spike": dict(inner="inner", sigma="pos_finite", window="int_pos",
-                          min_history="int_pos", axis_name="axis_name"),
+    "skip_on_spike": dict(inner="inner", sigma="pos", window="int_pos",
+                          min_history="int_pos", min_ratio="at_least_one",
+                          axis_name="axis_name"),
     "skip_steps": dict(inner="inner", ranges="ranges"),
     "reduce_on_plateau": dict(factor="unit_open", patience="int_nonneg",
                               threshold="nonneg_finite", threshold_mode="threshold_mode",
-                              cooldown="int_nonneg", min_scale="unit_open",
-                              mode="mode", eps="nonneg_finite"),
+                              cooldown="int_nonneg", min_scale="nonneg",
+                              mode="mode", eps="nonneg"),
     "scale_by_grad_norm": dict(fn="callable", axis_name="axis_name"),
     "scale_by_parameter": dict(fn="callable"),
-    "add_l1_penalty": dict(weight="pos_finite", mask="mask?"),
-    "add_l2_penalty": dict(weight="pos_finite", mask="mask?"),
+    "add_l1_penalty": dict(weight="nonneg_finite", mask="mask?"),
+    "add_l2_penalty": dict(weight="nonneg_finite", mask="mask?"),
     "monitor": dict(per_leaf="flag", axis_name="axis_name"),
+    "qk_clip": dict(threshold="pos", layouts="qk_layouts", alpha="unit", min_factor="unit_open",
+                    stacked="stacked", axis_name="axis_name"),
+    "scale_by_stable_adam": dict(b1="unit_open", b2="unit_open", eps="nonneg_finite",
+                                 eps_root="nonneg_finite", mu_dtype="dtype?", stacked="stacked",
+                                 axis_name="axis_name"),
+    "stable_adamw": dict(learning_rate="rate", b1="unit_open", b2="unit_open",
+                         eps="nonneg_finite", eps_root="nonneg_finite", mu_dtype="dtype?",
+                         weight_decay="rate", mask="mask?", stacked="stacked",
+                         axis_name="axis_name"),
+    "scale_by_spam": dict(b1="unit_open", b2="unit_open", eps="nonneg_finite",
+                          threshold="nonneg?", reset_interval="int_nonneg?",
+                          warmup_steps="int_nonneg", clip_delay="int_pos"),
+    "spam": dict(learning_rate="rate", b1="unit_open", b2="unit_open", eps="nonneg_finite",
+                 weight_decay="rate", mask="mask?", threshold="nonneg?",
+                 reset_interval="int_nonneg?", warmup_steps="int_nonneg", clip_delay="int_pos"),
     "polynomial_decay": dict(init_value="finite", decay_steps="int_pos", power="nonneg_finite",
                              end_value="finite", cycle="flag"),
     "linear_decay": dict(init_value="finite", decay_steps="int_pos", end_value="finite"),
@@ -636,7 +709,8 @@ NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
     "autoclip": (dict(percentile=50.0, history_size=3), ()),
     "zclip": (dict(alpha=0.9, z_threshold=1.5, warmup_steps=2, max_norm=100.0, eps=1e-5), ()),
     "skip_nonfinite": (dict(inner=optax.sgd(0.1)), ()),
-    "skip_on_spike": (dict(inner=optax.sgd(0.1), sigma=2.0, window=4, min_history=2), ()),
+    "skip_on_spike": (dict(inner=optax.sgd(0.1), sigma=2.0, window=4, min_history=2,
+                           min_ratio=1.5), ()),
     "skip_steps": (dict(inner=optax.sgd(0.1), ranges=[(1, 3), (4, 5)]), ()),
     "reduce_on_plateau": (dict(factor=0.5, patience=1, threshold=1e-3, threshold_mode="abs",
                                cooldown=1, min_scale=0.01, mode="max", eps=1e-6), ()),
@@ -645,7 +719,19 @@ NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
     "add_l1_penalty": (dict(weight=0.02, mask=_KERNEL_ONLY), ()),
     "add_l2_penalty": (dict(weight=0.03, mask=lambda p: jax.tree.map(lambda x: x.ndim > 0, p)),
                        ("mask",)),
+    "scale_by_stable_adam": (dict(b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-9,
+                                  mu_dtype=jnp.float32, stacked=0), ("mu_dtype", "stacked")),
+    "stable_adamw": (dict(learning_rate=optax.linear_schedule(0.1, 0.01, 4), b1=0.8, b2=0.99,
+                          eps=1e-6, eps_root=1e-9, mu_dtype=jnp.float32, weight_decay=0.05,
+                          mask=_KERNEL_ONLY, stacked=0), ("mu_dtype", "stacked")),
+    "scale_by_spam": (dict(b1=0.8, b2=0.99, eps=1e-7, threshold=4.0, reset_interval=3,
+                           warmup_steps=2, clip_delay=2), ()),
+    "spam": (dict(learning_rate=0.05, b1=0.8, b2=0.99, eps=1e-7, weight_decay=0.01,
+                  mask=_KERNEL_ONLY, threshold=4.0, reset_interval=3, warmup_steps=2,
+                  clip_delay=2), ()),
     "monitor": (dict(per_leaf=True), ()),
+    "qk_clip": (dict(threshold=3.0, layouts=og.qk_fused("dense", num_kv_heads=1), alpha=0.25,
+                     min_factor=0.5, stacked=0), ("stacked",)),
 }
 
 
@@ -666,8 +752,10 @@ def test_transform_nondefault_arguments_same_eagerly_and_under_jit(name):
   kwargs, static = NONDEFAULT[name]
   # an explicit unit axis applies to every leaf: leave out the scalar leaf
   select = (lambda t: {"dense": t["dense"]}) if "axis" in kwargs else (lambda t: t)
-  direct, s_direct = _run(getattr(og, name)(**kwargs), steps=6, select=select)
-  injected = optax.inject_hyperparams(getattr(og, name), static_args=static)(**kwargs)
+  extra = TRANSFORMS[name].extra
+  direct, s_direct = _run(_feed(getattr(og, name)(**kwargs), extra), steps=6, select=select)
+  injected = _feed(optax.inject_hyperparams(getattr(og, name), static_args=static)(**kwargs),
+                   extra)
   eager, s_eager = _run(injected, steps=6, jit=False, select=select)
   jitted, s_jit = _run(injected, steps=6, jit=True, select=select)
   chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
@@ -847,11 +935,108 @@ def test_every_factory_builds_before_jax_distributed_initialize(tmp_path):
   assert "initialized after building" in proc.stdout
 
 
-def test_callable_mask_selecting_nothing_is_an_error():
-  tx = og.add_l2_penalty(0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim > 5, p))
-  params = _params()
-  with pytest.raises(ValueError, match=r"add_l2_penalty\(mask=...\) selects no parameter"):
-    tx.update(_grads(0), tx.init(params), params)
+# ---------------------------------------------------------------------------
+# Off switches are values, not errors: what optax, PyTorch or Keras accept to
+# mean "off" is accepted and returns the updates bitwise unchanged, directly
+# and under optax.inject_hyperparams + jit (where the value is traced).
+# ---------------------------------------------------------------------------
+
+# (factory, kwargs, static_args, special): the special values in the trees.
+# "all": -0.0, NaN and +-inf pass bitwise. "inf": -0.0 and +-inf (a norm clip
+# keeps a NaN norm visible as NaN, whatever the bound). "finite": -0.0 only
+# (autoclip handles a non-finite norm as at any percentile).
+_NO_LEAF = lambda p: jax.tree.map(lambda _: False, p)
+OFF_SWITCHES = [
+    ("clip_by_value", dict(max_value=INF), (), "all"),
+    ("clip_by_value", dict(max_value=INF, min_value=-INF), (), "all"),
+    ("truncate_by_value", dict(threshold=INF), (), "all"),
+    ("clip_by_norm", dict(max_norm=INF), (), "inf"),
+    ("clip_by_norm", dict(max_norm=INF, ord=1), ("ord",), "inf"),
+    ("clip_by_global_norm", dict(max_norm=INF), (), "inf"),
+    ("clip_by_global_norm", dict(max_norm=INF, ord="inf"), (), "inf"),
+    ("clip_by_axis_norm", dict(max_norm=INF), (), "inf"),
+    ("clip_weights", dict(max_value=INF), (), "all"),
+    ("clip_weights_by_norm", dict(max_norm=INF), (), "inf"),
+    ("adaptive_grad_clip", dict(clipping=INF), (), "inf"),
+    ("adaptive_grad_clip", dict(clipping=INF, eps=0.0), (), "inf"),
+    ("autoclip", dict(percentile=100.0, history_size=3), (), "finite"),
+    ("reduce_on_plateau", dict(patience=0, min_scale=1.0), (), "all"),
+    ("reduce_on_plateau", dict(patience=0, min_scale=INF), (), "all"),
+    ("reduce_on_plateau", dict(patience=0, eps=INF), (), "all"),
+    ("add_l1_penalty", dict(weight=0.0), (), "all"),
+    ("add_l2_penalty", dict(weight=0.0), (), "all"),
+    ("add_l1_penalty", dict(weight=0.1, mask=False), (), "all"),
+    ("add_l2_penalty", dict(weight=0.1, mask={"dense": False, "scale": False}), (), "all"),
+    ("add_l2_penalty", dict(weight=0.1, mask=_NO_LEAF), ("mask",), "all"),
+    ("monitor", dict(per_leaf=True), (), "all"),
+]
+
+
+def _off_id(case):
+  name, kwargs, _, _ = case
+  return name + "-" + ",".join(
+      f"{k}={'fn' if callable(v) else v}" for k, v in kwargs.items() if k != "history_size"
+  )
+
+
+def _special(tree, seed, special):
+  return with_special_values(tree, seed, nan=special == "all", inf=special != "finite")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", OFF_SWITCHES, ids=_off_id)
+def test_off_switch_is_the_identity_bitwise(case, dtype):
+  name, kwargs, static, special = case
+  factory = getattr(og, name)
+  # the params keep -0.0 and NaN/inf only where a unit norm of p + u stays clear of inf - inf
+  params = _special(_params(dtype), 1, special if special == "all" else "finite")
+  grads = [_special(_grads(i, dtype), 10 + i, special) for i in range(5)]
+  values = [1.0, 2.0, 3.0, 4.0, 5.0]  # a loss that only gets worse
+  builds = {
+      "eager": (factory(**kwargs), False),
+      "jit": (factory(**kwargs), True),
+      "inject_jit": (optax.inject_hyperparams(factory, static_args=static)(**kwargs), True),
+  }
+  for mode, (tx, jit) in builds.items():
+    tx = optax.with_extra_args_support(tx)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(params)
+    for g, v in zip(grads, values, strict=True):
+      out, state = update(g, state, params, value=jnp.float32(v))
+      try:
+        assert_bitwise_equal(out, g)
+      except AssertionError as e:
+        raise AssertionError(f"{mode}: {e}") from None
+
+
+def test_zclip_infinite_max_norm_is_no_fixed_bound():
+  """``zclip(max_norm=inf)`` is ``zclip()``: the same updates and states, bitwise."""
+  grads = [_special(_grads(i), 10 + i, "inf") if i == 4 else _grads(i) for i in range(6)]
+  for inject in (False, True):
+    wrap = (lambda f: optax.inject_hyperparams(f)) if inject else (lambda f: f)
+    txs = [wrap(og.zclip)(warmup_steps=2, max_norm=INF), wrap(og.zclip)(warmup_steps=2)]
+    runs = []
+    for tx in txs:
+      state, outs = tx.init(_params()), []
+      for g in grads:
+        u, state = jax.jit(tx.update)(g, state)
+        outs.append(u)
+      runs.append((outs, state.inner_state if inject else state))
+    assert_bitwise_equal(runs[0][0], runs[1][0])
+    assert_bitwise_equal(runs[0][1], runs[1][1])
+
+
+def test_reduce_on_plateau_scale_never_increases():
+  """A floor above the current scale (here traced, so unchecked) never raises it."""
+  tx = optax.inject_hyperparams(og.reduce_on_plateau)(patience=0, factor=0.5)
+  state = tx.init(_params())
+  for v in (1.0, 2.0, 3.0):
+    _, state = jax.jit(tx.update)(_grads(0), state, value=jnp.float32(v))
+  assert float(state.inner_state.scale) == 0.25
+  state.hyperparams["min_scale"] = jnp.float32(0.75)
+  for v in (4.0, 5.0):
+    _, state = jax.jit(tx.update)(_grads(0), state, value=jnp.float32(v))
+    assert float(state.inner_state.scale) == 0.25
 
 
 @pytest.mark.parametrize("name", transform_names)
@@ -865,8 +1050,9 @@ def test_transform_fresh_state_can_be_donated(name):
   assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
 
 
-STATE_TYPES = ("AutoClipState", "MonitorState", "ReduceOnPlateauState", "SkipNonfiniteState",
-               "SkipOnSpikeState", "SkipStepsState", "SpikeTracker", "ZClipState")
+STATE_TYPES = ("AutoClipState", "MonitorState", "ReduceOnPlateauState", "ScaleBySpamState",
+               "ScaleByStableAdamState", "SkipNonfiniteState", "SkipOnSpikeState", "SkipStepsState",
+               "SpikeTracker", "ZClipState", "QkClipState")
 
 
 def test_state_types_are_named_tuples_with_documented_fields():
