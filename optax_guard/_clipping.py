@@ -13,8 +13,6 @@ entries NaN). Use :func:`optax_guard.skip_nonfinite` to skip such steps.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -29,24 +27,18 @@ def _bounds(
 ) -> tuple[ArrayLike, ArrayLike]:
   """Checks a box ``[min_value, max_value]``; ``min_value`` defaults to ``-max_value``.
 
-  A box of zero width (``max_value == min_value``, e.g. ``clip_by_value(0.0)``)
-  would replace everything with one constant, and a box that is the whole real
-  line (both bounds infinite) would make the
-  transformation a silent no-op, so it is rejected.
+  Infinite bounds are allowed (``max_value=inf`` is the unbounded box, which
+  switches clipping off). A box of zero width (``max_value == min_value``,
+  e.g. ``clip_by_value(0.0)``) would replace everything with one constant, so
+  it is rejected, as is an empty box.
   """
-  hi = val.number(owner, "max_value", max_value)
+  val.number(owner, "max_value", max_value)
   if min_value is None:
     min_value = jnp.negative(max_value) if val.is_jax(max_value) else -float(max_value)  # type: ignore[arg-type]
-    lo = None if hi is None else -hi
   else:
-    lo = val.number(owner, "min_value", min_value)
+    val.number(owner, "min_value", min_value)
   # a box of zero width, such as [0, 0], would set every value to one constant
   val.ordered(owner, "min_value", min_value, "max_value", max_value, strict=True)
-  if lo is not None and hi is not None and lo == -math.inf and hi == math.inf:
-    raise ValueError(
-        f"{owner}(max_value=..., min_value=...) must bound something, got "
-        f"[{lo}, {hi}]: an unbounded box changes nothing"
-    )
   return min_value, max_value
 
 
@@ -72,8 +64,14 @@ def clip_by_value(
   :func:`clip_by_norm` or :func:`clip_by_axis_norm` instead), as do integer
   ones.
 
+  Off switch: ``max_value=inf`` (with the default ``min_value=-inf``) is the
+  unbounded box, and the updates come back bitwise unchanged (``-0.0``, NaN
+  and ``+-inf`` included). A box of zero width (``max_value == min_value``,
+  such as ``clip_by_value(0.0)``) or an empty one raises ``ValueError``.
+
   Args:
-    max_value: upper bound (any number; must be ``>= min_value``).
+    max_value: upper bound (any number but NaN, ``inf`` allowed; must be
+      ``> min_value``).
     min_value: lower bound; ``-max_value`` when None.
 
   Returns:
@@ -112,8 +110,12 @@ def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
   complex updates ``|g_i|`` is the modulus, so an element is kept or zeroed
   as a whole.
 
+  Off switch: ``threshold=inf`` truncates nothing. The updates then come
+  back bitwise unchanged, NaN and ``+-inf`` included (an infinite threshold
+  means "no truncation", not "keep what is below infinity").
+
   Args:
-    threshold: ``t > 0``, finite.
+    threshold: ``t > 0`` (``inf`` switches truncation off).
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``.
@@ -130,16 +132,17 @@ def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
     Brno University of Technology.
   """
   owner = "truncate_by_value"
-  val.positive(owner, "threshold", threshold, finite=True)
+  val.positive(owner, "threshold", threshold)
 
   def update_fn(updates, state, params=None):
     del params
     val.float_leaves(owner, updates)
+    off = jnp.isposinf(jnp.asarray(threshold))  # a scalar: free in the select
 
     def leaf(g):
       g = jnp.asarray(g)
       keep = jnp.abs(g).astype(num.accumulation_dtype(g.dtype)) <= threshold
-      return jnp.where(keep, g, jnp.zeros((), g.dtype))
+      return jnp.where(keep | off, g, jnp.zeros((), g.dtype))
 
     return jax.tree.map(leaf, updates), state
 
@@ -157,8 +160,12 @@ def clip_by_norm(
 
   This is Keras' ``clipnorm`` (per variable). Norms accumulate in float32.
 
+  Off switch: ``max_norm=inf`` never clips: the updates come back bitwise
+  unchanged (``-0.0`` and ``+-inf`` elements included). A leaf with a NaN
+  norm still becomes NaN, as with any bound.
+
   Args:
-    max_norm: the bound ``c > 0``, finite.
+    max_norm: the bound ``c > 0`` (``inf`` switches clipping off).
     ord: None or 2 (L2), 1, or ``inf``.
     axis_name: when each device holds a different shard of every leaf (inside
       ``pmap``/``shard_map``), the axis to ``psum`` the per-leaf partials over
@@ -180,7 +187,7 @@ def clip_by_norm(
     https://keras.io/api/optimizers/#base-optimizer-class
   """
   owner = "clip_by_norm"
-  val.positive(owner, "max_norm", max_norm, finite=True)
+  val.positive(owner, "max_norm", max_norm)
   ord = val.norm_ord(owner, ord)  # noqa: A001
   axis_name = val.axis_name(owner, axis_name)
 
@@ -216,8 +223,13 @@ def clip_by_global_norm(
   (an ``inf`` element, or a sum of squares beyond float32 range) gives factor
   0. Wrap the optimizer in :func:`optax_guard.skip_nonfinite` to skip those.
 
+  Off switch: ``max_norm=inf`` (as in ``torch.nn.utils.clip_grad_norm_``)
+  never clips: the updates come back bitwise unchanged (``-0.0`` and
+  ``+-inf`` elements included, an infinite norm gives factor 1 here). A NaN
+  norm still gives NaN updates, as with any bound.
+
   Args:
-    max_norm: the bound ``c > 0``, finite.
+    max_norm: the bound ``c > 0`` (``inf`` switches clipping off).
     ord: None or 2 (L2), 1, or ``inf``.
     axis_name: inside ``pmap``/``shard_map`` when each device holds a different
       shard of the updates, the mapped axis to ``psum`` the partial sums over
@@ -241,7 +253,7 @@ def clip_by_global_norm(
     neural networks*, https://arxiv.org/abs/1211.5063
   """
   owner = "clip_by_global_norm"
-  val.positive(owner, "max_norm", max_norm, finite=True)
+  val.positive(owner, "max_norm", max_norm)
   ord = val.norm_ord(owner, ord)  # noqa: A001
   axis_name = val.axis_name(owner, axis_name)
 
@@ -270,8 +282,12 @@ def clip_by_axis_norm(
   leaf for scalars and vectors (biases). An explicit ``axis`` applies to every
   leaf, so use ``optax.masked``/``multi_transform`` for mixed trees.
 
+  Off switch: ``max_norm=inf`` never clips: the updates come back bitwise
+  unchanged (``-0.0`` and ``+-inf`` elements included). A unit with a NaN
+  norm still becomes NaN, as with any bound.
+
   Args:
-    max_norm: the bound ``c > 0``, finite.
+    max_norm: the bound ``c > 0`` (``inf`` switches clipping off).
     axis: int, tuple of ints, or None (see above).
     axis_name: inside ``pmap``/``shard_map`` when the *reduced* axes of each
       leaf are split over devices, the mapped axis to ``psum`` the per-unit
@@ -294,7 +310,7 @@ def clip_by_axis_norm(
     https://arxiv.org/abs/2102.06171
   """
   owner = "clip_by_axis_norm"
-  val.positive(owner, "max_norm", max_norm, finite=True)
+  val.positive(owner, "max_norm", max_norm)
   axis = val.unit_axis(owner, axis)
   axis_name = val.axis_name(owner, axis_name)
 
@@ -326,8 +342,14 @@ def clip_weights(
   Wasserstein GANs. Put it *last* in the chain, after the optimizer, so ``u``
   is the final update.
 
+  Off switch: ``max_value=inf`` (the unbounded box) returns the updates
+  bitwise unchanged, ``-0.0``, NaN and ``+-inf`` included. A box of zero
+  width or an empty one raises ``ValueError``. New weights that are NaN
+  (a NaN update or parameter) are outside no box, so their update is
+  returned as it is: the weights end up NaN either way.
+
   Args:
-    max_value: upper bound of the weights.
+    max_value: upper bound of the weights (``inf`` allowed).
     min_value: lower bound; ``-max_value`` when None.
 
   Returns:
@@ -357,8 +379,8 @@ def clip_weights(
     def leaf(u, p):
       u = jnp.asarray(u)
       w = p + u
-      inside = (w >= jnp.asarray(lo).astype(w.dtype)) & (w <= jnp.asarray(hi).astype(w.dtype))
-      return jnp.where(inside, u, (_clamp(w, lo, hi) - p).astype(u.dtype))
+      outside = (w < jnp.asarray(lo).astype(w.dtype)) | (w > jnp.asarray(hi).astype(w.dtype))
+      return jnp.where(outside, (_clamp(w, lo, hi) - p).astype(u.dtype), u)
 
     return jax.tree.map(leaf, updates, params), state
 
@@ -380,8 +402,12 @@ def clip_weights_by_norm(
   adds ``1e-7`` to the norm, we do not). Units already within the bound get
   their updates back bitwise unchanged. Put it last in the chain.
 
+  Off switch: ``max_norm=inf`` constrains nothing: the updates come back
+  bitwise unchanged (``-0.0`` and ``+-inf`` included). A unit whose new
+  weights have a NaN norm still becomes NaN, as with any bound.
+
   Args:
-    max_norm: the bound ``c > 0``, finite.
+    max_norm: the bound ``c > 0`` (``inf`` switches the constraint off).
     axis: int, tuple of ints, or None.
 
   Returns:
@@ -402,7 +428,7 @@ def clip_weights_by_norm(
     from overfitting* (max-norm regularisation), JMLR 15.
   """
   owner = "clip_weights_by_norm"
-  val.positive(owner, "max_norm", max_norm, finite=True)
+  val.positive(owner, "max_norm", max_norm)
   axis = val.unit_axis(owner, axis)
 
   def update_fn(updates, state, params=None):
@@ -413,10 +439,11 @@ def clip_weights_by_norm(
     def leaf(path, u, p):
       u = jnp.asarray(u)
       f = num.safe_factor(max_norm, num.unit_norm_at(owner, path, p + u, axis))
-      # (p + u) * f - p, written so that f == 1 returns u bitwise.
+      # (p + u) * f - p; where f == 1 exactly u (the arithmetic would turn
+      # -0.0 into +0.0, and give NaN for an infinite parameter)
       wide = jnp.promote_types(u.dtype, f.dtype)
       u32, p32 = u.astype(wide), jnp.asarray(p).astype(wide)
-      return (u32 * f + p32 * (f - 1)).astype(u.dtype)
+      return jnp.where(f == 1, u, (u32 * f + p32 * (f - 1)).astype(u.dtype))
 
     return jax.tree.map_with_path(leaf, updates, params), state
 

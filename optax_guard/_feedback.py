@@ -83,6 +83,11 @@ def reduce_on_plateau(
   ``min_scale`` and ``eps`` are in units of the scale (the learning rate
   divided by the initial one): to reproduce torch with an initial learning
   rate ``lr0`` pass ``min_scale=min_lr / lr0`` and ``eps=torch_eps / lr0``.
+
+  Off switch: ``min_scale >= 1`` or ``eps=inf`` never reduces, so the scale
+  stays 1 and the updates come back bitwise unchanged while ``best`` and the
+  counters are still tracked. The scale never increases, whatever the
+  hyperparameters (a traced ``min_scale`` above the current scale included).
   ``best`` starts at ``+inf`` (``"min"``) or ``-inf`` (``"max"``), so the first
   finite value always improves on it (torch's ``_reset``). The comparisons run
   in float32 (torch uses Python floats), which only matters for a value
@@ -116,10 +121,11 @@ def reduce_on_plateau(
     threshold_mode: ``"rel"`` (margin ``best * tau``) or ``"abs"`` (``tau``).
     cooldown: number of steps after a reduction during which bad steps are
       not counted (int ``>= 0``).
-    min_scale: lower bound of the scale, in ``[0, 1)``.
+    min_scale: lower bound of the scale, ``>= 0``; at or above 1 (torch's
+      ``min_lr >= lr``) the scale never drops.
     mode: ``"min"`` (lower is better, a loss) or ``"max"`` (an accuracy).
     eps: a reduction changing the scale by ``eps`` or less is not applied
-      (``>= 0``, finite: an infinite ``eps`` would never reduce).
+      (``>= 0``; ``inf``, which torch accepts too, never reduces).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with
@@ -147,9 +153,8 @@ def reduce_on_plateau(
   val.integer(owner, "patience", patience, minimum=0)
   val.non_negative(owner, "threshold", threshold, finite=True)
   val.integer(owner, "cooldown", cooldown, minimum=0)
-  val.in_range(owner, "min_scale", min_scale, 0.0, 1.0, hi_open=True,
-               why=" (a floor at or above the starting scale 1 never lets it drop)")
-  val.non_negative(owner, "eps", eps, finite=True)
+  val.non_negative(owner, "min_scale", min_scale)
+  val.non_negative(owner, "eps", eps)
 
   def init_fn(params):
     del params
@@ -195,7 +200,8 @@ def reduce_on_plateau(
     old = state.scale
     new = jnp.maximum(old * jnp.asarray(factor, jnp.float32),
                       jnp.asarray(min_scale, jnp.float32))
-    apply = reduce & (old - new > jnp.asarray(eps, jnp.float32))
+    # only ever down: a floor min_scale >= 1 (or eps = inf) leaves the scale at 1
+    apply = reduce & (new < old) & (old - new > jnp.asarray(eps, jnp.float32))
     scale = jnp.where(apply, new, old)
     cooldown_counter = jnp.where(
         reduce, jnp.asarray(cooldown).astype(jnp.int32), cooldown_counter

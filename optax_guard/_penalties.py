@@ -11,6 +11,13 @@ the optimizer's scaling instead.
 Both are stateless and need ``params``. ``mask`` selects the leaves that get
 the penalty, as in ``optax.masked``: a tree of bools with the structure of
 the parameters (or a prefix of it), or a callable ``params -> such a tree``.
+
+A zero weight (Keras ``L1(0.0)``) or a mask that selects no leaf switches
+the penalty off: the updates come back bitwise unchanged. The weight is
+tested elementwise (``where(weight != 0, g + term, g)``, fused into the one
+pass over the leaf), so this holds for a traced weight under
+``optax.inject_hyperparams`` too, and ``-0.0`` or ``inf`` updates or
+parameters are not turned into ``+0.0`` or NaN by a ``0 * p`` term.
 """
 
 from __future__ import annotations
@@ -43,11 +50,6 @@ def _expand_mask(owner: str, mask: Mask, params: Any) -> Any:
         f"of it; mask {jax.tree.structure(tree)} does not fit params "
         f"{jax.tree.structure(params)} ({e})"
     ) from None
-  if jax.tree.leaves(params) and not any(jax.tree.leaves(full)):
-    raise ValueError(
-        f"{owner}(mask=...) selects no parameter: the penalty would add nothing "
-        f"(leave the transformation out instead)"
-    )
   return full
 
 
@@ -57,10 +59,8 @@ def _penalty(
     mask: Mask | None,
     term: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> optax.GradientTransformation:
-  val.positive(owner, "weight", weight, finite=True)
+  val.non_negative(owner, "weight", weight, finite=True)
   val.mask(owner, mask)
-  if mask is not None and not callable(mask) and not any(jax.tree.leaves(mask)):
-    raise ValueError(f"{owner}(mask=...) selects no parameter, got {mask!r}")
 
   def update_fn(updates, state, params=None):
     val.matching_params(owner, updates, params)
@@ -79,7 +79,8 @@ def _penalty(
       # float32 at least (float64 / complex for such leaves), cast back at the end
       wide = jnp.promote_types(jnp.promote_types(g.dtype, p.dtype), jnp.float32)
       w = jnp.asarray(weight).astype(wide)
-      return (g.astype(wide) + term(w, p.astype(wide))).astype(g.dtype)
+      # weight 0 is the off switch: g itself (g + 0 * term could change bits)
+      return jnp.where(w != 0, (g.astype(wide) + term(w, p.astype(wide))).astype(g.dtype), g)
 
     if mask is None:
       out = jax.tree.map_with_path(leaf, updates, params)
@@ -110,11 +111,12 @@ def add_l1_penalty(weight: ArrayLike, *, mask: Mask | None = None) -> optax.Grad
   penalty); the updates must then be complex too.
 
   Args:
-    weight: ``lambda > 0``, finite (a zero weight would add nothing: leave
-      the transformation out instead).
+    weight: ``lambda >= 0``, finite; 0 switches the penalty off (the updates
+      come back bitwise unchanged).
     mask: None (every leaf), a tree of bools with the structure of the
       parameters (or a prefix of it), or a callable ``params -> tree of
-      bools``; only leaves marked True get the penalty. Under
+      bools``; only leaves marked True get the penalty (none marked: the
+      updates come back unchanged, as with ``optax.masked``). Under
       ``optax.inject_hyperparams`` a callable mask needs
       ``static_args=("mask",)`` (optax takes callables for schedules).
 
@@ -155,8 +157,8 @@ def add_l2_penalty(weight: ArrayLike, *, mask: Mask | None = None) -> optax.Grad
   :math:`w p` for them too), with complex updates.
 
   Args:
-    weight: ``lambda > 0``, finite (a zero weight would add nothing: leave
-      the transformation out instead).
+    weight: ``lambda >= 0``, finite; 0 switches the penalty off (the updates
+      come back bitwise unchanged).
     mask: None, a tree of bools (or a prefix of one), or a callable
       ``params -> tree of bools``, as in :func:`add_l1_penalty`. Under
       ``optax.inject_hyperparams`` a callable mask needs

@@ -79,3 +79,43 @@ def np_unit_axes(ndim: int, axis: Any = None) -> tuple[int, ...]:
   axes = (axis,) if isinstance(axis, int) else axis
   return tuple(sorted({a % ndim for a in axes}))
 
+
+
+# ---------------------------------------------------------------------------
+# Bitwise comparison and trees with special values
+# ---------------------------------------------------------------------------
+
+
+def with_special_values(tree: Any, seed: int, *, nan: bool = True, inf: bool = True) -> Any:
+  """``tree`` with ``-0.0`` (and, if asked, NaN and ``+-inf``) written into its leaves.
+
+  Every leaf with at least two elements gets a ``-0.0``; with ``inf`` every
+  leaf with at least three gets a ``+inf`` or ``-inf``; with ``nan`` one leaf
+  of four or more elements gets a NaN. Positions are drawn with ``seed``.
+  """
+  rng = np.random.default_rng(seed)
+  paths_leaves, treedef = jax.tree.flatten_with_path(tree)
+  out, nan_done = [], False
+  for _, x in paths_leaves:
+    a = np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x).copy()
+    flat = a.reshape(-1)
+    slots = rng.permutation(flat.size)
+    if flat.size >= 2:
+      flat[slots[0]] = -0.0
+    if inf and flat.size >= 3:
+      flat[slots[1]] = np.inf if rng.random() < 0.5 else -np.inf
+    if nan and not nan_done and flat.size >= 4:
+      flat[slots[2]] = np.nan
+      nan_done = True
+    out.append(jnp.asarray(a).astype(x.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def assert_bitwise_equal(got: Any, want: Any) -> None:
+  """Same tree structure, shapes, dtypes and bits (``-0.0`` and NaN payloads included)."""
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(want)[0]]
+  for path, a, b in zip(paths, jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, (path, a.dtype, b.dtype, a.shape, b.shape)
+    assert a.tobytes() == b.tobytes(), (path, a, b)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import f64, np_global_norm, np_norm, np_unit_axes
+from _helpers import assert_bitwise_equal, f64, np_global_norm, np_norm, np_unit_axes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -642,16 +642,27 @@ def test_clip_by_value_traced_bounds_under_inject_hyperparams():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_weight_side_unchanged_when_new_weights_within_bound(dtype):
-  """Weights that stay inside the box / under the norm get ``u`` back bitwise."""
+  """Weights that stay inside the box / under the norm get ``u`` back bitwise (-0.0 too)."""
   key = jax.random.PRNGKey(3)
   p = (0.1 * jax.random.normal(key, (5, 4))).astype(dtype)
   u = (0.01 * jax.random.normal(jax.random.PRNGKey(4), (5, 4))).astype(dtype)
+  u = u.at[0, 0].set(-0.0).at[1, 1].set(0.0)
   for tx in (og.clip_weights(1.0), og.clip_weights_by_norm(10.0)):
     out, _ = tx.update(u, tx.init(p), p)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(u))
+    assert_bitwise_equal(out, u)
   # a unit over the bound is still clipped (only that unit changes)
   big = u.at[:, 0].set(jnp.asarray(5.0, dtype))
   out, _ = og.clip_weights_by_norm(1.0).update(big, None, p)
   np.testing.assert_array_equal(np.asarray(out[:, 1:]), np.asarray(big[:, 1:]))
   w0 = np.asarray(p[:, 0] + out[:, 0], np.float64)
   assert np.linalg.norm(w0) <= 1.0 + 1e-2
+
+
+def test_clip_weights_nan_new_weights_keep_their_update():
+  """NaN new weights are outside no box: the update comes back as is (the weights stay NaN)."""
+  p = jnp.array([jnp.nan, 0.5, -jnp.inf, 0.0])
+  u = jnp.array([0.25, jnp.nan, jnp.inf, 2.0])
+  out, _ = og.clip_weights(1.0).update(u, optax.EmptyState(), p)
+  assert_bitwise_equal(out[:3], u[:3])
+  assert float(out[3]) == 1.0
+  assert np.isnan(np.asarray(optax.apply_updates(p, out))[:3]).all()
