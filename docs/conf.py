@@ -99,6 +99,7 @@ html_theme = "sphinx_book_theme"
 html_title = f"optax_guard {release}"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
+html_js_files = ["api-redirect.js"]
 html_theme_options = {
     "repository_url": "https://github.com/optax-guard/optax_guard",
     "use_repository_button": True,
@@ -114,6 +115,9 @@ _log = logging.getLogger("optax_guard.docs")
 def _check_api_reference(app, env):
   """Every name of ``optax_guard.__all__`` is documented in the API reference.
 
+  The index (docs/api.md) lists the families; each name is documented on its
+  family's page under docs/api/.
+
   Runs after all pages are read; a missing name is a warning, so the ``-W``
   build fails.
   """
@@ -122,7 +126,7 @@ def _check_api_reference(app, env):
     if name == "__version__":
       continue
     if f"optax_guard.{name}" not in documented:
-      _log.warning("public name optax_guard.%s is missing from the API reference (docs/api.md)",
+      _log.warning("public name optax_guard.%s is missing from the API reference (docs/api/)",
                    name, type="optax_guard", subtype="api")
 
 
