@@ -350,6 +350,7 @@ def _compiled_step(tx, fused):
   return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
 
 
+@pytest.mark.xla_cpu
 @pytest.mark.parametrize("guard", ["skip_nonfinite", "skip_on_spike"])
 def test_update_and_apply_donated_guard_step_keeps_no_update_sized_temporary(guard):
   """XLA:CPU-specific: reads the compiled program's temporary allocation.
@@ -359,8 +360,6 @@ def test_update_and_apply_donated_guard_step_keeps_no_update_sized_temporary(gua
   (the unfused one is printed), so an XLA upgrade that also fuses the unfused
   step does not fail this test.
   """
-  if jax.default_backend() != "cpu":
-    pytest.skip("temporary sizes are XLA:CPU-specific")
   tx = og.skip_nonfinite(_inner()) if guard == "skip_nonfinite" else _spike()
   analysis = _compiled_step(tx, fused=True).memory_analysis()
   if analysis is None:

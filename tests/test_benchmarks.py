@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from benchmarks import cases, report, runner, trees
@@ -224,6 +225,7 @@ WIDE_STEPS = ["adam", "og.clip_by_global_norm", "og.skip_nonfinite", "og.skip_no
               "optax.clip_by_global_norm", "optax.apply_if_finite"]
 
 
+@pytest.mark.xla_cpu  # asserts on XLA:CPU's temporaries
 def test_runner_wide_tree_tiny(tmp_path, capsys):
   """The wide-tree run at 8 leaves of 16 x 16: its rows, GB/s and temporaries."""
   argv = ["--tree", "wide", "--leaf-size", "16", "--rounds", "1", "--warmup", "0",
@@ -266,6 +268,7 @@ def _check_section(section: dict, names: list[str], rounds: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xla_cpu  # asserts on XLA:CPU's temporaries
 def test_runner_end_to_end_tiny(tmp_path):
   cmd = [
       sys.executable, "-m", "benchmarks", "--tree", "uniform:4", "--scale", "0.01",
@@ -322,3 +325,59 @@ def test_runner_end_to_end_tiny(tmp_path):
   for table in filter(None, tables):
     widths = {line.count("|") for line in table}
     assert len(widths) == 1, table
+
+
+# ---------------------------------------------------------------------------
+# False skips
+
+
+def test_false_skips_healthy_ratios_use_the_window_of_finite_norms():
+  from benchmarks import false_skips as fs
+
+  norms = np.array([1.0, 2.0, np.inf, 3.0, 8.0, np.nan, 2.0])
+  healthy = np.array([True, True, False, True, True, False, True])
+  ratios, steps = fs.healthy_ratios(norms, healthy, window=2, min_history=2)
+  # step 3: median(1, 2); step 4: median(2, 3); step 6: median(3, 8)
+  np.testing.assert_allclose(ratios, [3.0 / 1.5, 8.0 / 2.5, 2.0 / 5.5])
+  assert steps.tolist() == [3, 4, 6]
+
+
+def test_false_skips_fault_codes():
+  from benchmarks import false_skips as fs
+
+  codes = fs._fault_codes(1000, 128, seed=0, rate=0.03, nan_loss=True)
+  assert (codes[:128] == 0).all() and (codes > 0).sum() == 30
+  assert (codes == 5).sum() == 1 and all((codes == k).sum() >= 7 for k in (1, 2, 3, 4))
+  plain = fs._fault_codes(1000, 128, seed=0, rate=0.03)
+  assert (plain == 5).sum() == 0 and ((plain > 0) == (codes > 0)).all()
+  assert not fs._fault_codes(1000, 128, seed=0, rate=0.0).any()
+
+
+def test_false_skips_options():
+  from benchmarks import false_skips as fs
+
+  config, args = fs.parse_args(["--quick", "--spike-arg", "sigma=8", "--only", "warm-up"])
+  assert config.steps == fs.QUICK_STEPS and args.only == ["warm-up"]
+  assert dict(args.spike_arg) == {"sigma": 8}
+  assert fs.parse_args(["--quick", "--steps", "500"])[0].steps == 500
+  assert fs.parse_args([])[0].steps == 3000
+  with pytest.raises(SystemExit):
+    fs.parse_args(["--spike-arg", "sigma"])
+
+
+@pytest.mark.slow
+def test_false_skips_end_to_end_tiny(tmp_path, capsys):
+  from benchmarks import false_skips as fs
+
+  out = tmp_path / "rows.json"
+  argv = ["--steps", "200", "--batches", "8", "--width", "16", "--json", str(out)]
+  assert fs.main(argv) == 0
+  text = capsys.readouterr().out
+  assert "| trial" in text and "warm-up: during the 200 warm-up steps" in text
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["trial"] for r in rows] == ["classifier"] * 8 + ["hard-batch"] * 2 + ["warm-up"]
+  for r in rows:
+    assert r["healthy skips"] >= 0 and r["max ratio"] >= r["p99.9 ratio"] > 0
+  faulty = [r for r in rows if r["faults"] != "0%"]
+  assert len(faulty) == 5 and all("faults skipped" in r for r in faulty)
+  assert rows[-2]["NaN loss"] == "1/1"  # the NaN loss of the hard-batch trial skips

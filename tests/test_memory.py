@@ -36,9 +36,7 @@ LEAF_BYTES = 1024 * 1024 * 4
 GRAD_BYTES = N_LEAVES * LEAF_BYTES
 NO_GRADIENT_SIZED = LEAF_BYTES // 8  # "no gradient-sized temporary": far under one leaf
 
-pytestmark = pytest.mark.skipif(
-    jax.default_backend() != "cpu", reason="XLA:CPU buffer-structure test"
-)
+pytestmark = pytest.mark.xla_cpu  # skipped on other backends (see conftest.py)
 
 
 def _temp_bytes(clip: optax.GradientTransformation, *, whole: bool = False) -> int:
