@@ -53,6 +53,8 @@ myst_heading_anchors = 3
 
 # autodoc: signatures come from the code, never copied into the pages.
 autodoc_member_order = "bysource"
+# Page contents list methods by their own name (update(), under Optimizer).
+toc_object_entries_show_parents = "hide"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 # Type names shown as the code writes them instead of expanded:
