@@ -32,6 +32,7 @@ from optax_guard._guards import (
 )
 from optax_guard._monitor import MonitorState, guard_stats, monitor
 from optax_guard._penalties import add_l1_penalty, add_l2_penalty
+from optax_guard._qk_clip import QkClipState, qk_clip, qk_fused, qk_separate
 from optax_guard._restart import (
     SkipStepsState,
     add_guard_state,
@@ -55,6 +56,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoClipState",
     "MonitorState",
+    "QkClipState",
     "ReduceOnPlateauState",
     "SkipNonfiniteState",
     "SkipOnSpikeState",
@@ -81,6 +83,9 @@ __all__ = [
     "monitor",
     "multistep_decay",
     "polynomial_decay",
+    "qk_clip",
+    "qk_fused",
+    "qk_separate",
     "reduce_on_plateau",
     "scale_by_grad_norm",
     "scale_by_parameter",

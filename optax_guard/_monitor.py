@@ -129,6 +129,7 @@ _PREFIXES = {
     "SkipStepsState": "skip_steps",
     "ReduceOnPlateauState": "reduce_on_plateau",
     "MonitorState": "monitor",
+    "QkClipState": "qk_clip",
 }
 _INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
 
@@ -203,7 +204,7 @@ def guard_stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
   finds every state whose class is defined in ``optax_guard``. Each scalar
   field becomes an entry ``"<kind>/<field>"``: the kind is ``zclip``,
   ``autoclip``, ``skip_nonfinite``, ``skip_on_spike``, ``skip_steps``,
-  ``reduce_on_plateau``, ``monitor``, or for other states the snake-cased
+  ``reduce_on_plateau``, ``monitor``, ``qk_clip``, or for other states the snake-cased
   class name without ``State``. Arrays with dimensions (history buffers) are left out; a field
   holding a tree of scalars (``monitor(per_leaf=True)``'s ``leaf_norms``)
   gives one entry per leaf, ``"monitor/leaf_norms/<path>"``. Variable

@@ -86,7 +86,26 @@ DIST: dict[str, Dist] = {
         lambda a: optax.chain(og.monitor(per_leaf=True, axis_name=a),
                               og.clip_by_global_norm(0.5, axis_name=a))
     ),
+    # --- _qk_clip.py ---
+    "qk_clip": Dist(lambda a: _qk_clip_fed(a)),
 }
+
+
+def _qk_clip_fed(axis_name):
+  """qk_clip of ``kernel`` read as a fused q|k|v of one head (columns stay whole on every
+  shard), fed per-device maxima ``[batch, heads]``: only device 5 saw a logit above the
+  threshold, so the replicas agree only through the ``pmax``."""
+  tx = og.qk_clip(2.0, og.qk_fused("kernel"), axis_name=axis_name)
+  maxima = np.ones((NDEV, 1), np.float32)
+  maxima[5] = 9.0
+
+  def update(u, s, p=None, **extra):
+    m = jnp.asarray(maxima)
+    if axis_name is not None:
+      m = jax.lax.dynamic_slice_in_dim(m, jax.lax.axis_index(axis_name), 1)
+    return tx.update(u, s, p, attn_max_logits=m, **extra)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def _tree(key, lead):
