@@ -73,7 +73,7 @@ autodoc_type_aliases = {
         "jax.Array",
         "Mask",
     )
-} | {"ArrayLike": "jax.typing.ArrayLike"}
+} | {"ArrayLike": "jax.typing.ArrayLike", "ScalarOrSchedule": "optax.ScalarOrSchedule"}
 autodoc_default_options = {"show-inheritance": False}
 autosummary_generate = False
 napoleon_google_docstring = True
