@@ -7,7 +7,9 @@ of every head go through their own LayerNorm before the dot product
 (Dehghani et al. 2023; Wortsman et al. 2023): the architectural fix for
 attention-logit growth. The forward pass also returns the largest attention
 logit and the mean log-partition ``log Z`` of the output logits, the two
-quantities Wortsman et al. watch for their two instabilities.
+quantities Wortsman et al. watch for their two instabilities, and, per
+layer, the largest logit of every head (under ``stop_gradient``): what
+``og.qk_clip`` reads as ``attn_max_logits=``.
 
 Data: token sequences from a fixed random second-order Markov chain over
 ``vocab`` tokens: with probability ``1 - noise`` the next token is
@@ -46,6 +48,7 @@ class Block(nnx.Module):
     self.fc2 = nnx.Linear(4 * width, width, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x, per-head largest attention logit [heads])``."""
     b, n, d = x.shape
     h = self.heads
     q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
@@ -54,7 +57,8 @@ class Block(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h)
     causal = jnp.tril(jnp.ones((n, n), bool))
-    top = jnp.max(jnp.where(causal, logits, -jnp.inf))
+    # per head, over the batch and every (query, key) pair the mask lets through
+    top = jax.lax.stop_gradient(jnp.max(jnp.where(causal, logits, -jnp.inf), axis=(0, 2, 3)))
     logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
     att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v).reshape(b, n, d)
     x = x + self.proj(att)
@@ -62,7 +66,7 @@ class Block(nnx.Module):
 
 
 class TransformerLM(nnx.Module):
-  """``tokens [batch, length] -> (logits [batch, length, vocab], max attention logit)``."""
+  """``tokens [batch, length] -> (logits [batch, length, vocab], max logits [layers, heads])``."""
 
   def __init__(self, vocab: int, length: int, width: int, heads: int, layers: int,
                qk_norm: bool = False, *, rngs: nnx.Rngs):
@@ -78,7 +82,7 @@ class TransformerLM(nnx.Module):
     for block in self.blocks:
       x, top = block(x)
       tops.append(top)
-    return self.head(self.ln(x)), jnp.max(jnp.stack(tops))
+    return self.head(self.ln(x)), jnp.stack(tops)
 
 
 def init_params(vocab: int, length: int, width: int, heads: int, layers: int, qk_norm: bool,
@@ -95,12 +99,18 @@ def init_params(vocab: int, length: int, width: int, heads: int, layers: int, qk
 
 
 def lm_loss(graphdef: Any, params: Any, tokens: jax.Array) -> tuple[jax.Array, dict]:
-  """Next-token cross-entropy and ``{"max_attn_logit", "log_z"}`` diagnostics."""
+  """Next-token cross-entropy and its diagnostics.
+
+  The diagnostics: ``"max_attn_logit"`` (the largest attention logit of the
+  batch), ``"log_z"`` (the mean log-partition of the output softmax) and
+  ``"attn_max_logits"``, every head's largest logit ``[layers, heads]`` (no
+  gradient flows through it).
+  """
   model = nnx.merge(graphdef, params)
-  logits, top = model(tokens[:, :-1])
+  logits, tops = model(tokens[:, :-1])
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
   log_z = jnp.mean(jax.nn.logsumexp(logits, axis=-1))
-  return loss, {"max_attn_logit": top, "log_z": log_z}
+  return loss, {"max_attn_logit": jnp.max(tops), "log_z": log_z, "attn_max_logits": tops}
 
 
 @functools.lru_cache(maxsize=4)
