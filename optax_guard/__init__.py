@@ -50,6 +50,14 @@ from optax_guard._schedules import (
     step_decay,
     warmup,
 )
+from optax_guard._stable import (
+    ScaleBySpamState,
+    ScaleByStableAdamState,
+    scale_by_spam,
+    scale_by_stable_adam,
+    spam,
+    stable_adamw,
+)
 
 __version__ = "0.1.0"
 
@@ -58,6 +66,8 @@ __all__ = [
     "MonitorState",
     "QkClipState",
     "ReduceOnPlateauState",
+    "ScaleBySpamState",
+    "ScaleByStableAdamState",
     "SkipNonfiniteState",
     "SkipOnSpikeState",
     "SkipStepsState",
@@ -89,10 +99,14 @@ __all__ = [
     "reduce_on_plateau",
     "scale_by_grad_norm",
     "scale_by_parameter",
+    "scale_by_spam",
+    "scale_by_stable_adam",
     "seed_spike_history",
     "skip_nonfinite",
     "skip_on_spike",
     "skip_steps",
+    "spam",
+    "stable_adamw",
     "step_decay",
     "strip_guard_state",
     "truncate_by_value",

@@ -132,6 +132,9 @@ _PREFIXES = {
     "QkClipState": "qk_clip",
 }
 _INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+# Fields of our optimizer states that hold moments (trees like the params),
+# not statistics: left out even where a leaf is a scalar.
+_MOMENTS = ("mu", "nu")
 
 
 def _is_ours(x: Any) -> bool:
@@ -190,7 +193,7 @@ def _collect(state: Any, found: list) -> None:
         value = getattr(node, field)
         if field == "inner_state":
           _collect(value, found)
-        else:
+        elif field not in _MOMENTS:
           entries.extend(_scalars(field, value))
 
 
@@ -205,7 +208,9 @@ def guard_stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
   field becomes an entry ``"<kind>/<field>"``: the kind is ``zclip``,
   ``autoclip``, ``skip_nonfinite``, ``skip_on_spike``, ``skip_steps``,
   ``reduce_on_plateau``, ``monitor``, ``qk_clip``, or for other states the snake-cased
-  class name without ``State``. Arrays with dimensions (history buffers) are left out; a field
+  class name without ``State`` (``scale_by_stable_adam``, ``scale_by_spam``,
+  ``adagc``). Arrays with dimensions (history buffers) and the moments of
+  our optimizers (``mu``, ``nu``) are left out; a field
   holding a tree of scalars (``monitor(per_leaf=True)``'s ``leaf_norms``)
   gives one entry per leaf, ``"monitor/leaf_norms/<path>"``. Variable
   wrappers holding the array in ``.value`` (the state of Flax NNX's

@@ -1059,9 +1059,9 @@ def test_transform_fresh_state_can_be_donated(name):
   assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
 
 
-STATE_TYPES = ("AutoClipState", "MonitorState", "ReduceOnPlateauState", "ScaleBySpamState",
-               "ScaleByStableAdamState", "SkipNonfiniteState", "SkipOnSpikeState", "SkipStepsState",
-               "SpikeTracker", "ZClipState", "QkClipState")
+STATE_TYPES = ("AutoClipState", "MonitorState", "QkClipState", "ReduceOnPlateauState",
+               "ScaleBySpamState", "ScaleByStableAdamState", "SkipNonfiniteState",
+               "SkipOnSpikeState", "SkipStepsState", "SpikeTracker", "ZClipState")
 
 
 def test_state_types_are_named_tuples_with_documented_fields():

@@ -81,6 +81,9 @@ DIST: dict[str, Dist] = {
         lambda a: optax.chain(og.scale_by_grad_norm(lambda n: 1.0 / (1.0 + n), axis_name=a),
                               og.reduce_on_plateau(patience=0, factor=0.5))
     ),
+    # --- _stable.py ---
+    "scale_by_stable_adam": Dist(lambda a: og.scale_by_stable_adam(axis_name=a)),
+    "stable_adamw": Dist(lambda a: og.stable_adamw(0.1, weight_decay=0.1, axis_name=a)),
     # --- _monitor.py ---
     "monitor": Dist(
         lambda a: optax.chain(og.monitor(per_leaf=True, axis_name=a),
