@@ -730,7 +730,7 @@ NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
                        ("mask",)),
     "scale_by_stable_adam": (dict(b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-9,
                                   mu_dtype=jnp.float32, stacked=0), ("mu_dtype", "stacked")),
-    "stable_adamw": (dict(learning_rate=optax.linear_schedule(0.1, 0.01, 4), b1=0.8, b2=0.99,
+    "stable_adamw": (dict(learning_rate=0.05, b1=0.8, b2=0.99,
                           eps=1e-6, eps_root=1e-9, mu_dtype=jnp.float32, weight_decay=0.05,
                           mask=_KERNEL_ONLY, stacked=0), ("mu_dtype", "stacked")),
     "scale_by_spam": (dict(b1=0.8, b2=0.99, eps=1e-7, threshold=4.0, reset_interval=3,
