@@ -34,7 +34,11 @@ from optax_guard import _validation as val
 
 
 def adaptive_grad_clip(
-    clipping: ArrayLike = 0.01, *, eps: ArrayLike = 1e-3, axis: val.UnitAxis = None
+    clipping: ArrayLike = 0.01,
+    *,
+    eps: ArrayLike = 1e-3,
+    axis: val.UnitAxis = None,
+    stacked: val.Stacked = None,
 ) -> optax.GradientTransformation:
   r"""Adaptive gradient clipping (AGC): per unit, by the unit's weight norm.
 
@@ -75,6 +79,13 @@ def adaptive_grad_clip(
       Under ``optax.inject_hyperparams`` an int ``axis`` would become an
       array, which raises a ``TypeError``: pass ``static_args=("axis",)`` or
       a tuple such as ``axis=(0,)`` (tuples and None stay static).
+    stacked: leading layer axes of the leaves: None, an int, a tree of ints
+      (a prefix of the updates' tree) or a callable ``(path, leaf) -> int``.
+      A model built with ``nnx.scan`` keeps all layers' kernels in one leaf
+      ``(layers, ...)``; ``stacked=1`` treats each slice as its own tensor,
+      so the update equals the unrolled model's. ``axis`` then refers to the
+      axes of one layer's slice. Static like ``axis``: an int or a callable
+      needs ``static_args=("stacked",)`` under ``optax.inject_hyperparams``.
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
@@ -97,21 +108,22 @@ def adaptive_grad_clip(
   val.positive(owner, "clipping", clipping)
   val.non_negative(owner, "eps", eps, finite=True)
   axis = val.unit_axis(owner, axis)
+  stacked = val.stacked(owner, stacked)
 
   def update_fn(updates, state, params=None):
     val.matching_params(owner, updates, params)
     val.float_leaves(owner, updates)
     val.float_leaves(owner, params, what="params")
 
-    def leaf(path, g, p):
-      g_norm = num.unit_norm_at(owner, path, g, axis)
-      p_norm = num.unit_norm_at(owner, path, p, axis)
+    def leaf(path, lead, g, p):
+      g_norm = num.unit_norm_at(owner, path, g, axis, lead=lead)
+      p_norm = num.unit_norm_at(owner, path, p, axis, lead=lead)
       c = jnp.asarray(clipping, p_norm.dtype)
       # clipping = inf is off: an infinite limit even for a zero (or NaN) weight norm
       limit = jnp.where(jnp.isposinf(c), c, c * jnp.maximum(p_norm, jnp.asarray(eps, c.dtype)))
       return num.scale_leaf(g, num.safe_factor(limit, g_norm))
 
-    return jax.tree.map_with_path(leaf, updates, params), state
+    return num.map_tensors(owner, stacked, leaf, updates, params), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 

@@ -9,6 +9,10 @@ stays zero, and the multiply fuses into whatever consumes the result.
 Non-finite values are never hidden: a NaN norm gives NaN updates and an
 infinite norm gives a factor of 0 (so finite entries become 0 and infinite
 entries NaN). Use :func:`optax_guard.skip_nonfinite` to skip such steps.
+
+The per-tensor and per-unit clips take ``stacked``: for a leaf that holds
+the layers of a scanned model along its leading axes, each layer's slice is
+clipped as the tensor of the unrolled model would be.
 """
 
 from __future__ import annotations
@@ -150,7 +154,11 @@ def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
 
 
 def clip_by_norm(
-    max_norm: ArrayLike, *, ord: val.NormOrd = None, axis_name: val.AxisName = None  # noqa: A002
+    max_norm: ArrayLike,
+    *,
+    ord: val.NormOrd = None,  # noqa: A002
+    axis_name: val.AxisName = None,
+    stacked: val.Stacked = None,
 ) -> optax.GradientTransformation:
   r"""Rescales each leaf separately so that its norm is at most ``max_norm``.
 
@@ -169,7 +177,15 @@ def clip_by_norm(
     ord: None or 2 (L2), 1, or ``inf``.
     axis_name: when each device holds a different shard of every leaf (inside
       ``pmap``/``shard_map``), the axis to ``psum`` the per-leaf partials over
-      (one collective for all leaves). Leave None under plain ``jit``.
+      (one collective for all leaves). Leave None under plain ``jit``. The
+      stacked layer axes must not be split over the devices.
+    stacked: leading layer axes of the leaves: None, an int, a tree of ints
+      (a prefix of the updates' tree) or a callable ``(path, leaf) -> int``.
+      A model built with ``nnx.scan`` keeps all layers' kernels in one leaf
+      ``(layers, ...)``; ``stacked=1`` treats each slice as its own tensor,
+      so the update equals the unrolled model's. Static: under
+      ``optax.inject_hyperparams`` an int or a callable needs
+      ``static_args=("stacked",)`` (a tree of ints stays static by itself).
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``.
@@ -181,6 +197,10 @@ def clip_by_norm(
     >>> out, _ = tx.update(g, tx.init(None))
     >>> out["a"], out["b"]
     (Array([0.6, 0.8], dtype=float32), Array([0.3, 0.4], dtype=float32))
+    >>> scanned = og.clip_by_norm(1.0, stacked=1)  # two layers in one leaf
+    >>> scanned.update(jnp.array([[3.0, 4.0], [0.3, 0.4]]), scanned.init(None))[0]
+    Array([[0.6, 0.8],
+           [0.3, 0.4]], dtype=float32)
 
   References:
     Keras, ``clipnorm`` optimizer argument,
@@ -190,15 +210,18 @@ def clip_by_norm(
   val.positive(owner, "max_norm", max_norm)
   ord = val.norm_ord(owner, ord)  # noqa: A001
   axis_name = val.axis_name(owner, axis_name)
+  stacked = val.stacked(owner, stacked)
 
   def update_fn(updates, state, params=None):
     del params
     val.float_leaves(owner, updates)
-    norms = num.leaf_norms(updates, ord, axis_name)
-    out = jax.tree.map(
-        lambda g, n: num.scale_leaf(g, num.safe_factor(max_norm, n)), updates, norms
-    )
-    return out, state
+    leaves, treedef = jax.tree.flatten(updates)
+    # one norm per tensor (per layer slice of a stacked leaf), one collective
+    leads = num.stacked_counts(owner, updates, stacked)
+    norms = num.tensor_norms(updates, leads, ord, axis_name)
+    out = [num.scale_leaf(g, num.safe_factor(max_norm, n))
+           for g, n in zip(leaves, norms, strict=True)]
+    return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -267,7 +290,11 @@ def clip_by_global_norm(
 
 
 def clip_by_axis_norm(
-    max_norm: ArrayLike, axis: val.UnitAxis = None, *, axis_name: val.AxisName = None
+    max_norm: ArrayLike,
+    axis: val.UnitAxis = None,
+    *,
+    axis_name: val.AxisName = None,
+    stacked: val.Stacked = None,
 ) -> optax.GradientTransformation:
   r"""Rescales each *unit* (a slice along ``axis``) to L2 norm at most ``c``.
 
@@ -292,6 +319,14 @@ def clip_by_axis_norm(
     axis_name: inside ``pmap``/``shard_map`` when the *reduced* axes of each
       leaf are split over devices, the mapped axis to ``psum`` the per-unit
       partial sums over. Leave None otherwise.
+    stacked: leading layer axes of the leaves: None, an int, a tree of ints
+      (a prefix of the updates' tree) or a callable ``(path, leaf) -> int``.
+      A model built with ``nnx.scan`` keeps all layers' kernels in one leaf
+      ``(layers, ...)``; ``stacked=1`` treats each slice as its own tensor,
+      so the update equals the unrolled model's.
+      ``axis`` then refers to the axes of one layer's slice. Static: under
+      ``optax.inject_hyperparams`` an int or a callable needs
+      ``static_args=("stacked",)`` (a tree of ints stays static by itself).
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``.
@@ -313,16 +348,17 @@ def clip_by_axis_norm(
   val.positive(owner, "max_norm", max_norm)
   axis = val.unit_axis(owner, axis)
   axis_name = val.axis_name(owner, axis_name)
+  stacked = val.stacked(owner, stacked)
 
   def update_fn(updates, state, params=None):
     del params
     val.float_leaves(owner, updates)
 
-    def leaf(path, g):
-      n = num.unit_norm_at(owner, path, g, axis, axis_name=axis_name)
+    def leaf(path, lead, g):
+      n = num.unit_norm_at(owner, path, g, axis, axis_name=axis_name, lead=lead)
       return num.scale_leaf(g, num.safe_factor(max_norm, n))
 
-    return jax.tree.map_with_path(leaf, updates), state
+    return num.map_tensors(owner, stacked, leaf, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -388,7 +424,7 @@ def clip_weights(
 
 
 def clip_weights_by_norm(
-    max_norm: ArrayLike, axis: val.UnitAxis = None
+    max_norm: ArrayLike, axis: val.UnitAxis = None, *, stacked: val.Stacked = None
 ) -> optax.GradientTransformation:
   r"""Max-norm weight constraint: each unit of the new weights has norm <= c.
 
@@ -409,6 +445,14 @@ def clip_weights_by_norm(
   Args:
     max_norm: the bound ``c > 0`` (``inf`` switches the constraint off).
     axis: int, tuple of ints, or None.
+    stacked: leading layer axes of the leaves: None, an int, a tree of ints
+      (a prefix of the updates' tree) or a callable ``(path, leaf) -> int``.
+      A model built with ``nnx.scan`` keeps all layers' kernels in one leaf
+      ``(layers, ...)``; ``stacked=1`` treats each slice as its own tensor,
+      so the update equals the unrolled model's.
+      ``axis`` then refers to the axes of one layer's slice. Static: under
+      ``optax.inject_hyperparams`` an int or a callable needs
+      ``static_args=("stacked",)`` (a tree of ints stays static by itself).
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
@@ -430,21 +474,22 @@ def clip_weights_by_norm(
   owner = "clip_weights_by_norm"
   val.positive(owner, "max_norm", max_norm)
   axis = val.unit_axis(owner, axis)
+  stacked = val.stacked(owner, stacked)
 
   def update_fn(updates, state, params=None):
     val.matching_params(owner, updates, params)
     val.float_leaves(owner, updates)
     val.float_leaves(owner, params, what="params")
 
-    def leaf(path, u, p):
+    def leaf(path, lead, u, p):
       u = jnp.asarray(u)
-      f = num.safe_factor(max_norm, num.unit_norm_at(owner, path, p + u, axis))
+      f = num.safe_factor(max_norm, num.unit_norm_at(owner, path, p + u, axis, lead=lead))
       # (p + u) * f - p; where f == 1 exactly u (the arithmetic would turn
       # -0.0 into +0.0, and give NaN for an infinite parameter)
       wide = jnp.promote_types(u.dtype, f.dtype)
       u32, p32 = u.astype(wide), jnp.asarray(p).astype(wide)
       return jnp.where(f == 1, u, (u32 * f + p32 * (f - 1)).astype(u.dtype))
 
-    return jax.tree.map_with_path(leaf, updates, params), state
+    return num.map_tensors(owner, stacked, leaf, updates, params), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

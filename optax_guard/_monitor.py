@@ -30,7 +30,9 @@ class MonitorState(NamedTuple):
     max_abs: float32, the largest absolute element (NaN if any is NaN).
     num_nonfinite: int32, how many elements are NaN or ``+-inf``.
     leaf_norms: with ``per_leaf=True``, a tree (the structure of the params
-      given to ``init``) of float32 per-leaf L2 norms; None otherwise.
+      given to ``init``) of float32 per-leaf L2 norms; None otherwise. With
+      ``stacked``, the entry of a stacked leaf holds one norm per layer: its
+      shape is the leaf's leading layer axes, e.g. ``(layers,)``.
   """
 
   global_norm: jax.Array
@@ -40,7 +42,7 @@ class MonitorState(NamedTuple):
 
 
 def monitor(
-    *, per_leaf: bool = False, axis_name: val.AxisName = None
+    *, per_leaf: bool = False, axis_name: val.AxisName = None, stacked: val.Stacked = None
 ) -> optax.GradientTransformation:
   r"""Identity transformation that records statistics of the incoming updates.
 
@@ -66,6 +68,15 @@ def monitor(
       shard of the updates, the mapped axis to combine over: one ``psum`` (the
       sums of squares and the non-finite count) and one ``pmax`` (``max_abs``).
       Leave None under plain ``jit`` and for replicated updates.
+    stacked: with ``per_leaf``, the leading layer axes of the leaves: None,
+      an int, a tree of ints (a prefix of the params' tree) or a callable
+      ``(path, leaf) -> int``. A model built with ``nnx.scan`` keeps all
+      layers' kernels in one leaf ``(layers, ...)``; ``stacked=1`` records
+      one norm per layer slice (the norms of the unrolled model's leaves),
+      in an array of the layer shape. :func:`guard_stats` reports scalars
+      only and leaves such arrays out. Static: under
+      ``optax.inject_hyperparams`` an int or a callable needs
+      ``static_args=("stacked",)``.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`MonitorState`.
@@ -86,12 +97,16 @@ def monitor(
   """
   per_leaf = val.flag("monitor", "per_leaf", per_leaf)
   axis_name = val.axis_name("monitor", axis_name)
+  stacked = val.stacked("monitor", stacked)
 
   def init_fn(params):
     zero = lambda: jnp.zeros((), jnp.float32)  # one buffer per field (donatable)
     leaf_norms = None
-    if per_leaf:
-      leaf_norms = jax.tree.map(lambda _: jnp.zeros((), jnp.float32), params)
+    if per_leaf:  # one norm per tensor: the layer shape of a stacked leaf
+      leaf_norms = num.map_tensors(
+          "monitor", stacked, lambda _, lead, x: jnp.zeros(np.shape(x)[:lead], jnp.float32),
+          params,
+      )
     return MonitorState(zero(), zero(), jnp.zeros((), jnp.int32), leaf_norms)
 
   def update_fn(updates, state, params=None):
@@ -103,11 +118,19 @@ def monitor(
     max_abs = f32(num.combine_partials([s[1] for s in stats], "inf"))
     bad = sum((s[2] for s in stats), jnp.zeros((), jnp.int32))
     if per_leaf:
+      leads = num.stacked_counts("monitor", updates, stacked)
+      # a stacked leaf: one sum of squares per layer slice replaces the whole
+      # leaf's (which XLA then drops); the global sum adds them up
+      ssq = [num.tensor_partial(x, n) if n else p
+             for x, n, p in zip(leaves, leads, ssq, strict=True)]
       ssq, bad = num.cross_device((ssq, bad), 2, axis_name)
-      total = num.combine_partials(ssq)
-      leaf_norms = jax.tree.unflatten(
-          treedef, [f32(num.finish_norm(p)) for p in ssq]
+      total = num.combine_partials(
+          [jnp.sum(p) if n else p for p, n in zip(ssq, leads, strict=True)]
       )
+      leaf_norms = jax.tree.unflatten(treedef, [
+          f32(num.finish_norm(p)).reshape(np.shape(x)[:n])
+          for p, x, n in zip(ssq, leaves, leads, strict=True)
+      ])
     else:
       total, bad = num.cross_device((num.combine_partials(ssq), bad), 2, axis_name)
       leaf_norms = None

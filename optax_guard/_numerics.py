@@ -382,6 +382,24 @@ def tensor_norms(
   return [finish_norm(p, ord) for p in partials]
 
 
+def map_tensors(owner: str, stacked: Stacked, fn: Any, tree: Any, *rest: Any) -> Any:
+  """``fn(path, lead, leaf, *rest_leaves)`` for every leaf of ``tree``.
+
+  ``lead`` is the leaf's number of stacked layer axes (:func:`stacked_counts`
+  of ``tree``); ``rest`` are trees with ``tree``'s structure (the params of
+  a weight-side transformation, checked by the caller). Returns a tree like
+  ``tree``.
+  """
+  leads = stacked_counts(owner, tree, stacked)
+  paths_leaves, treedef = jax.tree.flatten_with_path(tree)
+  others = [jax.tree.leaves(r) for r in rest]
+  out = [
+      fn(path, lead, x, *[o[i] for o in others])
+      for i, ((path, x), lead) in enumerate(zip(paths_leaves, leads, strict=True))
+  ]
+  return jax.tree.unflatten(treedef, out)
+
+
 # Relative width of float noise for the statistical rules (spike, z-score,
 # percentile): two norms within this fraction of each other are treated as
 # equal. Backends and summation orders change a float32 norm by far less

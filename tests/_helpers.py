@@ -119,3 +119,45 @@ def assert_bitwise_equal(got: Any, want: Any) -> None:
     a, b = np.asarray(a), np.asarray(b)
     assert a.dtype == b.dtype and a.shape == b.shape, (path, a.dtype, b.dtype, a.shape, b.shape)
     assert a.tobytes() == b.tobytes(), (path, a, b)
+
+
+# ---------------------------------------------------------------------------
+# Stacked (scanned) layers and their unrolled twin
+# ---------------------------------------------------------------------------
+
+LAYERS = 3
+# ``stacked`` for :func:`scanned_tree`: one layer axis under "blocks", none in "head"
+SCANNED_SPEC = {"blocks": 1, "head": None}
+
+
+def scanned_tree(seed: int, dtype: Any = jnp.float32, scales: Any = (0.1, 1.0, 10.0)) -> dict:
+  """A scanned model's tree: ``{"blocks": {...}, "head"}``.
+
+  ``blocks`` holds a kernel ``(L, 4, 3)``, a bias ``(L, 3)`` and a gain
+  ``(L,)`` for ``L = len(scales)`` layers (layer ``i`` drawn times
+  ``scales[i]``, so a bound can clip some layers and leave others); ``head``
+  is an unstacked ``(3, 2)`` kernel.
+  """
+  rng = np.random.default_rng(seed)
+  scales = np.asarray(scales, np.float32)
+
+  def draw(shape):
+    x = rng.standard_normal((len(scales),) + shape).astype(np.float32)
+    return jnp.asarray(x * scales.reshape((-1,) + (1,) * len(shape))).astype(dtype)
+
+  blocks = {"kernel": draw((4, 3)), "bias": draw((3,)), "gain": draw(())}
+  head = jnp.asarray(rng.standard_normal((3, 2)), np.float32).astype(dtype)
+  return {"blocks": blocks, "head": head}
+
+
+def unroll(scanned: dict) -> dict:
+  """The unrolled twin of :func:`scanned_tree`: ``{"blocks": {"0": {...}, ...}, "head"}``."""
+  n = jax.tree.leaves(scanned["blocks"])[0].shape[0]
+  blocks = {str(i): jax.tree.map(lambda x, i=i: x[i], scanned["blocks"]) for i in range(n)}
+  return {"blocks": blocks, "head": scanned["head"]}
+
+
+def restack(unrolled: dict) -> dict:
+  """The inverse of :func:`unroll` (also for trees of statistics shaped like it)."""
+  layers = [unrolled["blocks"][str(i)] for i in range(len(unrolled["blocks"]))]
+  return {"blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers), "head": unrolled["head"]}

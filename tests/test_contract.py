@@ -577,13 +577,15 @@ _OTHER_BAD = {
 # factory -> {argument: rule}; a rule ending in "?" accepts None.
 ARGS: dict[str, dict[str, str]] = {
     "clip_by_value": dict(max_value="real", min_value="real?"),
-    "clip_by_norm": dict(max_norm="pos", ord="ord", axis_name="axis_name"),
+    "clip_by_norm": dict(max_norm="pos", ord="ord", axis_name="axis_name", stacked="stacked"),
     "clip_by_global_norm": dict(max_norm="pos", ord="ord", axis_name="axis_name"),
-    "clip_by_axis_norm": dict(max_norm="pos", axis="axis", axis_name="axis_name"),
+    "clip_by_axis_norm": dict(max_norm="pos", axis="axis", axis_name="axis_name",
+                              stacked="stacked"),
     "truncate_by_value": dict(threshold="pos"),
     "clip_weights": dict(max_value="real", min_value="real?"),
-    "clip_weights_by_norm": dict(max_norm="pos", axis="axis"),
-    "adaptive_grad_clip": dict(clipping="pos", eps="nonneg_finite", axis="axis"),
+    "clip_weights_by_norm": dict(max_norm="pos", axis="axis", stacked="stacked"),
+    "adaptive_grad_clip": dict(clipping="pos", eps="nonneg_finite", axis="axis",
+                               stacked="stacked"),
     "autoclip": dict(percentile="percent", history_size="int_pos", axis_name="axis_name"),
     "zclip": dict(alpha="unit", z_threshold="pos_finite", warmup_steps="int_pos",
                   max_norm="pos?", eps="nonneg_finite", axis_name="axis_name"),
@@ -600,7 +602,7 @@ ARGS: dict[str, dict[str, str]] = {
     "scale_by_parameter": dict(fn="callable"),
     "add_l1_penalty": dict(weight="nonneg_finite", mask="mask?"),
     "add_l2_penalty": dict(weight="nonneg_finite", mask="mask?"),
-    "monitor": dict(per_leaf="flag", axis_name="axis_name"),
+    "monitor": dict(per_leaf="flag", axis_name="axis_name", stacked="stacked"),
     "qk_clip": dict(threshold="pos", layouts="qk_layouts", alpha="unit", min_factor="unit_open",
                     stacked="stacked", axis_name="axis_name"),
     "qk_clip": dict(threshold="pos", layouts="qk_layouts", alpha="unit", min_factor="unit_open",
@@ -706,15 +708,22 @@ def test_bad_input_is_rejected_at_construction_naming_the_argument(name, arg, va
 # ---------------------------------------------------------------------------
 
 _KERNEL_ONLY = {"dense": {"kernel": True, "bias": False}, "scale": True}
+# stacked layers: the "dense" leaves as if scanned over their first axis (a
+# tree of ints is static under inject_hyperparams, a callable needs static_args)
+_STACK_DENSE = {"dense": 1, "scale": None}
+_STACK_MATRICES = lambda path, leaf: 1 if np.ndim(leaf) == 2 else 0  # noqa: E731
 NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
     "clip_by_value": (dict(max_value=0.5, min_value=-0.3), ()),
-    "clip_by_norm": (dict(max_norm=0.5, ord=1), ("ord",)),
+    "clip_by_norm": (dict(max_norm=0.5, ord=1, stacked=_STACK_DENSE), ("ord",)),
     "clip_by_global_norm": (dict(max_norm=0.5, ord="inf"), ()),
-    "clip_by_axis_norm": (dict(max_norm=0.5, axis=0), ("axis",)),
+    "clip_by_axis_norm": (dict(max_norm=0.5, axis=0, stacked=_STACK_MATRICES),
+                          ("axis", "stacked")),
     "truncate_by_value": (dict(threshold=1.5), ()),
     "clip_weights": (dict(max_value=0.3, min_value=-0.2), ()),
-    "clip_weights_by_norm": (dict(max_norm=0.5, axis=(0,)), ()),
-    "adaptive_grad_clip": (dict(clipping=0.05, eps=1e-2, axis=0), ("axis",)),
+    "clip_weights_by_norm": (dict(max_norm=0.5, axis=(0,), stacked=_STACK_MATRICES),
+                             ("stacked",)),
+    "adaptive_grad_clip": (dict(clipping=0.05, eps=1e-2, axis=0, stacked=_STACK_MATRICES),
+                           ("axis", "stacked")),
     "autoclip": (dict(percentile=50.0, history_size=3), ()),
     "zclip": (dict(alpha=0.9, z_threshold=1.5, warmup_steps=2, max_norm=100.0, eps=1e-5), ()),
     "skip_nonfinite": (dict(inner=optax.sgd(0.1)), ()),
@@ -738,7 +747,7 @@ NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
     "spam": (dict(learning_rate=0.05, b1=0.8, b2=0.99, eps=1e-7, weight_decay=0.01,
                   mask=_KERNEL_ONLY, threshold=4.0, reset_interval=3, warmup_steps=2,
                   clip_delay=2), ()),
-    "monitor": (dict(per_leaf=True), ()),
+    "monitor": (dict(per_leaf=True, stacked=_STACK_DENSE), ()),
     "qk_clip": (dict(threshold=3.0, layouts=og.qk_fused("dense", num_kv_heads=1), alpha=0.25,
                      min_factor=0.5, stacked=0), ("stacked",)),
 }
