@@ -382,3 +382,15 @@ def test_false_skips_end_to_end_tiny(tmp_path, capsys):
     assert r["repeat visits"] <= r["healthy skips"]
   assert rows[1]["faults skipped"] == "6/6" and rows[1]["NaN loss"] == "1/1"
   assert "faults skipped" not in rows[0]
+
+
+@pytest.mark.slow
+def test_guard_in_step_transformer_tiny(capsys):
+  from benchmarks import guard_in_step
+
+  guard_in_step.main(["--model", "transformer", "--width", "16", "--layers", "1", "--heads",
+                      "2", "--seq", "8", "--vocab", "32", "--batch", "2", "--rounds", "1"])
+  out = capsys.readouterr().out
+  rows = [line for line in out.splitlines() if line.startswith("| `")]
+  assert [r.split("`")[1] for r in rows] == list(guard_in_step.transformer_variants())
+  assert "decoder-only transformer, width 16, 1 layers" in out
