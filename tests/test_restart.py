@@ -11,6 +11,8 @@ import numpy as np
 import optax
 import pytest
 from _helpers import make_grads, make_params
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import optax_guard as og
 
@@ -433,3 +435,32 @@ def test_skip_steps_fused_step_under_jit_with_donation():
   for i in range(4):
     params, state = step(make_grads(i), state, params)
   assert int(state.step) == 4 and int(state.num_skipped) == 2
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_skip_steps_under_shard_map_matches_one_device(devices, fused):
+  mesh = Mesh(np.array(devices), ("d",))
+  params = {"w": jnp.arange(16.0).reshape(8, 2)}
+  grads = [{"w": jnp.full((8, 2), float(i + 1))} for i in range(5)]
+  grads[3] = {"w": grads[3]["w"].at[5, 1].set(jnp.nan)}  # on one device only
+
+  def make(axis_name):
+    return og.skip_steps(og.skip_nonfinite(optax.sgd(0.1), axis_name=axis_name), [(1, 2)])
+
+  ref_params, ref_state = _run(make(None), grads, params, fused=fused)
+  tx = make("d")
+
+  def step(params, state, g):
+    if fused:
+      return og.update_and_apply(tx, g, state, params)
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state
+
+  sharded = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P("d"), P(), P("d")),
+                                  out_specs=(P("d"), P())))
+  p, s = params, tx.init(params)
+  for g in grads:
+    p, s = sharded(p, s, g)
+  chex.assert_trees_all_close(p, ref_params, rtol=1e-6)
+  chex.assert_trees_all_equal(s, ref_state)
+  assert int(s.num_skipped) == 1 and int(s.inner_state.num_skipped) == 1
