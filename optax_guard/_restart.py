@@ -65,7 +65,8 @@ def _ranges(owner: str, ranges: Any) -> tuple[tuple[int, int], ...]:
         f"got a JAX array {ranges!r}; optax.inject_hyperparams turns arrays into "
         f"tracers: pass a list of tuples, or static_args=('ranges',)"
     )
-  if isinstance(ranges, (str, bytes, dict)) or not isinstance(ranges, (Sequence, np.ndarray)):
+  if (isinstance(ranges, (str, bytes, dict)) or not isinstance(ranges, (Sequence, np.ndarray))
+      or (isinstance(ranges, np.ndarray) and ranges.ndim != 2)):
     raise TypeError(
         f"{owner}(ranges=...) must be a sequence of (start, stop) pairs, got {ranges!r}"
     )

@@ -175,6 +175,8 @@ def test_skip_steps_counter_survives_an_orbax_checkpoint(tmp_path):
     ([(0.5, 2)], r"skip_steps\(ranges=...\) must hold ints"),
     ([(True, 2)], r"skip_steps\(ranges=...\) must hold ints"),
     (None, r"skip_steps\(ranges=...\) must be a sequence"),
+    (np.array([1, 3]), r"skip_steps\(ranges=...\) must be a sequence of \(start, stop\) pairs"),
+    (np.array(3), r"skip_steps\(ranges=...\) must be a sequence of \(start, stop\) pairs"),
 ])
 def test_skip_steps_rejects_invalid_ranges(ranges, message):
   with pytest.raises((TypeError, ValueError), match=message):
