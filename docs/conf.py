@@ -101,7 +101,7 @@ html_theme = "sphinx_book_theme"
 html_title = f"optax_guard {release}"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
-html_js_files = ["api-redirect.js"]
+html_js_files = ["custom.js"]
 html_theme_options = {
     "repository_url": "https://github.com/optax-guard/optax_guard",
     "use_repository_button": True,
