@@ -1,5 +1,9 @@
 """optax_guard: every defence against exploding gradients, as optax transforms."""
 
+from optax_guard._adagc import (
+    AdagcState,
+    adagc,
+)
 from optax_guard._adaptive import (
     AutoClipState,
     ZClipState,
@@ -62,6 +66,7 @@ from optax_guard._stable import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdagcState",
     "AutoClipState",
     "MonitorState",
     "QkClipState",
@@ -74,6 +79,7 @@ __all__ = [
     "SpikeTracker",
     "ZClipState",
     "__version__",
+    "adagc",
     "adaptive_grad_clip",
     "add_guard_state",
     "add_l1_penalty",

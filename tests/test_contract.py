@@ -85,6 +85,12 @@ TRANSFORMS: dict[str, Transform] = {
         og.clip_weights_by_norm, dict(max_norm=0.5), needs_params=True,
         bad=(dict(max_norm=0.0), dict(max_norm=-2.0)),
     ),
+    # --- _adagc.py ---
+    "adagc": Transform(
+        og.adagc, dict(warmup_steps=2),
+        bad=(dict(lambda_rel=0.5), dict(lambda_abs=0.0), dict(beta=2.0), dict(warmup_steps=-1),
+             dict(stacked="layers")),
+    ),
     # --- _adaptive.py ---
     "adaptive_grad_clip": Transform(
         og.adaptive_grad_clip, dict(clipping=0.05), needs_params=True,
@@ -540,8 +546,6 @@ _RULE_BAD = {
     "at_least_one": (("below_one", 0.5), ("zero", 0.0), ("negative", -1.0)),
 }
 _OTHER_BAD = {
-    "stacked": (("negative", -1), ("string", "layers"), ("fraction", 1.5), ("bool", True),
-                ("jax_array", "jnp.asarray(1)"), ("tree_leaf", {"dense": -2})),
     "rate": (("negative", -1.0), ("inf", INF), ("nan", NAN), ("string", "0.1"),
              ("bool", True), ("array", np.array([1.0, 2.0])), ("jax_array", "jnp.ones(2)"),
              ("list", [0.1]), ("none", None)),
@@ -620,6 +624,8 @@ ARGS: dict[str, dict[str, str]] = {
     "spam": dict(learning_rate="rate", b1="unit_open", b2="unit_open", eps="nonneg_finite",
                  weight_decay="rate", mask="mask?", threshold="nonneg?",
                  reset_interval="int_nonneg?", warmup_steps="int_nonneg", clip_delay="int_pos"),
+    "adagc": dict(lambda_abs="pos", lambda_rel="at_least_one", beta="unit",
+                  warmup_steps="int_nonneg", stacked="stacked", axis_name="axis_name"),
     "polynomial_decay": dict(init_value="finite", decay_steps="int_pos", power="nonneg_finite",
                              end_value="finite", cycle="flag"),
     "linear_decay": dict(init_value="finite", decay_steps="int_pos", end_value="finite"),
@@ -747,6 +753,8 @@ NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
     "spam": (dict(learning_rate=0.05, b1=0.8, b2=0.99, eps=1e-7, weight_decay=0.01,
                   mask=_KERNEL_ONLY, threshold=4.0, reset_interval=3, warmup_steps=2,
                   clip_delay=2), ()),
+    "adagc": (dict(lambda_abs=2.0, lambda_rel=1.2, beta=0.9, warmup_steps=2, stacked=0),
+              ("stacked",)),
     "monitor": (dict(per_leaf=True, stacked=_STACK_DENSE), ()),
     "qk_clip": (dict(threshold=3.0, layouts=og.qk_fused("dense", num_kv_heads=1), alpha=0.25,
                      min_factor=0.5, stacked=0), ("stacked",)),
@@ -1068,7 +1076,7 @@ def test_transform_fresh_state_can_be_donated(name):
   assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
 
 
-STATE_TYPES = ("AutoClipState", "MonitorState", "QkClipState", "ReduceOnPlateauState",
+STATE_TYPES = ("AdagcState", "AutoClipState", "MonitorState", "QkClipState", "ReduceOnPlateauState",
                "ScaleBySpamState", "ScaleByStableAdamState", "SkipNonfiniteState",
                "SkipOnSpikeState", "SkipStepsState", "SpikeTracker", "ZClipState")
 

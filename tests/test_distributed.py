@@ -56,6 +56,12 @@ DIST: dict[str, Dist] = {
         lambda a: optax.chain(og.clip_by_global_norm(0.5, axis_name=a), optax.adam(0.1))
     ),
     "clip_by_axis_norm": Dist(lambda a: og.clip_by_axis_norm(0.3, axis_name=a)),
+    # --- _adagc.py ---
+    "adagc": Dist(lambda a: og.adagc(warmup_steps=2, axis_name=a)),
+    "adagc/in-chain": Dist(
+        lambda a: optax.chain(og.adagc(warmup_steps=3, lambda_rel=1.1, axis_name=a),
+                              optax.adam(0.1))
+    ),
     # --- _adaptive.py ---
     "autoclip": Dist(lambda a: og.autoclip(50.0, history_size=4, axis_name=a)),
     "zclip": Dist(lambda a: og.zclip(warmup_steps=2, axis_name=a)),
