@@ -394,3 +394,35 @@ def test_guard_in_step_transformer_tiny(capsys):
   rows = [line for line in out.splitlines() if line.startswith("| `")]
   assert [r.split("`")[1] for r in rows] == list(guard_in_step.transformer_variants())
   assert "decoder-only transformer, width 16, 1 layers" in out
+
+
+# ---------------------------------------------------------------------------
+# The GPU check script
+
+
+def _gpu_check(args, tmp_path, **env):
+  env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, **env)
+  return subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+
+
+def test_gpu_check_usage(tmp_path):
+  proc = _gpu_check(["--help"], tmp_path)
+  assert proc.returncode == 0 and "--dry-run" in proc.stdout and "$OUT" in proc.stdout
+  assert _gpu_check(["--bogus"], tmp_path).returncode == 2
+  assert subprocess.run(["bash", "-n", "benchmarks/gpu_check.sh"], cwd=ROOT).returncode == 0
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+  proc = _gpu_check(["--dry-run"], tmp_path)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  out = tmp_path / "out"
+  files = sorted(p.name for p in out.iterdir())
+  assert files == ["bench-gpt2.md", "bench-wide.md", "false_skips.log", "gpu_check.log",
+                   "pytest.log", "results.tar.gz", "timings.tsv"]  # + the experiments' summary
+  rows = [line.split("\t") for line in (out / "timings.tsv").read_text().splitlines()[1:]]
+  assert {r[0]: r[1] for r in rows} == {
+      "versions": "ok", "bench-gpt2": "ok", "bench-gpt2-bf16": "ok", "bench-wide": "ok",
+      "experiments": "ok", "pytest": "done", "false_skips": "ok"}
+  assert "0 failed, 0 errors" in (out / "pytest.log").read_text()
