@@ -47,10 +47,15 @@ def _bounds(
 
 
 def _clamp(x: jax.Array, lo: ArrayLike, hi: ArrayLike) -> jax.Array:
-  """``clip(x, lo, hi)`` keeping ``x.dtype`` even for traced float32 bounds."""
+  """``clip(x, lo, hi)`` keeping ``x.dtype`` even for traced float32 bounds.
+
+  Written with comparisons and selects, not ``minimum``/``maximum``: values
+  inside the box and NaN come back as they are, bit for bit, on every
+  backend (XLA:GPU's ``max`` returns a canonical NaN, not the input's bits).
+  """
   x = jnp.asarray(x)
-  return jnp.minimum(jnp.maximum(x, jnp.asarray(lo).astype(x.dtype)),
-                     jnp.asarray(hi).astype(x.dtype))
+  lo, hi = jnp.asarray(lo).astype(x.dtype), jnp.asarray(hi).astype(x.dtype)
+  return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
 
 
 def clip_by_value(

@@ -215,7 +215,11 @@ def reduce_on_plateau(
         cooldown_counter=cooldown_counter.astype(jnp.int32),
         count=optax.safe_increment(state.count),
     )
-    return num.scale_tree(updates, new_state.scale), new_state
+    # a scale of 1 returns the updates themselves: x * 1 keeps every number,
+    # but XLA:GPU gives a NaN its canonical bits
+    one = new_state.scale == 1
+    out = jax.tree.map(lambda g: jnp.where(one, g, num.scale_leaf(g, new_state.scale)), updates)
+    return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -74,6 +74,19 @@ def _build(case: Case, mode: str, stacked: Any):
   return case.factory(**kwargs)
 
 
+def assert_twins_equal(got, want):
+  """The scanned result equals the unrolled one, up to the order of a reduction.
+
+  Exact on XLA:CPU. XLA:GPU may sum a layer slice of a stacked leaf in
+  another order than the separate leaf of the unrolled model, which moves a
+  norm, and so a clipped value, by an ulp: hence ``rtol=1e-6``.
+  """
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+
+
 def _state_of(state, mode):
   return state.inner_state if mode == "inject_jit" else state
 
@@ -89,11 +102,12 @@ def test_scanned_tree_gets_the_updates_of_its_unrolled_twin(name, spec, mode):
   unrolled, u_state = _steps(
       case, _build(case, mode, None), [unroll(g) for g in grads], unroll(params), mode != "eager"
   )
-  # exact: each layer slice is reduced on its own, as the unrolled leaf is
-  assert_bitwise_equal(scanned, [restack(u) for u in unrolled])
+  # each layer slice is reduced on its own, as the unrolled leaf is
+  assert_twins_equal(scanned, [restack(u) for u in unrolled])
   if name == "monitor":
+    assert_bitwise_equal(scanned, grads)  # an identity
     s_state, u_state = _state_of(s_state, mode), _state_of(u_state, mode)
-    assert_bitwise_equal(s_state.leaf_norms, restack(u_state.leaf_norms))
+    assert_twins_equal(s_state.leaf_norms, restack(u_state.leaf_norms))
     assert s_state.leaf_norms["blocks"]["kernel"].shape == (3,)
     assert_bitwise_equal(s_state.max_abs, u_state.max_abs)
     assert_bitwise_equal(s_state.num_nonfinite, u_state.num_nonfinite)
@@ -111,7 +125,7 @@ def test_int_stacked_on_a_tree_of_stacked_leaves(name):
   p_layers = [jax.tree.map(lambda x, i=i: x[i], params) for i in range(3)]
   tx = case.factory(**case.kwargs)
   per_layer = [_steps(case, tx, [g], p, True)[0][0] for g, p in zip(layers, p_layers, strict=True)]
-  assert_bitwise_equal(scanned[0], jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer))
+  assert_twins_equal(scanned[0], jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer))
   if name.startswith("clip_by_norm"):  # the quiet layer is untouched, the loud one clipped
     assert_bitwise_equal(scanned[0]["kernel"][0], grads[0]["kernel"][0])
     assert not np.array_equal(scanned[0]["kernel"][2], grads[0]["kernel"][2])
@@ -132,7 +146,7 @@ def test_explicit_axis_refers_to_one_layer_slice(make, needs_params):
   for i in range(3):
     gi, pi = jax.tree.map(lambda x, i=i: x[i], g), jax.tree.map(lambda x, i=i: x[i], p)
     layers.append(jax.jit(plain.update)(gi, plain.init(pi), pi if needs_params else None)[0])
-  assert_bitwise_equal(out, jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
+  assert_twins_equal(out, jax.tree.map(lambda *xs: jnp.stack(xs), *layers))
 
 
 def test_stacked_none_and_zero_are_the_plain_transformation():
