@@ -35,8 +35,9 @@ what happens).
   transformer_lr_sweep  Wortsman et al. 2023: learning-rate sweep of a small Flax NNX
                         transformer LM without qk-layernorm (a natural instability:
                         attention-logit growth); final loss vs lr for no defence,
-                        global clipping, ZClip, AutoClip, skip_on_spike, and
-                        qk-layernorm as the architectural reference.
+                        global clipping, ZClip, AutoClip, skip_on_spike, QK-clip,
+                        a longer warm-up, and qk-layernorm as the architectural
+                        reference.
   deep_mlp              real data (scikit-learn's bundled digits): a 32-layer ReLU MLP
                         with a too-large init is NaN at step 2; clipping, AGC, warm-up,
                         He init, BatchNorm...; test accuracy.
@@ -46,7 +47,7 @@ what happens).
                         every device (and every process with --coordinator), asserted
                         to match one device.
 
-The default run takes under 5 minutes on 2 idle CPU cores (about 290 s of CPU
+The default run takes under 5 minutes on 2 idle CPU cores (about 330 s of CPU
 time), --quick under 2 (about 115 s); --full goes further (the adding problem at
 T=50 and 100; about 25 minutes of CPU time).
 Output goes to a new folder runs/<timestamp>/ unless --out is given.

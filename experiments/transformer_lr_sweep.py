@@ -290,7 +290,7 @@ def plot(result: C.ExperimentResult, path: str) -> str | None:
   for i, name in enumerate(defences):
     rows = sorted((lr_of(r), r) for r in result.runs if r.defence == name)
     lrs = np.asarray([lr for lr, _ in rows])
-    style = "--" if name == "none" else ":" if name.startswith("qk_") else "-"
+    style = "--" if name == "none" else ":" if name.startswith("qk_layernorm") else "-"
     for ax, key in zip(axes, ("val_loss", "max_attn_logit"), strict=True):
       vals = np.asarray([r.metrics[key] for _, r in rows], np.float64)  # [lrs, seeds]
       with np.errstate(invalid="ignore"):

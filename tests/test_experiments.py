@@ -165,6 +165,17 @@ def test_transformer_qk_layernorm_bounds_the_attention_logits():
       assert top > 100
 
 
+def test_transformer_reports_every_heads_largest_logit():
+  tokens = jnp.asarray(T.make_sequences(np.random.default_rng(0), (3,), 8, 16, 0.1))
+  graphdef, params = T.init_params(16, 8, 16, 2, 3, False, seed=0)
+  _, diag = T.lm_loss(graphdef, params, tokens)
+  assert diag["attn_max_logits"].shape == (3, 2)  # [layers, heads]
+  assert float(jnp.max(diag["attn_max_logits"])) == float(diag["max_attn_logit"])
+  grads = jax.grad(lambda p: jnp.sum(T.lm_loss(graphdef, p, tokens)[1]["attn_max_logits"]))(
+      params)
+  assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))
+
+
 def test_count_spikes_matches_a_direct_loop():
   rng = np.random.default_rng(1)
   loss = 1.0 + 0.05 * rng.random((2, 80))
@@ -194,6 +205,19 @@ def test_failing_lr_is_where_every_higher_rate_fails():
           _sweep_run(0.3, "qk", [1.0, 1.0]), _sweep_run(1.0, "qk", [1.0, 1.0])]
   assert transformer_lr_sweep.failing_lr(runs, "none", 0.1) == 0.3
   assert transformer_lr_sweep.failing_lr(runs, "qk", 0.1) is None  # recovers at 0.3
+
+
+def test_failing_lr_compares_with_the_fixed_reference_not_the_best_row():
+  runs = [_sweep_run(0.01, "none", [1.0, 1.0]), _sweep_run(0.1, "none", [2.0, 2.0]),
+          _sweep_run(0.01, "qk_layernorm", [1.08, 1.08]),
+          _sweep_run(0.1, "qk_layernorm", [1.05, 1.05])]
+  assert transformer_lr_sweep.reference_loss(runs) == 1.0
+  assert transformer_lr_sweep.failing_lr(runs, "qk_layernorm", 0.1) is None
+  # a much better new row moves neither the reference nor another row's verdict
+  better = runs + [_sweep_run(0.01, "qk_clip", [0.5, 0.5]), _sweep_run(0.1, "qk_clip", [0.6, 0.6])]
+  assert transformer_lr_sweep.reference_loss(better) == 1.0
+  assert transformer_lr_sweep.failing_lr(better, "qk_layernorm", 0.1) is None
+  assert transformer_lr_sweep.failing_lr(better, "none", 0.1) == 0.1
 
 
 def test_digits_are_bundled_and_standardised():
@@ -452,10 +476,11 @@ def test_transformer_lr_sweep_tiny_run(tmp_path):
   config = transformer_lr_sweep.Config(
       learning_rates=(1e-3, 1.0), steps=12, seeds=2, vocab=8, length=8, batch=4, width=16,
       heads=2, layers=1, warmup_steps=3, val_size=16,
-      defences=("none", "zclip", "skip_on_spike", "qk_layernorm"))
+      defences=("none", "zclip", "skip_on_spike", "qk_layernorm", "qk_clip",
+                "qk_layernorm+qk_clip"))
   result = transformer_lr_sweep.run(config, progress=False)
   _, rows = _check_outputs(result, tmp_path)
-  assert len(result.runs) == 2 * 4
+  assert len(result.runs) == 2 * 6
   assert {r.setting for r in result.runs} == {"lr=0.001", "lr=1"}
   for r in result.runs:
     assert r.injected_faults == 0
