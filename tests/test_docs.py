@@ -24,9 +24,16 @@ def _documented() -> dict[str, tuple[list[str], str]]:
   return table
 
 
+# Fields that hold a tree of scalars, one entry per leaf: "<field>/<path>".
+_TREE_FIELDS = ("monitor/leaf_norms", "adagc/gamma")
+
+
 def _generic(name: str) -> str:
   """``monitor/leaf_norms/dense/kernel`` -> ``monitor/leaf_norms/<path>``."""
-  return re.sub(r"^(monitor/leaf_norms)/.+$", r"\1/<path>", name)
+  for field in _TREE_FIELDS:
+    if name.startswith(field + "/"):
+      return field + "/<path>"
+  return name
 
 
 def _produced() -> dict[str, tuple[set[str], str]]:
