@@ -34,6 +34,10 @@ from optax_guard._guards import (
     skip_nonfinite,
     skip_on_spike,
 )
+from optax_guard._historical import (
+    ClipByHistoricalNormState,
+    clip_by_historical_norm,
+)
 from optax_guard._monitor import MonitorState, guard_stats, monitor
 from optax_guard._penalties import add_l1_penalty, add_l2_penalty
 from optax_guard._qk_clip import QkClipState, qk_clip, qk_fused, qk_separate
@@ -68,6 +72,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdagcState",
     "AutoClipState",
+    "ClipByHistoricalNormState",
     "MonitorState",
     "QkClipState",
     "ReduceOnPlateauState",
@@ -87,6 +92,7 @@ __all__ = [
     "autoclip",
     "clip_by_axis_norm",
     "clip_by_global_norm",
+    "clip_by_historical_norm",
     "clip_by_norm",
     "clip_by_value",
     "clip_weights",

@@ -186,6 +186,11 @@ TRANSFORMS: dict[str, Transform] = {
         bad=(dict(learning_rate=NAN), dict(weight_decay=-1.0), dict(threshold=-1.0),
              dict(clip_delay=0), dict(mask=3)),
     ),
+    # --- _historical.py ---
+    "clip_by_historical_norm": Transform(
+        og.clip_by_historical_norm, dict(sigma=2.0, window=4, min_history=2),
+        bad=(dict(window=1), dict(sigma=0.0), dict(min_history=5), dict(min_history=0)),
+    ),
     # --- _monitor.py ---
     "monitor": Transform(og.monitor, dict(per_leaf=True), bad=(dict(per_leaf="yes"),)),
     # --- _qk_clip.py --- (one head of width 1 in the fused kernel [4, 3]; S = 8 > 2)
@@ -543,6 +548,7 @@ _RULE_BAD = {
     "percent": (("negative", -1.0), ("above_hundred", 100.5)),
     "int_pos": (("zero", 0), ("negative", -1)),
     "int_nonneg": (("negative", -1),),
+    "int_window": (("zero", 0), ("one", 1), ("negative", -1)),
     "at_least_one": (("below_one", 0.5), ("zero", 0.0), ("negative", -1.0)),
 }
 _OTHER_BAD = {
@@ -626,6 +632,8 @@ ARGS: dict[str, dict[str, str]] = {
                  reset_interval="int_nonneg?", warmup_steps="int_nonneg", clip_delay="int_pos"),
     "adagc": dict(lambda_abs="pos", lambda_rel="at_least_one", beta="unit",
                   warmup_steps="int_nonneg", stacked="stacked", axis_name="axis_name"),
+    "clip_by_historical_norm": dict(sigma="pos", window="int_window", min_history="int_pos?",
+                                    axis_name="axis_name"),
     "polynomial_decay": dict(init_value="finite", decay_steps="int_pos", power="nonneg_finite",
                              end_value="finite", cycle="flag"),
     "linear_decay": dict(init_value="finite", decay_steps="int_pos", end_value="finite"),
@@ -755,6 +763,7 @@ NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
                   clip_delay=2), ()),
     "adagc": (dict(lambda_abs=2.0, lambda_rel=1.2, beta=0.9, warmup_steps=2, stacked=0),
               ("stacked",)),
+    "clip_by_historical_norm": (dict(sigma=1.5, window=6, min_history=2), ()),
     "monitor": (dict(per_leaf=True, stacked=_STACK_DENSE), ()),
     "qk_clip": (dict(threshold=3.0, layouts=og.qk_fused("dense", num_kv_heads=1), alpha=0.25,
                      min_factor=0.5, stacked=0), ("stacked",)),
@@ -1076,9 +1085,10 @@ def test_transform_fresh_state_can_be_donated(name):
   assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
 
 
-STATE_TYPES = ("AdagcState", "AutoClipState", "MonitorState", "QkClipState", "ReduceOnPlateauState",
-               "ScaleBySpamState", "ScaleByStableAdamState", "SkipNonfiniteState",
-               "SkipOnSpikeState", "SkipStepsState", "SpikeTracker", "ZClipState")
+STATE_TYPES = ("AdagcState", "AutoClipState", "ClipByHistoricalNormState", "MonitorState",
+               "QkClipState", "ReduceOnPlateauState", "ScaleBySpamState", "ScaleByStableAdamState",
+               "SkipNonfiniteState", "SkipOnSpikeState", "SkipStepsState", "SpikeTracker",
+               "ZClipState")
 
 
 def test_state_types_are_named_tuples_with_documented_fields():

@@ -90,6 +90,10 @@ DIST: dict[str, Dist] = {
     # --- _stable.py ---
     "scale_by_stable_adam": Dist(lambda a: og.scale_by_stable_adam(axis_name=a)),
     "stable_adamw": Dist(lambda a: og.stable_adamw(0.1, weight_decay=0.1, axis_name=a)),
+    # --- _historical.py ---
+    "clip_by_historical_norm": Dist(
+        lambda a: og.clip_by_historical_norm(1.0, window=4, min_history=2, axis_name=a)
+    ),
     # --- _monitor.py ---
     "monitor": Dist(
         lambda a: optax.chain(og.monitor(per_leaf=True, axis_name=a),
