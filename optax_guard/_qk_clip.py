@@ -564,9 +564,10 @@ def qk_clip(
       plans.append((layout, roles, lead))
 
     # 2. one collective for every layer; the per-head factors.
-    bad = [jnp.any(jnp.isnan(s) | jnp.isposinf(s)).astype(s.dtype) for s in peaks]
-    peaks, bad = num.cross_device((peaks, bad), "inf", axis_name)
-    nonfinite = sum(bad) > 0
+    bad = jnp.stack([jnp.any(jnp.isnan(s) | jnp.isposinf(s)) for s in peaks])
+    if axis_name is not None:
+      peaks, bad = _pmax_once(peaks, bad, axis_name)
+    nonfinite = jnp.any(bad)
     clipped_total = jnp.zeros((), jnp.int32)
     smallest = jnp.ones((), jnp.float32)
     top = jnp.full((), -jnp.inf, jnp.float32)
@@ -601,6 +602,23 @@ def qk_clip(
     return jax.tree.unflatten(u_def, new_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _pmax_once(peaks: list[jax.Array], bad: jax.Array,
+               axis_name: val.AxisName) -> tuple[list[jax.Array], jax.Array]:
+  """The maxima of every layer and the non-finite flags, across devices in one ``pmax``.
+
+  ``lax.pmax`` of a tree binds one collective per leaf: everything goes
+  through one flat vector instead.
+  """
+  dtype = jnp.result_type(*peaks)
+  flat = jnp.concatenate([s.astype(dtype).ravel() for s in peaks] + [bad.astype(dtype)])
+  flat = num.cross_device(flat, "inf", axis_name)
+  out, start = [], 0
+  for s in peaks:
+    out.append(flat[start:start + s.size].reshape(s.shape).astype(s.dtype))
+    start += s.size
+  return out, flat[start:] > 0
 
 
 def _call_layout(fn: Callable[..., Any], gamma: jax.Array, names: Sequence[str],

@@ -525,6 +525,16 @@ def test_qk_clip_shard_map_matches_single_device(devices):
   chex.assert_trees_all_equal(got[1], want[1])
 
 
+def test_qk_clip_takes_one_collective_for_every_layer():
+  params = {f"l{i}": _rand(i, (D, 3 * 2 * HD)) for i in range(3)}
+  tx = og.qk_clip(1.0, [og.qk_fused(f"l{i}") for i in range(3)], axis_name="d")
+  jaxpr = jax.make_jaxpr(
+      lambda m: tx.update(params, tx.init(params), params, attn_max_logits=m),
+      axis_env=[("d", NDEV)])([jnp.ones((4, 2))] * 3)
+  assert str(jaxpr).count("pmax[") == 1
+  assert "psum" not in str(jaxpr) and "all_gather" not in str(jaxpr)
+
+
 def test_qk_clip_sharded_jit_is_already_global(devices):
   params, grads, maxima = _device_case()
   tx = og.qk_clip(10.0, og.qk_fused("qkv"))
