@@ -35,7 +35,14 @@ Adam: Kimi K2's QK-clip of the fused q|k|v kernels, fed every head's largest
 logit of the step as ``attn_max_logits=``), ``qk_layernorm+qk_clip`` (the
 clip on the qk-LayerNorms' scales and biases, which the heads share) and
 ``warmup_100`` (no defence, a 100-step warm-up instead of 30: the
-schedule-side reference). ``tau = 10`` (``Config.qk_clip_threshold``) sits
+schedule-side reference), and the optimizers of large-scale training at the
+same ``b1, b2, eps`` and schedule, without weight decay: ``stable_adamw``
+(``og.stable_adamw``), ``spam`` (``og.spam``, defaults: threshold 5000, no
+reset within 300 steps) and ``adagc`` (``og.adagc()`` in front of Adam, its
+defaults: a global clip at 1 for 100 steps, then per tensor). These three run
+the learning rates ``short_rates`` only (0.03, 0.1, 0.3: the last rate that
+trains for every defence and the two where they start to fail), to keep the
+default run in its time budget. ``tau = 10`` (``Config.qk_clip_threshold``) sits
 under the largest logits of the healthy runs without qk-layernorm (15-27 at
 learning rates up to 0.03) and above those of qk-layernorm (5-8), so the clip
 binds as soon as the logits start to grow. The table's metric is the loss
@@ -91,7 +98,11 @@ class Config:
   long_warmup_steps: int = 100
   # the rows of the table; add a defence to DEFENCES and its name here
   defences: tuple[str, ...] = ("none", "clip_global", "zclip", "autoclip", "skip_on_spike",
-                               "qk_layernorm", "qk_clip", "qk_layernorm+qk_clip", "warmup_100")
+                               "qk_layernorm", "qk_clip", "qk_layernorm+qk_clip", "warmup_100",
+                               "stable_adamw", "spam", "adagc")
+  # defences trained at ``short_rates`` only (fewer learning rates, a shorter run)
+  short_defences: tuple[str, ...] = ("stable_adamw", "spam", "adagc")
+  short_rates: tuple[float, ...] = (3e-2, 0.1, 0.3)
 
   @classmethod
   def quick(cls) -> Config:
@@ -101,7 +112,7 @@ class Config:
   @classmethod
   def full(cls) -> Config:
     return cls(learning_rates=(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0), steps=600, seeds=3,
-               warmup_steps=60)
+               warmup_steps=60, short_defences=())
 
 
 def unit_schedule(config: Config) -> optax.Schedule:
@@ -110,9 +121,18 @@ def unit_schedule(config: Config) -> optax.Schedule:
                    config.warmup_steps)
 
 
-def _adam(config: Config, lr) -> optax.GradientTransformation:
+def _rate(config: Config, lr) -> optax.Schedule:
   unit = unit_schedule(config)
-  return optax.adam(lambda t: lr * unit(t), b1=0.9, b2=0.95, eps=1e-8)
+  return lambda t: lr * unit(t)
+
+
+def _adam(config: Config, lr) -> optax.GradientTransformation:
+  return optax.adam(_rate(config, lr), b1=0.9, b2=0.95, eps=1e-8)
+
+
+def rates(config: Config, name: str) -> tuple[float, ...]:
+  """The learning rates a defence is trained at (``short_rates`` for ``short_defences``)."""
+  return config.short_rates if name in config.short_defences else config.learning_rates
 
 
 def _qk_clip(config: Config, qk_norm: bool) -> optax.GradientTransformation:
@@ -144,6 +164,11 @@ DEFENCES: dict[str, tuple[bool, Callable[[Config, Any], Any]]] = {
                                                              _qk_clip(c, True))),
     "warmup_100": (False, lambda c, lr: optax.chain(
         og.monitor(), _adam(dataclasses.replace(c, warmup_steps=c.long_warmup_steps), lr))),
+    "stable_adamw": (False, lambda c, lr: optax.chain(og.monitor(), og.stable_adamw(
+        _rate(c, lr), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0))),
+    "spam": (False, lambda c, lr: optax.chain(og.monitor(), og.spam(
+        _rate(c, lr), b1=0.9, b2=0.95, eps=1e-8))),
+    "adagc": (False, lambda c, lr: optax.chain(og.monitor(), og.adagc(), _adam(c, lr))),
 }
 # The fixed reference of the failure criterion: the best of these rows.
 REFERENCE = ("none", "qk_layernorm")
@@ -162,8 +187,8 @@ def data(config: Config) -> tuple[np.ndarray, np.ndarray]:
 
 def _train(config: Config, name: str, train, val, bar) -> dict[str, Any]:
   qk_norm, make_tx = DEFENCES[name]
-  lrs = np.repeat(np.asarray(config.learning_rates, np.float32), config.seeds)
-  seeds = np.tile(np.arange(config.seeds), len(config.learning_rates))
+  lrs = np.repeat(np.asarray(rates(config, name), np.float32), config.seeds)
+  seeds = np.tile(np.arange(config.seeds), len(rates(config, name)))
   inits = [T.init_params(config.vocab, config.length, config.width, config.heads,
                          config.layers, qk_norm, int(s)) for s in seeds]
   graphdef = inits[0][0]
@@ -247,17 +272,18 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
 
     for name, (out, wall) in zip(names, C.parallel_map(train, names), strict=True):
       per[name] = []
-      for i, lr in enumerate(config.learning_rates):
+      for i, lr in enumerate(rates(config, name)):
         sl = slice(i * config.seeds, (i + 1) * config.seeds)
         curves = {k: v[sl] for k, v in out["curves"].items()}
         r = C.Run(setting=f"lr={lr:g}", defence=name, loss=out["loss"][sl],
                   grad_norm=out["grad_norm"][sl], skipped=out["skipped"][sl],
-                  wall_s=wall / len(config.learning_rates), extra=curves,
+                  wall_s=wall / len(rates(config, name)), extra=curves,
                   metrics={"val_loss": out["val_loss"][sl].tolist(),
                            "max_attn_logit": np.nanmax(curves["max_attn_logit"], axis=1).tolist()})
         r.note = r.nan_note() or f"max attn logit {np.nanmax(curves['max_attn_logit']):.3g}"
         per[name].append(r)
-  runs = [r for i in range(len(config.learning_rates)) for name in names for r in [per[name][i]]]
+  every_rate = sorted({lr for name in names for lr in rates(config, name)})
+  runs = [r for lr in every_rate for name in names for r in per[name] if lr_of(r) == lr]
   checks: dict[str, Any] = {"entropy_rate_nats": round(entropy, 4),
                             "uniform_loss_nats": round(math.log(config.vocab), 4),
                             "best_possible_loss_nats": round(
