@@ -43,6 +43,10 @@ what happens).
                         He init, BatchNorm...; test accuracy.
   transformer_injected  INJECTED faults: corrupted batches spike a transformer LM's loss;
                         global clipping, ZClip, AutoClip, skip_on_spike.
+  transformer_localized_spike
+                        INJECTED x1e3 gradient spikes in one embedding row: global
+                        clipping shrinks every other tensor's update, AdaGC and SPAM
+                        cut the spike alone, skip_on_spike drops the step.
   data_parallel         the guarded step under jax.pmap and jit + NamedSharding over
                         every device (and every process with --coordinator), asserted
                         to match one device.

@@ -36,6 +36,7 @@ from experiments import (
     data_parallel,
     deep_mlp,
     transformer_injected,
+    transformer_localized_spike,
     transformer_lr_sweep,
 )
 from experiments.__main__ import MARK_END, MARK_START, _default_out, main, update_docs
@@ -420,7 +421,7 @@ def test_main_cli_lists_and_rejects_bad_arguments(capsys):
   assert main(["--list"]) == 0
   text = capsys.readouterr().out
   for name in ("adding_problem", "transformer_lr_sweep", "deep_mlp", "transformer_injected",
-               "data_parallel"):
+               "transformer_localized_spike", "data_parallel"):
     assert name in text
   with pytest.raises(SystemExit):
     main(["--help"])
@@ -435,7 +436,7 @@ def test_main_cli_lists_and_rejects_bad_arguments(capsys):
 
 def test_every_experiment_documents_claim_paper_and_changes():
   for module in (adding_problem, transformer_lr_sweep, deep_mlp, transformer_injected,
-                 data_parallel):
+                 transformer_localized_spike, data_parallel):
     doc = module.__doc__
     assert "Claim tested" in doc, module.__name__
     assert "changed" in doc, module.__name__
@@ -532,6 +533,28 @@ def test_transformer_injected_tiny_run_is_labelled_injected(tmp_path):
   _, params = T.init_params(8, 8, 16, 2, 1, False, 0)
   keys = og.guard_stats(transformer_injected.DEFENCES["skip_on_spike"](config).init(params))
   _assert_guard_columns(rows, _run(result, "skip_on_spike"), keys)
+
+
+@pytest.mark.slow
+def test_transformer_localized_spike_tiny_run(tmp_path):
+  config = transformer_localized_spike.Config(
+      steps=24, seeds=1, vocab=8, length=8, batch=4, width=16, heads=2, layers=1,
+      warmup_steps=4, spike_every=6, first_spike=6, adagc_warmup=4, val_size=16,
+      defences=("no_spikes", "none", "clip_global", "adagc", "spam", "skip_on_spike"))
+  result = transformer_localized_spike.run(config, progress=False)
+  _, rows = _check_outputs(result, tmp_path)
+  assert result.checks["spike_steps"] == [6, 12, 18]
+  by = {r.defence: r for r in result.runs}
+  assert by["no_spikes"].injected_faults == 0 and by["none"].injected_faults == 3
+  for r in result.runs:
+    assert "INJECTED" in r.setting and np.isfinite(r.loss).all(), r.defence
+    assert {"unspiked_update_norm", "spiked_update_norm", "rare_row_update_norm"} <= set(r.extra)
+  # the spike reaches the gradient norm; AdaGC leaves the other tensors' update alone
+  assert by["none"].grad_norm[0, 6] > 5 * by["no_spikes"].grad_norm[0, 6]
+  assert by["adagc"].metrics["unspiked_ratio"][0] > by["clip_global"].metrics["unspiked_ratio"][0]
+  _, params = T.init_params(8, 8, 16, 2, 1, False, 0)
+  keys = og.guard_stats(transformer_localized_spike.DEFENCES["adagc"](config).init(params))
+  _assert_guard_columns(rows, _run(result, "adagc"), keys)
 
 
 @pytest.mark.slow
