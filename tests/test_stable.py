@@ -409,7 +409,11 @@ def test_scale_by_spam_clips_exactly_the_spiked_elements(seed, theta):
   bound = np.float32(theta) * v  # float32, as the test is made
   spike = (g2 * g2 > bound) & (v > 0)
   want = np.where(spike, np.sign(g2) * np.sqrt(bound), g2).astype(np.float32)
-  np.testing.assert_array_equal(state.mu, want)  # b1 = 0: mu is the clipped gradient
+  mu = np.asarray(state.mu)  # b1 = 0: mu is the clipped gradient
+  # the decision is exact; unclipped elements are bitwise g, clipped ones
+  # sqrt(theta * v) to an ulp (a GPU's float32 sqrt is not correctly rounded)
+  np.testing.assert_array_equal(mu[~spike], g2[~spike])
+  np.testing.assert_allclose(mu[spike], want[spike], rtol=2.5e-7, atol=0)
   assert int(state.num_clipped) == int(spike.sum())
 
 
