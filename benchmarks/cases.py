@@ -132,6 +132,32 @@ def step_variants() -> list[StepVariant]:
           needs=("monitor",),
       ),
       StepVariant(
+          "og.stable_adamw", "og.stable_adamw(1e-3, weight_decay=0.1)",
+          lambda: _og("stable_adamw")(LEARNING_RATE, weight_decay=0.1),
+          needs=("stable_adamw",), equiv="optax.adamw", base="optax.adamw",
+      ),
+      StepVariant(
+          "og.spam", "og.spam(1e-3, weight_decay=0.1)",
+          lambda: _og("spam")(LEARNING_RATE, weight_decay=0.1),
+          needs=("spam",), equiv="optax.adamw", base="optax.adamw",
+      ),
+      StepVariant(
+          "og.adagc", "chain(og.adagc(), adam)",
+          lambda: optax.chain(_og("adagc")(), adam()),
+          needs=("adagc",), equiv="optax.clip_by_global_norm", base="adam",
+      ),
+      StepVariant(
+          "og.clip_by_historical_norm",
+          "chain(scale_by_adam(), og.clip_by_historical_norm(2), scale_by_learning_rate(1e-3))",
+          lambda: optax.chain(optax.scale_by_adam(), _og("clip_by_historical_norm")(2.0),
+                              optax.scale_by_learning_rate(LEARNING_RATE)),
+          needs=("clip_by_historical_norm",), base="adam",
+      ),
+      StepVariant(
+          "optax.adamw", "optax.adamw(1e-3, weight_decay=0.1)",
+          lambda: optax.adamw(LEARNING_RATE, weight_decay=0.1), extra_passes=0, group="optax",
+      ),
+      StepVariant(
           "optax.clip_by_global_norm", "chain(optax.clip_by_global_norm(1), adam)",
           lambda: optax.chain(optax.clip_by_global_norm(MAX_NORM), adam()),
           group="optax",

@@ -135,18 +135,24 @@ def _stable_adam(
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count_inc = optax.safe_increment(state.count)
-    direction, nu_hat = _adam_direction(mu, nu, b1, b2, eps, eps_root, count_inc)
+    direction, _ = _adam_direction(mu, nu, b1, b2, eps, eps_root, count_inc)
     direction = _decay(direction, params, state.count, weight_decay, mask)
 
-    # RMS_t = sqrt(mean(g^2 / max(v_hat, eps^2))) per tensor (layer slice),
-    # one collective for the partial sums and element counts of every tensor.
+    # RMS_t = sqrt(mean(g^2 / max(v_hat, eps^2))) per tensor (layer slice), one
+    # collective for the partial sums and element counts of every tensor. Each
+    # tensor's reduction reads g and the new moment (written to the state anyway)
+    # behind its own optimization barrier, scalars included: shared with the update or
+    # with another tensor's reduction, v_hat or the broadcasts of the scalars would
+    # become full-size temporaries; separate, the reduction is one more read of g and
+    # nu, and the update fuses as in adamw.
     sums, sizes = [], []
-    for g, v, lead in zip(jax.tree.leaves(updates), jax.tree.leaves(nu_hat), leads, strict=True):
+    bc2 = 1 - b2**count_inc
+    for g, v, lead in zip(jax.tree.leaves(updates), jax.tree.leaves(nu), leads, strict=True):
+      g, v, bc, e = jax.lax.optimization_barrier((g, v, bc2, jnp.asarray(eps, jnp.float32)))
       acc = num.accumulation_dtype(g.dtype)
       a = jnp.abs(g).astype(acc)
-      v = jnp.real(v).astype(acc)
-      floor = jnp.asarray(eps, acc) * jnp.asarray(eps, acc)
-      ratio = a * a / jnp.maximum(v, floor)
+      v_hat = jnp.real(v).astype(acc) / bc.astype(acc)
+      ratio = a * a / jnp.maximum(v_hat, e.astype(acc) * e.astype(acc))
       sums.append(jnp.sum(ratio, axis=tuple(range(lead, g.ndim)), keepdims=lead > 0))
       sizes.append(jnp.asarray(math.prod(g.shape[lead:]), acc))
     sums, sizes = num.cross_device((sums, sizes), 2, axis_name)
@@ -330,7 +336,6 @@ class ScaleBySpamState(NamedTuple):
       does not restart it, so Adam's bias correction goes on from it.
     mu: the first moment, a tree like the params.
     nu: the second moment, a tree like the params.
-    num_clipped: int32, how many gradient elements were clipped this step.
     scale: float32, the re-warm factor applied to this step's update (1
       outside the ramps that follow a moment reset).
   """
@@ -338,7 +343,6 @@ class ScaleBySpamState(NamedTuple):
   count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   mu: optax.Updates
   nu: optax.Updates
-  num_clipped: jax.Array
   scale: jax.Array
 
 
@@ -385,14 +389,16 @@ def scale_by_spam(
     \operatorname{sign}(g)\sqrt{\theta\, v_{k-1}}
 
   (decided by that comparison), and both moments are fed the clipped
-  gradient. Every ``reset_interval`` steps (:math:`k \bmod N = 0`) both
-  moments are zeroed before the step, and the update is multiplied by a
+  gradient (the second moment its square, :math:`\theta v_{k-1}`). Every
+  ``reset_interval`` steps (:math:`k \bmod N = 0`) both moments are zeroed
+  before the step, and the update is multiplied by a
   cosine ramp from 0.01 back to 1 over ``warmup_steps`` steps,
   :math:`s = 1 - 0.99\,(1 + \cos(\pi r / (W + 1)))/2` at the
   :math:`r`-th step after the reset (:math:`r < W`). Clipping is inactive
   for the first ``clip_delay`` steps of training and of every reset period
-  (the second moment is still accumulating then). Outside the ramps, on steps where no element is
-  clipped, the update is bitwise ``optax.scale_by_adam``'s.
+  (the second moment is still accumulating then). Outside the ramps, on
+  steps where no element is clipped, the update is bitwise
+  ``optax.scale_by_adam``'s.
 
   Follows the reference ``SPAM.py`` (Huang et al.): the raw ``v`` in the
   test, the clipped value, what a reset zeroes (both moments, not the step
@@ -430,8 +436,8 @@ def scale_by_spam(
     >>> state = tx.init(jnp.zeros(2))
     >>> _, state = tx.update(jnp.array([1.0, 1.0]), state)  # v = 0.001
     >>> _, state = tx.update(jnp.array([0.05, -100.0]), state)
-    >>> int(state.num_clipped), state.mu  # sqrt(4 * 0.001) = 0.063
-    (1, Array([ 0.05  , -0.0632], dtype=float32))
+    >>> state.mu  # b1 = 0: the clipped gradient; sqrt(4 * 0.001) = 0.063
+    Array([ 0.05  , -0.0632], dtype=float32)
 
   References:
     Huang, Zhu, Jin, Liu, Wang, Liu, 2025, *SPAM: Spike-Aware Adam with
@@ -461,7 +467,6 @@ def _spam_scaling(
         count=jnp.zeros((), jnp.int32),
         mu=optax.tree.zeros_like(params),
         nu=optax.tree.zeros_like(params),
-        num_clipped=jnp.zeros((), jnp.int32),
         scale=jnp.ones((), jnp.float32),
     )
 
@@ -487,27 +492,38 @@ def _spam_scaling(
     zero_if_reset = lambda t: jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), t)
     mu_prev, nu_prev = zero_if_reset(state.mu), zero_if_reset(state.nu)
 
-    def clip(g, v):
+    theta = jnp.asarray(0.0 if threshold is None else threshold)
+
+    def spiked(g, v):
+      """The spike mask and the squared bound ``theta * v``, in float32 (float64)."""
       acc = num.accumulation_dtype(g.dtype)
       gf, vf = g.astype(acc), v.astype(acc)
-      bound = jnp.asarray(0.0 if threshold is None else threshold, acc) * vf
-      spike = clip_on & (vf > 0) & (gf * gf > bound)
-      clipped = (jnp.sign(gf) * jnp.sqrt(bound)).astype(g.dtype)
-      return jnp.where(spike, clipped, g), jnp.sum(spike, dtype=jnp.int32)
+      bound = theta.astype(acc) * vf
+      return clip_on & (vf > 0) & (gf * gf > bound), bound
 
-    pairs = [clip(g, v) for g, v in zip(jax.tree.leaves(updates), jax.tree.leaves(nu_prev),
-                                        strict=True)]
-    grads = jax.tree.unflatten(jax.tree.structure(updates), [p[0] for p in pairs])
-    num_clipped = sum((p[1] for p in pairs), jnp.zeros((), jnp.int32))
+    def clipped(g, v):
+      spike, bound = spiked(g, v)
+      return jnp.where(spike, (jnp.sign(g.astype(bound.dtype)) * jnp.sqrt(bound)).astype(g.dtype),
+                       g)
 
+    def clipped_sq(g, v):
+      # The second moment takes theta * v for a clipped element (the square of the
+      # clipped value without the rounding of its square root) and g**2 otherwise, as
+      # optax squares it. Written without the square root, the clipped gradient is
+      # not a value the two moments share, which XLA would keep as a full-size
+      # temporary.
+      spike, bound = spiked(g, v)
+      return jnp.where(spike, bound.astype(g.dtype), g**2)
+
+    grads = jax.tree.map(clipped, updates, nu_prev)
     mu = optax.tree.update_moment(grads, mu_prev, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(grads, nu_prev, b2, 2)
+    nu = jax.tree.map(lambda g, v: (1 - b2) * clipped_sq(g, v) + b2 * v, updates, nu_prev)
     direction, _ = _adam_direction(mu, nu, b1, b2, eps, 0.0, k)
     scale = _rewarm_scale(k, reset_interval, warmup_steps)
     direction = jax.tree.map(lambda u: num.scale_leaf(u, scale), direction)
     nu = optax.tree.cast_like(nu, state.nu)
     mu = optax.tree.cast_like(mu, state.mu)
-    return direction, ScaleBySpamState(k, mu, nu, num_clipped, scale)
+    return direction, ScaleBySpamState(k, mu, nu, scale)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -361,8 +361,7 @@ def test_spam_matches_numpy_reference(kwargs):
       np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, atol=2e-7, err_msg=f"step {t} {k}")
     stats = og.guard_stats(states[t])
     np.testing.assert_allclose(stats["scale_by_spam/scale"], scales[t], rtol=1e-6)
-    assert int(stats["scale_by_spam/num_clipped"]) == clipped[t], t
-  assert sum(clipped) > 0
+  assert sum(clipped) > 0  # the reference clipped elements on these runs
 
 
 def test_spam_ramp_is_the_reference_cosine_decay():
@@ -414,7 +413,10 @@ def test_scale_by_spam_clips_exactly_the_spiked_elements(seed, theta):
   # sqrt(theta * v) to an ulp (a GPU's float32 sqrt is not correctly rounded)
   np.testing.assert_array_equal(mu[~spike], g2[~spike])
   np.testing.assert_allclose(mu[spike], want[spike], rtol=2.5e-7, atol=0)
-  assert int(state.num_clipped) == int(spike.sum())
+  # the second moment is fed the square of the clipped value, theta * v
+  sq = np.where(spike, bound, g2 * g2)
+  np.testing.assert_allclose(state.nu, np.float32(1 - 0.999) * sq + np.float32(0.999) * v,
+                             rtol=1e-6)
 
 
 def test_scale_by_spam_boundary_is_not_a_spike():
@@ -423,7 +425,6 @@ def test_scale_by_spam_boundary_is_not_a_spike():
   _, state = tx.update(jnp.array([1.0, 1.0, 1.0]), state)  # b2 = 0: v = g^2 = 1
   _, state = tx.update(jnp.array([2.0, -np.nextafter(np.float32(2), 3), -1.0]), state)
   np.testing.assert_array_equal(state.mu, [2.0, -2.0, -1.0])  # g^2 == 4 v passes
-  assert int(state.num_clipped) == 1
 
 
 def test_scale_by_spam_nan_passes_inf_is_clipped():
@@ -458,7 +459,6 @@ def test_spam_with_its_defences_off_is_optax_adamw(off):
   got, got_p, states = _run(og.spam(lr, weight_decay=0.1, mask=mask, reset_interval=None, **off,
                                     clip_delay=1), grads, params)
   ref, ref_p, _ = _run(optax.adamw(lr, eps=1e-6, weight_decay=0.1, mask=mask), grads, params)
-  assert all(int(s[0].num_clipped) == 0 for s in states)
   if off["threshold"] == float("inf"):
     chex.assert_trees_all_close((got, got_p), (ref, ref_p), rtol=1e-6, atol=1e-9)
   else:
@@ -524,7 +524,7 @@ def test_vmap_over_independent_runs_equals_a_loop(name):
 def test_guard_stats_reports_statistics_not_moments():
   params = make_params()  # has a scalar leaf, whose moments are scalars too
   for tx, kind, fields in ((og.stable_adamw(0.1), "scale_by_stable_adam", {"num_cut", "max_rms"}),
-                           (og.spam(0.1), "scale_by_spam", {"num_clipped", "scale"})):
+                           (og.spam(0.1), "scale_by_spam", {"scale"})):
     state = tx.init(params)
     _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     stats = og.guard_stats(state)
