@@ -253,9 +253,6 @@ OTHERS: dict[str, str] = {
     # --- _qk_clip.py ---
     "qk_fused": "tests/test_qk_clip.py (test_qk_fused_*)",
     "qk_separate": "tests/test_qk_clip.py (test_qk_separate_*)",
-    # --- _qk_clip.py ---
-    "qk_fused": "tests/test_qk_clip.py (test_qk_fused_*)",
-    "qk_separate": "tests/test_qk_clip.py (test_qk_separate_*)",
     # --- _restart.py ---
     "add_guard_state": "tests/test_restart.py (test_add_guard_state_*)",
     "seed_spike_history": "tests/test_restart.py (test_seed_spike_history_*)",
@@ -576,10 +573,6 @@ _OTHER_BAD = {
                    ("string_leaf", {"a": "dense"})),
     "stacked": (("string", "layers"), ("negative", -1), ("fraction", 1.5), ("bool", True),
                 ("jax_array", "jnp.asarray(1)")),
-    "qk_layouts": (("none", None), ("string", "dense"), ("empty", []), ("number", 3.0),
-                   ("string_leaf", {"a": "dense"})),
-    "stacked": (("string", "layers"), ("negative", -1), ("fraction", 1.5), ("bool", True),
-                ("jax_array", "jnp.asarray(1)")),
     "milestones": (("unsorted", [5, 2]), ("negative", [-1, 3]), ("scalar", 3),
                    ("string", "ab"), ("fractions", [1.5])),
 }
@@ -613,8 +606,6 @@ ARGS: dict[str, dict[str, str]] = {
     "add_l1_penalty": dict(weight="nonneg_finite", mask="mask?"),
     "add_l2_penalty": dict(weight="nonneg_finite", mask="mask?"),
     "monitor": dict(per_leaf="flag", axis_name="axis_name", stacked="stacked"),
-    "qk_clip": dict(threshold="pos", layouts="qk_layouts", alpha="unit", min_factor="unit_open",
-                    stacked="stacked", axis_name="axis_name"),
     "qk_clip": dict(threshold="pos", layouts="qk_layouts", alpha="unit", min_factor="unit_open",
                     stacked="stacked", axis_name="axis_name"),
     "scale_by_stable_adam": dict(b1="unit_open", b2="unit_open", eps="nonneg_finite",
