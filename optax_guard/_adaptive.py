@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -250,14 +249,7 @@ def autoclip(
 
   def init_fn(params):
     del params
-    try:
-      size = int(np.asarray(history_size))
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-      raise ValueError(
-          f"{owner}(history_size=...) must be concrete when init runs: under "
-          "optax.inject_hyperparams inside jit/eval_shape pass "
-          "static_args=('history_size',)"
-      ) from None
+    size = val.concrete_size(owner, "history_size", history_size)
     if size < 1:
       raise ValueError(f"{owner}(history_size=...) must be >= 1, got {size}")
     return AutoClipState(

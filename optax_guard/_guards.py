@@ -44,7 +44,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -557,13 +556,7 @@ def skip_on_spike(
   axis_name = val.axis_name(owner, axis_name)
 
   def init_fn(params):
-    try:
-      size = int(np.asarray(window))
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-      raise ValueError(
-          f"{owner}(window=...) must be concrete when init runs (it sets the history "
-          f"shape), got a tracer; use inject_hyperparams(..., static_args=('window',))"
-      ) from None
+    size = val.concrete_size(owner, "window", window)
 
     def tracker() -> SpikeTracker:
       return SpikeTracker(

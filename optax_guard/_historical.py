@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.typing import ArrayLike
 
@@ -127,13 +126,7 @@ def clip_by_historical_norm(
 
   def init_fn(params):
     del params
-    try:
-      size = int(np.asarray(window))
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-      raise ValueError(
-          f"{owner}(window=...) must be concrete when init runs: under "
-          "optax.inject_hyperparams inside jit/eval_shape pass static_args=('window',)"
-      ) from None
+    size = val.concrete_size(owner, "window", window)
     zero = lambda: jnp.zeros((), jnp.float32)  # one buffer per field (donatable)
     return ClipByHistoricalNormState(
         count=jnp.zeros((), jnp.int32), history=jnp.zeros((size,), jnp.float32),

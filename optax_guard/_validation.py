@@ -180,6 +180,23 @@ def integer(owner: str, name: str, value: Any, *, minimum: int | None = None) ->
     raise _fail(owner, name, value, f">= {minimum}")
 
 
+def concrete_size(owner: str, name: str, value: Any) -> int:
+  """The int value of a size that fixes a state shape (``window``, ``history_size``).
+
+  Called by ``init``: under ``optax.inject_hyperparams`` inside ``jit`` or
+  ``jax.eval_shape`` the size is a tracer, and the error says to list it in
+  ``static_args``. Values were range-checked at construction.
+  """
+  try:
+    return int(np.asarray(value))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    raise ValueError(
+        f"{owner}({name}=...) must be concrete when init runs (it sets a state shape), "
+        f"got a tracer: under optax.inject_hyperparams inside jit/eval_shape pass "
+        f"static_args=({name!r},)"
+    ) from None
+
+
 def flag(owner: str, name: str, value: Any) -> bool:
   """A Python or NumPy bool."""
   if not isinstance(value, (bool, np.bool_)):
