@@ -100,14 +100,6 @@ def _assert_same_structure_dtypes_shapes(out, tree):
     assert o.dtype == x.dtype and o.shape == x.shape
 
 
-def _assert_bitwise_equal(a_tree, b_tree):
-  assert jax.tree.structure(a_tree) == jax.tree.structure(b_tree)
-  for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree), strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert a.tobytes() == b.tobytes(), (a, b)
-
-
 def _np_factor(c, n):
   """``min(1, c / n)`` in float64, 1 for a zero norm."""
   n = np.asarray(n, np.float64)
@@ -233,7 +225,7 @@ def test_norm_clipping_unchanged_at_or_under_bound(kind, tree, slack, ord):  # n
   norms = [float(np.max(np.asarray(n), initial=0.0)) for n in _own_norms(kind, tree, ord)]
   top = max(norms, default=0.0)
   c = top * slack if top > 0 else 1.0  # slack 1.0: the largest norm is exactly at c
-  _assert_bitwise_equal(_update(_FACTORIES[kind](c, ord), tree), tree)
+  assert_bitwise_equal(_update(_FACTORIES[kind](c, ord), tree), tree)
 
 
 @pytest.mark.parametrize("kind", sorted(_FACTORIES))
@@ -242,15 +234,15 @@ def test_norm_clipping_unchanged_at_or_under_bound(kind, tree, slack, ord):  # n
 @given(tree=trees(), c=bounds)
 def test_norm_clipping_zero_gradients_give_zeros(kind, ord, tree, c):  # noqa: A002
   zeros = jax.tree.map(jnp.zeros_like, tree)
-  _assert_bitwise_equal(_update(_FACTORIES[kind](c, ord), zeros), zeros)
+  assert_bitwise_equal(_update(_FACTORIES[kind](c, ord), zeros), zeros)
 
 
 def test_clip_by_norm_ord_spellings_agree():
   g = {"a": jnp.array([3.0, -4.0]), "b": jnp.ones((2, 2), jnp.bfloat16)}
   for factory in (og.clip_by_norm, og.clip_by_global_norm):
-    _assert_bitwise_equal(_update(factory(1.0, ord=2), g), _update(factory(1.0), g))
+    assert_bitwise_equal(_update(factory(1.0, ord=2), g), _update(factory(1.0), g))
     for spelling in ("inf", np.inf):
-      _assert_bitwise_equal(_update(factory(1.0, ord=spelling), g),
+      assert_bitwise_equal(_update(factory(1.0, ord=spelling), g),
                             _update(factory(1.0, ord=math.inf), g))
 
 
@@ -279,7 +271,7 @@ def test_clip_by_global_norm_matches_optax_in_float32(tree, c):
   theirs = _update(optax.clip_by_global_norm(c), tree)
   chex.assert_trees_all_close(ours, theirs, rtol=2e-6, atol=1e-30)
   if float(optax.tree.norm(tree)) < c * (1 - 1e-5):  # clearly under: both return g itself
-    _assert_bitwise_equal(ours, theirs)
+    assert_bitwise_equal(ours, theirs)
 
 
 @given(tree=f32_trees, c=bounds)
@@ -299,7 +291,7 @@ def test_clip_by_axis_norm_on_vectors_equals_clip_by_norm(tree, c):
 
 @given(tree=f32_trees, c=st.floats(1e-3, 5.0))  # c = 0 is a zero-width box: rejected
 def test_clip_by_value_matches_optax_clip(tree, c):
-  _assert_bitwise_equal(_update(og.clip_by_value(c), tree), _update(optax.clip(c), tree))
+  assert_bitwise_equal(_update(og.clip_by_value(c), tree), _update(optax.clip(c), tree))
 
 
 # ---------------------------------------------------------------------------
@@ -428,7 +420,7 @@ def test_clip_by_axis_norm_units():
   np.testing.assert_allclose(_update(rows, kernel.T), kernel.T * np.array([[0.2], [1.0]]),
                              rtol=1e-6)
   neg = og.clip_by_axis_norm(1.0, axis=-1)
-  _assert_bitwise_equal(_update(neg, kernel.T), _update(rows, kernel.T))
+  assert_bitwise_equal(_update(neg, kernel.T), _update(rows, kernel.T))
   tup = og.clip_by_axis_norm(1.0, axis=(0, 1))  # the whole kernel is one unit
   np.testing.assert_allclose(_update(tup, kernel), kernel / np.linalg.norm(kernel), rtol=1e-6)
 
@@ -466,7 +458,7 @@ def test_clip_by_value_closed_form_and_idempotent(tree, hi, width):
     np.testing.assert_array_equal(f64(o), np.clip(f64(x), lo_d, hi_d))
     inside = (f64(x) >= lo_d) & (f64(x) <= hi_d)
     assert np.asarray(o)[inside].tobytes() == np.asarray(x)[inside].tobytes()
-  _assert_bitwise_equal(_update(tx, out), out)
+  assert_bitwise_equal(_update(tx, out), out)
 
 
 @given(tree=trees(), t=st.floats(1e-3, 10.0))
@@ -480,7 +472,7 @@ def test_truncate_by_value_closed_form_and_idempotent(tree, t):
     np.testing.assert_array_equal(f64(o), np.where(np.abs(x64) <= t32, x64, 0.0))
     keep = np.abs(x64) <= t32
     assert np.asarray(o)[keep].tobytes() == np.asarray(x)[keep].tobytes()
-  _assert_bitwise_equal(_update(tx, out), out)
+  assert_bitwise_equal(_update(tx, out), out)
 
 
 @settings(max_examples=10)
@@ -489,12 +481,23 @@ def test_value_clipping_zero_gradients_give_zeros(tree):
   zeros = jax.tree.map(jnp.zeros_like, tree)
   for tx in (og.clip_by_value(1.0), og.clip_by_value(2.0, min_value=-0.5),
              og.truncate_by_value(1.0)):
-    _assert_bitwise_equal(_update(tx, zeros), zeros)
+    assert_bitwise_equal(_update(tx, zeros), zeros)
 
 
 # ---------------------------------------------------------------------------
 # Weight-side: clip_weights and clip_weights_by_norm
 # ---------------------------------------------------------------------------
+
+
+def _weights_after(tx, params, updates):
+  """Per leaf ``(new, plain, param)``: the weights after ``tx``'s update and after the raw
+  ``updates``, and the weights they start from (``tx``'s update checked for structure,
+  dtypes and shapes first)."""
+  out = _update(tx, updates, params)
+  _assert_same_structure_dtypes_shapes(out, updates)
+  new = optax.apply_updates(params, out)
+  plain = optax.apply_updates(params, updates)
+  return zip(jax.tree.leaves(new), jax.tree.leaves(plain), jax.tree.leaves(params), strict=True)
 
 
 def _one_rounding(w64, p64, dtype):
@@ -516,12 +519,7 @@ def test_clip_weights_lands_in_box(pu, hi, width):
   params, updates = pu
   lo = -hi if width is None else hi - width
   tx = og.clip_weights(hi) if width is None else og.clip_weights(hi, min_value=lo)
-  out = _update(tx, updates, params)
-  _assert_same_structure_dtypes_shapes(out, updates)
-  new = optax.apply_updates(params, out)
-  plain = optax.apply_updates(params, updates)
-  for w, s, leaf in zip(jax.tree.leaves(new), jax.tree.leaves(plain), jax.tree.leaves(params),
-                        strict=True):
+  for w, s, leaf in _weights_after(tx, params, updates):
     lo_d = float(np.asarray(jnp.asarray(lo).astype(leaf.dtype), np.float64))
     hi_d = float(np.asarray(jnp.asarray(hi).astype(leaf.dtype), np.float64))
     want = np.clip(f64(s), lo_d, hi_d)  # the box applied to the plain new weights
@@ -530,7 +528,7 @@ def test_clip_weights_lands_in_box(pu, hi, width):
   # weights already in the box and a zero update: the update stays exactly zero
   inside = jax.tree.map(lambda p: jnp.clip(p, lo, hi).astype(p.dtype), params)
   zeros = jax.tree.map(jnp.zeros_like, updates)
-  _assert_bitwise_equal(_update(tx, zeros, inside), zeros)
+  assert_bitwise_equal(_update(tx, zeros, inside), zeros)
 
 
 @given(pu=trees(n=2, specs=st.dictionaries(
@@ -559,13 +557,7 @@ def _keras_max_norm(w, c, axes, eps=1e-7):
 @given(pu=trees(n=2), c=bounds)
 def test_clip_weights_by_norm_unit_norms_bounded(pu, c):
   params, updates = pu
-  tx = og.clip_weights_by_norm(c)
-  out = _update(tx, updates, params)
-  _assert_same_structure_dtypes_shapes(out, updates)
-  new = optax.apply_updates(params, out)
-  plain = optax.apply_updates(params, updates)
-  for w, s, p in zip(jax.tree.leaves(new), jax.tree.leaves(plain), jax.tree.leaves(params),
-                     strict=True):
+  for w, s, p in _weights_after(og.clip_weights_by_norm(c), params, updates):
     u = _unit_roundoff(p.dtype)
     axes = np_unit_axes(p.ndim)
     s64 = f64(s)
@@ -625,7 +617,7 @@ def test_clip_by_global_norm_traced_max_norm_under_inject_hyperparams():
   np.testing.assert_allclose(optax.tree.norm(out2), 2.5, rtol=1e-6)
   s.hyperparams["max_norm"] = jnp.float32(10.0)
   out3, _ = step(g, s)
-  _assert_bitwise_equal(out3, g)
+  assert_bitwise_equal(out3, g)
   assert len(traces) == 1
 
 

@@ -156,12 +156,21 @@ def _run_steps(tx, params, grads, values):
   return jax.lax.scan(step, (params, tx.init(params)), (grads, values))[1]
 
 
+def _case(name):
+  """The entry of ``name`` and its inputs ``(params, grads, values)``."""
+  entry = DIST[name]
+  return entry, _inputs(entry.steps)
+
+
 @functools.cache
 def _single(name):
   """The single-device result on the whole tree (computed once per entry)."""
-  entry = DIST[name]
-  params, grads, values = _inputs(entry.steps)
-  return jax.jit(partial(_run_steps, entry.make(None)))(params, grads, values)
+  entry, inputs = _case(name)
+  return jax.jit(partial(_run_steps, entry.make(None)))(*inputs)
+
+
+def _assert_matches_single(out, name):
+  chex.assert_trees_all_close(out, _single(name), rtol=2e-5, atol=1e-6)
 
 
 names = sorted(DIST)
@@ -179,8 +188,7 @@ def test_registry_covers_every_axis_name_factory():
 
 @pytest.mark.parametrize("name", names)
 def test_pmap_matches_single_device(name, devices):
-  entry = DIST[name]
-  params, grads, values = _inputs(entry.steps)
+  entry, (params, grads, values) = _case(name)
   shard = lambda x: x.reshape((NDEV, x.shape[0] // NDEV) + x.shape[1:])
   shard_steps = lambda x: jnp.moveaxis(
       x.reshape((x.shape[0], NDEV, x.shape[1] // NDEV) + x.shape[2:]), 1, 0
@@ -192,13 +200,12 @@ def test_pmap_matches_single_device(name, devices):
   out = jax.tree.map(
       lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], -1) + x.shape[3:]), out
   )
-  chex.assert_trees_all_close(out, _single(name), rtol=2e-5, atol=1e-6)
+  _assert_matches_single(out, name)
 
 
 @pytest.mark.parametrize("name", names)
 def test_shard_map_matches_single_device(name, devices):
-  entry = DIST[name]
-  params, grads, values = _inputs(entry.steps)
+  entry, (params, grads, values) = _case(name)
   mesh = Mesh(np.array(devices), ("d",))
   fn = jax.jit(
       jax.shard_map(
@@ -209,15 +216,14 @@ def test_shard_map_matches_single_device(name, devices):
       )
   )
   out = fn(params, grads, values)
-  chex.assert_trees_all_close(out, _single(name), rtol=2e-5, atol=1e-6)
+  _assert_matches_single(out, name)
 
 
 @pytest.mark.parametrize("name", names)
 def test_sharded_jit_matches_single_device(name, devices):
-  entry = DIST[name]
-  params, grads, values = _inputs(entry.steps)
+  entry, (params, grads, values) = _case(name)
   mesh = Mesh(np.array(devices), ("d",))
   params = jax.device_put(params, NamedSharding(mesh, P("d")))
   grads = jax.device_put(grads, NamedSharding(mesh, P(None, "d")))
   out = jax.jit(partial(_run_steps, entry.make(None)))(params, grads, values)
-  chex.assert_trees_all_close(out, _single(name), rtol=2e-5, atol=1e-6)
+  _assert_matches_single(out, name)

@@ -21,21 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import f64, make_params
+from _helpers import assert_bitwise_equal, f64, make_params
 from flax import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
 import optax_guard as og
-
-
-def _bitwise(got, want):
-  """Same structure, dtypes and bits."""
-  assert jax.tree.structure(got) == jax.tree.structure(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert a.tobytes() == b.tobytes(), (a, b)
 
 
 def _tree(rng, scale=1.0, dtype=jnp.float32):
@@ -140,7 +131,7 @@ def test_scale_by_stable_adam_cuts_only_the_spiked_tensor():
   outs, _, states = _run(og.scale_by_stable_adam(), grads, params, apply=False)
   last = states[-1]
   assert [int(s.num_cut) for s in states] == [0, 0, 0, 0, 0, 1] and float(last.max_rms) > 1.0
-  _bitwise({"w": outs[-1]["w"], "s": outs[-1]["s"]},
+  assert_bitwise_equal({"w": outs[-1]["w"], "s": outs[-1]["s"]},
            {"w": adam_outs[-1]["w"], "s": adam_outs[-1]["s"]})
   np.testing.assert_allclose(outs[-1]["b"], adam_outs[-1]["b"] / last.max_rms, rtol=1e-6)
 
@@ -170,8 +161,8 @@ def test_stable_adamw_is_optax_adamw_bitwise_while_no_rate_is_cut(dtype, scale, 
   ref, ref_params, _ = _run(optax.adamw(lr, **kwargs), grads, params)
   got, got_params, states = _run(og.stable_adamw(lr, **kwargs), grads, params)
   assert all(int(s[0].num_cut) == 0 for s in states)
-  _bitwise(got, ref)
-  _bitwise(got_params, ref_params)
+  assert_bitwise_equal(got, ref)
+  assert_bitwise_equal(got_params, ref_params)
 
 
 @given(st.integers(0, 2**31 - 1))
@@ -184,7 +175,7 @@ def test_stable_adamw_bitwise_adamw_property(seed):
   ref, _, _ = _run(optax.adamw(0.01, weight_decay=0.5), grads, params)
   got, _, states = _run(og.stable_adamw(0.01, weight_decay=0.5), grads, params)
   assert all(int(s[0].num_cut) == 0 for s in states)
-  _bitwise(got, ref)
+  assert_bitwise_equal(got, ref)
 
 
 def test_scale_by_stable_adam_first_step_is_not_cut():
@@ -264,7 +255,7 @@ def test_stable_adamw_scanned_equals_unrolled(stacked):
   outs_u, _, states_u = _run(og.stable_adamw(0.05, weight_decay=0.1), [_unroll(g) for g in grads],
                              unrolled)
   for a, b in zip(outs_s, outs_u, strict=True):
-    _bitwise(_unroll(a), b)
+    assert_bitwise_equal(_unroll(a), b)
   assert [int(s[0].num_cut) for s in states_s] == [int(s[0].num_cut) for s in states_u]
   assert int(states_s[3][0].num_cut) >= 1
 
@@ -462,8 +453,8 @@ def test_spam_with_its_defences_off_is_optax_adamw(off):
   if off["threshold"] == float("inf"):
     chex.assert_trees_all_close((got, got_p), (ref, ref_p), rtol=1e-6, atol=1e-9)
   else:
-    _bitwise(got, ref)
-    _bitwise(got_p, ref_p)
+    assert_bitwise_equal(got, ref)
+    assert_bitwise_equal(got_p, ref_p)
 
 
 def test_spam_defaults_follow_the_reference():
@@ -551,7 +542,7 @@ def test_checkpoint_round_trip_and_bitwise_continuation(name):
   for g in grads[6:]:
     full_p, full_s = step(full_p, full_s, g)
     p2, s2 = step(p2, s2, g)
-  _bitwise((p2, s2), (full_p, full_s))
+  assert_bitwise_equal((p2, s2), (full_p, full_s))
 
 
 @pytest.mark.parametrize("make, match", [
