@@ -18,18 +18,52 @@ Which parameters hold which heads is described by layouts:
   head_dim]`` and biases ``[heads, head_dim]``; flat ``[d, heads * head_dim]``
   kernels; or, with ``head_axis=None``, parameters shared by every head, such
   as the scales of a qk-layernorm);
-* a callable ``gamma -> {path: multiplier}`` for anything else.
+* a callable with the signature below, for anything else.
 
 Grouped-query attention (several query heads sharing one key head) is part
 of both built-in layouts (``num_kv_heads``). Stacked layers (``nnx.scan``)
 use the library's ``stacked`` argument.
+
+The layout protocol (:class:`QkLayoutFn`). A layout is a function of one
+attention layer's per-head logit factors::
+
+    layout(gamma: jax.Array) -> Mapping[str, multiplier]
+
+* ``gamma``: shape ``[*layers, heads]``, the leading layer axes of stacked
+  parameters (none for an unstacked layer) and then one entry per query
+  head; float32 (float64 for float64 maxima). ``gamma_h = 1`` exactly for a
+  head at or under the threshold, and for every head on a step with a
+  non-finite maximum; otherwise ``max(tau / S_h, min_factor)``.
+* a key: a parameter path (``"blocks/0/attn/query"``, see :func:`qk_fused`);
+  its multiplier applies to every leaf at or below it. Those leaves must be
+  floating point; a leaf named twice (by one layout or by two) is an error,
+  and leaves no layout names keep their updates bitwise.
+* a multiplier: an array that broadcasts to each of those leaves (stacked
+  leaves keep their leading layer axes), or a function
+  ``multiplier(leaf: QkLeaf) -> array`` called once per leaf with the
+  leaf's path, its shape, its number of leading layer axes
+  (``gamma.ndim - 1``) and :func:`qk_clip`'s ``alpha`` (an array of
+  ``gamma``'s dtype), whose result must broadcast to the leaf likewise.
+  Entries multiplied by exactly 1 keep their update bitwise.
+
+A leaf of :func:`qk_clip`'s ``layouts`` is such a function or a
+:class:`QkLayout`, which :func:`qk_fused` and :func:`qk_separate` return: a
+layout function together with the parameter paths it names, known before
+the step (``QkLayout.paths``). Those paths fix the layer axes of the
+layout's maxima (the ``stacked`` count of its parameters; axes between them
+and the heads are batch axes, reduced with ``max``); a plain function names
+none, and every axis of its maxima but the last indexes layers. A
+:class:`QkLayout` is not callable itself so that ``optax.inject_hyperparams``
+does not take it for a schedule; :func:`qk_clip` holds a plain function as
+``QkLayout(fn)``, and from there on every layout goes through the same code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +72,7 @@ import optax
 from jax.typing import ArrayLike
 
 from optax_guard import _numerics as num
+from optax_guard import _stats
 from optax_guard import _validation as val
 
 _OWNER = "qk_clip"
@@ -66,57 +101,96 @@ class QkClipState(NamedTuple):
   max_logit: jax.Array
   num_nonfinite: jax.Array
 
+  __reports__ = _stats.Reports(
+      "qk_clip", ("num_clipped", "smallest_factor", "max_logit", "num_nonfinite")
+  )
+
+
+# ---------------------------------------------------------------------------
+# The layout protocol
+# ---------------------------------------------------------------------------
+
+
+class QkLeaf(NamedTuple):
+  """One parameter leaf, as a layout's per-leaf multiplier function receives it.
+
+  Attributes:
+    path: the leaf's path, ``"/"``-separated (``"blocks/qkv/kernel"``).
+    shape: the leaf's shape, leading layer axes included.
+    layers: how many leading axes of ``shape`` index layers
+      (``gamma.ndim - 1``).
+    alpha: :func:`qk_clip`'s ``alpha``, an array of ``gamma``'s dtype.
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  layers: int
+  alpha: jax.Array
+
+
+# A layout's multiplier for the leaves below one path.
+Multiplier = ArrayLike | Callable[[QkLeaf], ArrayLike]
+
+
+class QkLayoutFn(Protocol):
+  """A layout: ``layout(gamma) -> {path: multiplier}`` (see the module docstring).
+
+  ``gamma`` is one layer's per-head logit factors ``[*layers, heads]``; the
+  result maps parameter paths to a multiplier broadcastable to every leaf
+  below the path, or to a function :class:`QkLeaf` ``-> array`` giving it.
+  """
+
+  def __call__(self, gamma: jax.Array, /) -> Mapping[str, Multiplier]: ...
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class QkLayout:
-  """Where one attention layer keeps its query and key heads.
+  """A layout and the parameter paths it names up front.
 
-  Built by :func:`qk_fused` and :func:`qk_separate`; passed to
+  Returned by :func:`qk_fused` and :func:`qk_separate`; passed to
   :func:`qk_clip` as (a leaf of) its ``layouts``.
+
+  Attributes:
+    fn: the layout function, ``gamma -> {path: multiplier}``.
+    paths: the paths ``fn`` returns, known before the step: their ``stacked``
+      count gives the layer axes of the layout's maxima. Empty for a plain
+      function (every axis of its maxima but the last indexes layers).
   """
 
-  kind: str  # "fused" or "separate"
+  fn: QkLayoutFn
+  paths: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fused:
+  """The layout function of :func:`qk_fused`: per-leaf ``[q | k | ones]`` head blocks."""
+
+  qkv: tuple[str, ...]
+  head_axis: int
+  num_kv_heads: int | None
+
+  def __call__(self, gamma: jax.Array, /) -> Mapping[str, Multiplier]:
+    k_gamma = _group_min(gamma, self.num_kv_heads, where=f"layout {self.qkv}")
+    blocks = functools.partial(_fused_blocks, gamma, k_gamma, axis=self.head_axis)
+    return dict.fromkeys(self.qkv, blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Separate:
+  """The layout function of :func:`qk_separate`: per-leaf head blocks by role."""
+
   query: tuple[str, ...]
   key: tuple[str, ...]
   head_axis: int | None
   num_kv_heads: int | None
 
-
-def _paths(owner: str, name: str, value: Any) -> tuple[str, ...]:
-  """A path ``"blocks/0/attn/query"`` or a non-empty sequence of them, normalised."""
-  items = (value,) if isinstance(value, str) else value
-  if not isinstance(items, (tuple, list)) or not items:
-    raise TypeError(
-        f"{owner}({name}=...) must be a parameter path such as 'blocks/0/attn/query' "
-        f"(or a tuple of them), got {value!r}"
-    )
-  out = []
-  for item in items:
-    if not isinstance(item, str) or not item.strip("/"):
-      raise TypeError(
-          f"{owner}({name}=...) must be a parameter path such as 'blocks/0/attn/query' "
-          f"(or a tuple of them), got {value!r}"
-      )
-    out.append(item.strip("/"))
-  return tuple(out)
-
-
-def _heads(owner: str, value: Any) -> int | None:
-  if value is None:
-    return None
-  if val.is_jax(value):
-    raise TypeError(f"{owner}(num_kv_heads=...) must be None or a Python int, got {value!r}")
-  val.integer(owner, "num_kv_heads", value, minimum=1)
-  return int(value)
-
-
-def _axis(owner: str, value: Any, *, none_ok: bool) -> int | None:
-  if value is None and none_ok:
-    return None
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    allowed = "an int or None" if none_ok else "an int"
-    raise TypeError(f"{owner}(head_axis=...) must be {allowed}, got {value!r}")
-  return int(value)
+  def __call__(self, gamma: jax.Array, /) -> Mapping[str, Multiplier]:
+    k_gamma = _group_min(gamma, self.num_kv_heads, where=f"layout {self.query + self.key}")
+    if self.head_axis is None:  # shared by every head: the layer's worst factor
+      gamma = k_gamma = jnp.min(gamma, axis=-1)
+    q = functools.partial(_head_blocks, gamma, axis=self.head_axis, query=True)
+    k = functools.partial(_head_blocks, k_gamma, axis=self.head_axis, query=False)
+    return {**dict.fromkeys(self.query, q), **dict.fromkeys(self.key, k)}
 
 
 def qk_fused(
@@ -151,8 +225,11 @@ def qk_fused(
     A layout for :func:`qk_clip`.
   """
   owner = "qk_fused"
-  return QkLayout("fused", _paths(owner, "qkv", qkv), (), _axis(owner, head_axis, none_ok=False),
-                  _heads(owner, num_kv_heads))
+  qkv = val.param_paths(owner, "qkv", qkv)
+  axis = val.static_int(owner, "head_axis", head_axis)
+  kv = val.static_int(owner, "num_kv_heads", num_kv_heads, minimum=1, none_ok=True)
+  assert axis is not None  # none_ok=False
+  return QkLayout(_Fused(qkv, axis, kv), paths=qkv)
 
 
 def qk_separate(
@@ -196,18 +273,101 @@ def qk_separate(
     A layout for :func:`qk_clip`.
   """
   owner = "qk_separate"
-  return QkLayout("separate", _paths(owner, "query", query), _paths(owner, "key", key),
-                  _axis(owner, head_axis, none_ok=True), _heads(owner, num_kv_heads))
+  owner = "qk_separate"
+  query, key = val.param_paths(owner, "query", query), val.param_paths(owner, "key", key)
+  val.disjoint(owner, "query", query, "key", key)
+  axis = val.static_int(owner, "head_axis", head_axis, none_ok=True)
+  kv = val.static_int(owner, "num_kv_heads", num_kv_heads, minimum=1, none_ok=True)
+  return QkLayout(_Separate(query, key, axis, kv), paths=query + key)
 
 
-def _is_layout(x: Any) -> bool:
-  return isinstance(x, QkLayout)
+# ---------------------------------------------------------------------------
+# The built-in layouts' multipliers
+# ---------------------------------------------------------------------------
 
 
-def _check_layouts(layouts: Any) -> Any:
-  leaves, treedef = jax.tree.flatten(layouts, is_leaf=_is_layout)
+def _power(gamma: jax.Array, exponent: jax.Array) -> jax.Array:
+  """``gamma ** exponent``, exactly 1 where ``gamma`` is 1."""
+  return jnp.where(gamma == 1, jnp.ones((), gamma.dtype), gamma ** exponent)
+
+
+def _group_min(gamma: jax.Array, groups: int | None, *, where: str) -> jax.Array:
+  """``[*layers, heads] -> [*layers, groups]``: the smallest factor of each group.
+
+  ``groups=None``: one group per head.
+  """
+  heads = gamma.shape[-1]
+  groups = groups or heads
+  if heads % groups:
+    raise ValueError(
+        f"{_OWNER}: {where}: the maxima give {heads} query heads, which "
+        f"num_kv_heads={groups} does not divide"
+    )
+  return jnp.min(gamma.reshape(*gamma.shape[:-1], groups, heads // groups), axis=-1)
+
+
+def _along_axis(values: jax.Array, leaf: QkLeaf, *, axis: int | None) -> jax.Array:
+  """``values [*layers, n]`` as a multiplier of ``leaf``, ``n`` equal blocks along ``axis``.
+
+  ``axis=None``: ``values [*layers]``, one factor per layer slice.
+  """
+  shape, lead = leaf.shape, leaf.layers
+  inner = len(shape) - lead
+  if axis is None:
+    return values.reshape(shape[:lead] + (1,) * inner)
+  if not -inner <= axis < inner:
+    raise ValueError(
+        f"{_OWNER}: the leaf {leaf.path!r} of shape {shape} has no head_axis={axis} "
+        f"(a layer slice has {inner} dimensions)"
+    )
+  full = lead + axis % inner
+  length, count = shape[full], values.shape[-1]
+  if length % count:
+    raise ValueError(
+        f"{_OWNER}: the leaf {leaf.path!r} of shape {shape} has {length} entries along "
+        f"head_axis={axis}, which do not split into {count} equal heads"
+    )
+  values = jnp.repeat(values, length // count, axis=-1, total_repeat_length=length)
+  return values.reshape(shape[:lead] + tuple(length if i == full else 1
+                                             for i in range(lead, len(shape))))
+
+
+def _fused_blocks(gamma: jax.Array, k_gamma: jax.Array, leaf: QkLeaf, *, axis: int) -> jax.Array:
+  """The multiplier of a fused leaf: ``[gamma ** alpha | k_gamma ** (1 - alpha) | 1]``."""
+  heads, kv = gamma.shape[-1], k_gamma.shape[-1]
+  inner = len(leaf.shape) - leaf.layers
+  if -inner <= axis < inner and leaf.shape[leaf.layers + axis % inner] % (heads + 2 * kv):
+    raise ValueError(
+        f"{_OWNER}: the fused leaf {leaf.path!r} of shape {leaf.shape} has "
+        f"{leaf.shape[leaf.layers + axis % inner]} entries along head_axis={axis}, which do "
+        f"not split into {heads} query + {kv} key + {kv} value heads of one width"
+    )
+  ones = jnp.ones(gamma.shape[:-1] + (kv,), gamma.dtype)
+  blocks = [_power(gamma, leaf.alpha), _power(k_gamma, 1 - leaf.alpha), ones]
+  return _along_axis(jnp.concatenate(blocks, axis=-1), leaf, axis=axis)
+
+
+def _head_blocks(factors: jax.Array, leaf: QkLeaf, *, axis: int | None,
+                 query: bool) -> jax.Array:
+  """The multiplier of a query (``factors ** alpha``) or key leaf (``** (1 - alpha)``)."""
+  exponent = leaf.alpha if query else 1 - leaf.alpha
+  return _along_axis(_power(factors, exponent), leaf, axis=axis)
+
+
+# ---------------------------------------------------------------------------
+# Layouts and paths
+# ---------------------------------------------------------------------------
+
+
+def _is_layout_leaf(x: Any) -> bool:
+  return isinstance(x, QkLayout) or callable(x)
+
+
+def _as_layouts(layouts: Any) -> tuple[list[QkLayout], Any]:
+  """The leaves of ``layouts`` as :class:`QkLayout` (a plain function as ``QkLayout(fn)``)."""
+  leaves, treedef = jax.tree.flatten(layouts, is_leaf=_is_layout_leaf)
   for leaf in leaves:
-    if not (_is_layout(leaf) or callable(leaf)):
+    if not _is_layout_leaf(leaf):
       hint = " (a path: describe it with og.qk_fused or og.qk_separate)" \
           if isinstance(leaf, str) else ""
       raise TypeError(
@@ -218,7 +378,7 @@ def _check_layouts(layouts: Any) -> Any:
     raise ValueError(
         f"{_OWNER}(layouts=...) must name at least one attention layer, got {layouts!r}"
     )
-  return leaves, treedef
+  return [x if isinstance(x, QkLayout) else QkLayout(x) for x in leaves], treedef
 
 
 def _path_str(path: Sequence[Any]) -> str:
@@ -247,89 +407,9 @@ def _select(names: Sequence[str], prefix: str) -> list[int]:
   return found
 
 
-def _power(gamma: jax.Array, exponent: jax.Array) -> jax.Array:
-  """``gamma ** exponent``, exactly 1 where ``gamma`` is 1."""
-  return jnp.where(gamma == 1, jnp.ones((), gamma.dtype), gamma ** exponent)
-
-
-def _group_min(gamma: jax.Array, groups: int, where: str) -> jax.Array:
-  """``[*layers, heads] -> [*layers, groups]``: the smallest factor of each group."""
-  heads = gamma.shape[-1]
-  if heads % groups:
-    raise ValueError(
-        f"{_OWNER}: {where}: the maxima give {heads} query heads, which "
-        f"num_kv_heads={groups} does not divide"
-    )
-  return jnp.min(gamma.reshape(*gamma.shape[:-1], groups, heads // groups), axis=-1)
-
-
-def _along_axis(values: jax.Array, shape: tuple[int, ...], lead: int, axis: int | None,
-                name: str) -> jax.Array:
-  """``values [*layers, n]`` as a multiplier of a leaf of ``shape``, blocks along ``axis``.
-
-  ``axis=None``: ``values [*layers]``, one factor per layer slice.
-  """
-  inner = len(shape) - lead
-  if axis is None:
-    return values.reshape(shape[:lead] + (1,) * inner)
-  if not -inner <= axis < inner:
-    raise ValueError(
-        f"{_OWNER}: the leaf {name!r} of shape {shape} has no head_axis={axis} "
-        f"(a layer slice has {inner} dimensions)"
-    )
-  full = lead + axis % inner
-  length, count = shape[full], values.shape[-1]
-  if length % count:
-    raise ValueError(
-        f"{_OWNER}: the leaf {name!r} of shape {shape} has {length} entries along "
-        f"head_axis={axis}, which do not split into {count} equal heads"
-    )
-  values = jnp.repeat(values, length // count, axis=-1, total_repeat_length=length)
-  return values.reshape(shape[:lead] + tuple(length if i == full else 1
-                                             for i in range(lead, len(shape))))
-
-
-def _layout_multipliers(layout: QkLayout, gamma: jax.Array, alpha: jax.Array,
-                        leaves: list[tuple[int, str, tuple[int, ...]]], lead: int,
-                        roles: dict[int, str]) -> dict[int, jax.Array]:
-  """Per selected leaf index, its multiplier (broadcastable to the leaf)."""
-  heads = gamma.shape[-1]
-  kv = layout.num_kv_heads or heads
-  where = f"layout {layout.query + layout.key}"
-  q_factor = _power(gamma, alpha)
-  k_factor = _power(_group_min(gamma, kv, where), 1 - alpha)
-  out = {}
-  for i, name, shape in leaves:
-    if layout.kind == "fused":
-      ones = jnp.ones(gamma.shape[:-1] + (kv,), gamma.dtype)
-      blocks = jnp.concatenate([q_factor, k_factor, ones], axis=-1)
-      inner = len(shape) - lead
-      axis = layout.head_axis
-      assert axis is not None
-      if -inner <= axis < inner and shape[lead + axis % inner] % (heads + 2 * kv):
-        raise ValueError(
-            f"{_OWNER}: the fused leaf {name!r} of shape {shape} has "
-            f"{shape[lead + axis % inner]} entries along head_axis={axis}, which do not "
-            f"split into {heads} query + {kv} key + {kv} value heads of one width"
-        )
-      out[i] = _along_axis(blocks, shape, lead, axis, name)
-    elif layout.head_axis is None:
-      worst = jnp.min(gamma, axis=-1)
-      exponent = alpha if roles[i] == "query" else 1 - alpha
-      out[i] = _along_axis(_power(worst, exponent), shape, lead, None, name)
-    else:
-      factor = q_factor if roles[i] == "query" else k_factor
-      out[i] = _along_axis(factor, shape, lead, layout.head_axis, name)
-  return out
-
-
-def _scaled(u: jax.Array, p: jax.Array, m: jax.Array) -> jax.Array:
-  """``(p + u) * m - p`` where ``m != 1``, ``u`` itself (bitwise) where ``m == 1``."""
-  u = jnp.asarray(u)
-  wide = jnp.promote_types(u.dtype, m.dtype)
-  p = jnp.asarray(p).astype(wide)
-  new = (p + u.astype(wide)) * m.astype(wide) - p
-  return jnp.where(m == 1, u, new.astype(u.dtype))
+# ---------------------------------------------------------------------------
+# qk_clip
+# ---------------------------------------------------------------------------
 
 
 def qk_clip(
@@ -415,14 +495,17 @@ def qk_clip(
   query heads and the shared key head change. ``alpha`` is Megatron-LM's
   ``qk_clip_alpha``; 0.5 is the report's even split.
 
-  **Callable layouts.** A leaf of ``layouts`` may be a callable
-  ``gamma -> {path: multiplier}``: it receives the layer's per-head factors
-  ``gamma`` (float32, shape ``[*layers, heads]``, exactly 1 for heads at or
-  under the threshold) and returns, for each parameter path, a multiplier
-  broadcastable to every leaf below that path (stacked leaves keep their
-  leading layer axes). Every axis of its maxima but the last indexes layers
-  (reduce batch axes before passing them), and ``alpha`` is not applied for
-  it. Entries multiplied by exactly 1 keep their update bitwise. For MLA:
+  **Callable layouts.** A leaf of ``layouts`` may be any callable
+  ``gamma -> {path: multiplier}``, the protocol the built-in layouts follow
+  too: it receives the layer's per-head factors ``gamma`` (float32, shape
+  ``[*layers, heads]``, exactly 1 for heads at or under the threshold) and
+  returns, for each parameter path, a multiplier broadcastable to every leaf
+  below that path (stacked leaves keep their leading layer axes), or a
+  function that gives it for each such leaf from the leaf's ``path``,
+  ``shape``, number of leading ``layers`` axes and ``alpha``. Every axis of
+  its maxima but the last indexes layers (reduce batch axes before passing
+  them), and ``alpha`` is applied only where it uses it. Entries multiplied
+  by exactly 1 keep their update bitwise. For MLA:
   ``{"attn/wq_b": concat([sqrt(gamma) x nope, gamma x rope]), "attn/wkv_b":
   concat([sqrt(gamma) x nope, 1 x v])}`` per head.
 
@@ -438,10 +521,9 @@ def qk_clip(
       ``gamma ** (1 - alpha)``.
     min_factor: the floor :math:`\gamma_{\min}` of a head's logit factor, in
       ``(0, 1)``.
-    stacked: leading layer axes of the parameters (None, an int, a tree
-      prefix of ints, or a callable ``(path, leaf) -> int``, as everywhere in
-      the library): the parameters of one layout must have the same number
-      of them, and its maxima the same leading axes.
+    stacked: leading layer axes of the parameters, as everywhere in the
+      library (see :ref:`design-stacked`): the parameters of one layout must
+      have the same number of them, and its maxima the same leading axes.
     axis_name: the mapped axis of ``pmap``/``shard_map`` to take the
       ``pmax`` of the maxima over (one collective for every layer).
 
@@ -473,7 +555,7 @@ def qk_clip(
     https://github.com/AI-Hypercomputer/maxtext
   """
   val.positive(_OWNER, "threshold", threshold)
-  layout_leaves, layout_def = _check_layouts(layouts)
+  layout_list, layout_def = _as_layouts(layouts)
   val.in_range(_OWNER, "alpha", alpha, 0.0, 1.0)
   val.in_range(_OWNER, "min_factor", min_factor, 0.0, 1.0, lo_open=True, hi_open=True)
   stacked = val.stacked(_OWNER, stacked)
@@ -489,119 +571,124 @@ def qk_clip(
     )
 
   def update_fn(updates, state, params=None, **extra):
-    val.matching_params(_OWNER, updates, params)
-    maxima = extra.get(EXTRA)
-    if maxima is None:
-      raise ValueError(
-          f"{_OWNER} needs the forward pass's per-head maximum attention logits: call "
-          f"update(updates, state, params, {EXTRA}=...) (optax.chain passes it on)"
-      )
-    try:
-      per_layout = layout_def.flatten_up_to(maxima)
-      if not all(hasattr(m, "shape") and hasattr(m, "dtype") for m in per_layout):
-        raise TypeError("a layout's maxima are not an array")
-    except (ValueError, TypeError) as e:
-      raise ValueError(
-          f"{_OWNER}: {EXTRA} must have the structure of layouts ({layout_def}), one "
-          f"array of per-head maxima per layout: {e}"
-      ) from None
-
-    flat, u_def = jax.tree.flatten_with_path(updates)
-    names = [_path_str(path) for path, _ in flat]
-    u_leaves = [leaf for _, leaf in flat]
-    p_leaves = jax.tree.leaves(params)
-    leads = num.stacked_counts(_OWNER, updates, stacked)
-
-    # 1. every layout's maxima reduced to [*layers, heads]; its leaves.
-    plans, peaks = [], []
-    owner_of: dict[int, str] = {}
-    for layout, m in zip(layout_leaves, per_layout, strict=True):
-      m = jnp.asarray(m)
-      if not jnp.issubdtype(m.dtype, jnp.floating):
-        raise TypeError(
-            f"{_OWNER}: {EXTRA} must hold floating-point maxima, got dtype {m.dtype}"
-        )
-      if m.ndim < 1 or m.shape[-1] < 1:
-        raise ValueError(
-            f"{_OWNER}: {EXTRA} must end in a heads axis ([heads] or [batch, heads]), got "
-            f"shape {m.shape}"
-        )
-      roles: dict[int, str] = {}
-      if _is_layout(layout):
-        for role, prefixes in (("query", layout.query), ("key", layout.key)):
-          for prefix in prefixes:
-            for i in _select(names, prefix):
-              if i in roles or i in owner_of:
-                raise ValueError(f"{_OWNER}: the parameter {names[i]!r} is named twice")
-              roles[i] = role
-        counts = {leads[i] for i in roles}
-        if len(counts) > 1:
-          raise ValueError(
-              f"{_OWNER}: the parameters {sorted(names[i] for i in roles)} of one layout "
-              f"have different numbers of stacked layer axes ({sorted(counts)})"
-          )
-        lead = counts.pop()
-        for i in roles:
-          if not jnp.issubdtype(jnp.result_type(u_leaves[i]), jnp.floating):
-            raise TypeError(
-                f"{_OWNER} needs floating-point query and key parameters: the leaf "
-                f"{names[i]!r} has dtype {jnp.result_type(u_leaves[i])}"
-            )
-          if m.ndim < lead + 1 or m.shape[:lead] != np.shape(u_leaves[i])[:lead]:
-            raise ValueError(
-                f"{_OWNER}: {EXTRA} for the parameter {names[i]!r} of shape "
-                f"{np.shape(u_leaves[i])} ({lead} stacked layer axes) must have shape "
-                f"[*layers, (batch,) heads] with layers {np.shape(u_leaves[i])[:lead]}, "
-                f"got {m.shape}"
-            )
-      else:
-        lead = max(m.ndim - 1, 0)
-      for i in roles:
-        owner_of[i] = roles[i]
-      m = m.astype(num.accumulation_dtype(m.dtype))
-      reduce = tuple(range(lead, m.ndim - 1))
-      peaks.append(jnp.max(m, axis=reduce) if reduce else m)
-      plans.append((layout, roles, lead))
-
-    # 2. one collective for every layer; the per-head factors.
-    bad = jnp.stack([jnp.any(jnp.isnan(s) | jnp.isposinf(s)) for s in peaks])
-    if axis_name is not None:
-      peaks, bad = _pmax_once(peaks, bad, axis_name)
-    nonfinite = jnp.any(bad)
-    clipped_total = jnp.zeros((), jnp.int32)
-    smallest = jnp.ones((), jnp.float32)
-    top = jnp.full((), -jnp.inf, jnp.float32)
-    mults: dict[int, jax.Array] = {}
-    for (layout, roles, lead), s in zip(plans, peaks, strict=True):
-      tau = jnp.asarray(threshold, s.dtype)
-      floor = jnp.asarray(min_factor, s.dtype)
-      a = jnp.asarray(alpha, s.dtype)
-      gamma = jnp.where(s <= tau, jnp.ones((), s.dtype), jnp.maximum(tau / s, floor))
-      gamma = jnp.where(nonfinite, jnp.ones((), s.dtype), gamma)
-      clipped = (s > tau) & ~nonfinite
-      clipped_total = clipped_total + jnp.sum(clipped, dtype=jnp.int32)
-      smallest = jnp.minimum(smallest, jnp.min(gamma).astype(jnp.float32))
-      top = jnp.maximum(top, jnp.max(s).astype(jnp.float32))
-      if _is_layout(layout):
-        shapes = [(i, names[i], tuple(np.shape(u_leaves[i]))) for i in roles]
-        found = _layout_multipliers(layout, gamma, a, shapes, lead, roles)
-      else:
-        found = _call_layout(layout, gamma, names, u_leaves, owner_of)
-      for i, m in found.items():
-        mults[i] = jnp.where(nonfinite, jnp.ones((), m.dtype), m)
-
-    new_leaves = [_scaled(u, p, mults[i]) if i in mults else u
-                  for i, (u, p) in enumerate(zip(u_leaves, p_leaves, strict=True))]
-    new_state = QkClipState(
-        num_clipped=clipped_total,
-        smallest_factor=smallest,
-        max_logit=top,
-        num_nonfinite=jnp.where(nonfinite, optax.safe_increment(state.num_nonfinite),
-                                state.num_nonfinite),
-    )
-    return jax.tree.unflatten(u_def, new_leaves), new_state
+    plan = _plan(updates, params, extra, layouts=layout_list, treedef=layout_def,
+                 stacked=stacked)
+    peaks, nonfinite = _peaks(plan.maxima, plan.layers, axis_name=axis_name)
+    gammas, new_state = _factors(peaks, nonfinite, state, threshold=threshold,
+                                 min_factor=min_factor)
+    mults = _multipliers(layout_list, gammas, nonfinite, plan=plan, alpha=alpha)
+    return _apply(updates, params, mults), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# The update, step by step (each a pure function of its arguments):
+#   _plan         check params and the maxima; the layer axes of each layout's maxima
+#   _peaks        every layout's per-head maxima, across devices in one pmax
+#   _factors      every layout's gamma, and the new state's statistics
+#   _multipliers  call every layout; resolve and check its paths; one multiplier per leaf
+#   _apply        scale the new weights of those leaves
+# ---------------------------------------------------------------------------
+
+
+class _Plan(NamedTuple):
+  """What an update works on, read and checked once per trace."""
+
+  names: tuple[str, ...]  # the path of every updates leaf
+  leaves: tuple[Any, ...]  # the updates leaves
+  maxima: tuple[jax.Array, ...]  # per layout, its maxima as received
+  layers: tuple[int, ...]  # per layout, how many leading axes of its maxima index layers
+
+
+def _plan(updates: Any, params: Any, extra: Mapping[str, Any], *, layouts: Sequence[QkLayout],
+          treedef: Any, stacked: val.Stacked) -> _Plan:
+  """Checks ``params`` and the ``attn_max_logits`` extra; the layer axes of every layout."""
+  val.matching_params(_OWNER, updates, params)
+  maxima = _split_maxima(extra.get(EXTRA), treedef)
+  flat = jax.tree.flatten_with_path(updates)[0]
+  names = tuple(_path_str(path) for path, _ in flat)
+  leaves = tuple(leaf for _, leaf in flat)
+  counts = num.stacked_counts(_OWNER, updates, stacked)
+  layers = tuple(_layers(layout.paths, m, names=names, leaves=leaves, counts=counts)
+                 for layout, m in zip(layouts, maxima, strict=True))
+  return _Plan(names, leaves, maxima, layers)
+
+
+def _split_maxima(maxima: Any, treedef: Any) -> tuple[jax.Array, ...]:
+  """The maxima tree, one floating-point array ``[..., heads]`` per layout."""
+  if maxima is None:
+    raise ValueError(
+        f"{_OWNER} needs the forward pass's per-head maximum attention logits: call "
+        f"update(updates, state, params, {EXTRA}=...) (optax.chain passes it on)"
+    )
+  try:
+    per_layout = treedef.flatten_up_to(maxima)
+    if not all(hasattr(m, "shape") and hasattr(m, "dtype") for m in per_layout):
+      raise TypeError("a layout's maxima are not an array")
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{_OWNER}: {EXTRA} must have the structure of layouts ({treedef}), one "
+        f"array of per-head maxima per layout: {e}"
+    ) from None
+  out = tuple(jnp.asarray(m) for m in per_layout)
+  for m in out:
+    if not jnp.issubdtype(m.dtype, jnp.floating):
+      raise TypeError(f"{_OWNER}: {EXTRA} must hold floating-point maxima, got dtype {m.dtype}")
+    if m.ndim < 1 or m.shape[-1] < 1:
+      raise ValueError(
+          f"{_OWNER}: {EXTRA} must end in a heads axis ([heads] or [batch, heads]), got "
+          f"shape {m.shape}"
+      )
+  return out
+
+
+def _layers(paths: Sequence[str], m: jax.Array, *, names: Sequence[str],
+            leaves: Sequence[Any], counts: Sequence[int]) -> int:
+  """How many leading axes of a layout's maxima ``m`` index layers.
+
+  The ``stacked`` count of the parameters below ``paths`` (the same for all,
+  and ``m`` must start with their layer axes); every axis but the last
+  without ``paths``.
+  """
+  if not paths:
+    return m.ndim - 1
+  found = list(dict.fromkeys(i for prefix in paths for i in _select(names, prefix)))
+  leads = {counts[i] for i in found}
+  if len(leads) > 1:
+    raise ValueError(
+        f"{_OWNER}: the parameters {sorted(names[i] for i in found)} of one layout "
+        f"have different numbers of stacked layer axes ({sorted(leads)})"
+    )
+  (lead,) = leads
+  for i in found:
+    shape = np.shape(leaves[i])
+    if m.ndim < lead + 1 or m.shape[:lead] != shape[:lead]:
+      raise ValueError(
+          f"{_OWNER}: {EXTRA} for the parameter {names[i]!r} of shape {shape} ({lead} "
+          f"stacked layer axes) must have shape [*layers, (batch,) heads] with layers "
+          f"{shape[:lead]}, got {m.shape}"
+      )
+  return lead
+
+
+def _peaks(maxima: Sequence[jax.Array], layers: Sequence[int], *,
+           axis_name: val.AxisName) -> tuple[list[jax.Array], jax.Array]:
+  """Every layout's per-head maxima ``[*layers, heads]``; whether any is NaN or ``+inf``.
+
+  Axes between the layer axes and the heads are reduced with ``max``, in
+  float32 (float64 for float64 maxima); with ``axis_name``, the maxima and
+  the flags cross devices in one ``pmax``.
+  """
+  peaks = []
+  for m, lead in zip(maxima, layers, strict=True):
+    m = m.astype(num.accumulation_dtype(m.dtype))
+    reduce = tuple(range(lead, m.ndim - 1))
+    peaks.append(jnp.max(m, axis=reduce) if reduce else m)
+  bad = jnp.stack([jnp.any(jnp.isnan(s) | jnp.isposinf(s)) for s in peaks])
+  if axis_name is not None:
+    peaks, bad = _pmax_once(peaks, bad, axis_name)
+  return peaks, jnp.any(bad)
 
 
 def _pmax_once(peaks: list[jax.Array], bad: jax.Array,
@@ -621,35 +708,97 @@ def _pmax_once(peaks: list[jax.Array], bad: jax.Array,
   return out, flat[start:] > 0
 
 
-def _call_layout(fn: Callable[..., Any], gamma: jax.Array, names: Sequence[str],
-                 u_leaves: Sequence[Any], owner_of: dict[int, str]) -> dict[int, jax.Array]:
-  """Runs a callable layout; its multipliers per leaf index, checked."""
-  out = fn(gamma)
+def _factors(peaks: Sequence[jax.Array], nonfinite: jax.Array, state: QkClipState, *,
+             threshold: ArrayLike, min_factor: ArrayLike) -> tuple[list[jax.Array], QkClipState]:
+  """Every layout's per-head logit factors ``gamma``, and the new state.
+
+  ``gamma = 1`` where ``S <= threshold`` (decided by the comparison) and
+  ``max(threshold / S, min_factor)`` above it; 1 everywhere on a non-finite
+  step, which counts in ``num_nonfinite``.
+  """
+  gammas = []
+  clipped_total = jnp.zeros((), jnp.int32)
+  smallest = jnp.ones((), jnp.float32)
+  top = jnp.full((), -jnp.inf, jnp.float32)
+  for s in peaks:
+    tau = jnp.asarray(threshold, s.dtype)
+    floor = jnp.asarray(min_factor, s.dtype)
+    gamma = jnp.where(s <= tau, jnp.ones((), s.dtype), jnp.maximum(tau / s, floor))
+    gamma = jnp.where(nonfinite, jnp.ones((), s.dtype), gamma)
+    gammas.append(gamma)
+    clipped_total = clipped_total + jnp.sum((s > tau) & ~nonfinite, dtype=jnp.int32)
+    smallest = jnp.minimum(smallest, jnp.min(gamma).astype(jnp.float32))
+    top = jnp.maximum(top, jnp.max(s).astype(jnp.float32))
+  count = jnp.where(nonfinite, optax.safe_increment(state.num_nonfinite), state.num_nonfinite)
+  return gammas, QkClipState(clipped_total, smallest, top, count)
+
+
+def _multipliers(layouts: Sequence[QkLayout], gammas: Sequence[jax.Array], nonfinite: jax.Array,
+                 *, plan: _Plan, alpha: ArrayLike) -> dict[int, jax.Array]:
+  """Per updates-leaf index, the multiplier of its new weight (exactly 1 on a non-finite step)."""
+  mults: dict[int, jax.Array] = {}
+  for layout, gamma in zip(layouts, gammas, strict=True):
+    a = jnp.asarray(alpha, gamma.dtype)
+    mults.update(_resolve(layout.fn(gamma), gamma, plan=plan, alpha=a, taken=mults))
+  return {i: jnp.where(nonfinite, jnp.ones((), m.dtype), m) for i, m in mults.items()}
+
+
+def _resolve(out: Any, gamma: jax.Array, *, plan: _Plan, alpha: jax.Array,
+             taken: Mapping[int, Any]) -> dict[int, jax.Array]:
+  """A layout's ``{path: multiplier}`` as one checked multiplier per leaf index."""
   if not isinstance(out, Mapping):
-    raise TypeError(
-        f"{_OWNER}: a callable layout must return a dict {{path: multiplier}}, got {out!r}"
-    )
+    raise TypeError(f"{_OWNER}: a layout must return a dict {{path: multiplier}}, got {out!r}")
   found: dict[int, jax.Array] = {}
-  for prefix, m in out.items():
-    prefix = _paths(_OWNER, "layouts", prefix)[0]
-    m = jnp.asarray(m, gamma.dtype)
-    for i in _select(names, prefix):
-      if i in found or i in owner_of:
-        raise ValueError(f"{_OWNER}: the parameter {names[i]!r} is named twice")
-      shape = tuple(np.shape(u_leaves[i]))
-      if not jnp.issubdtype(jnp.result_type(u_leaves[i]), jnp.floating):
-        raise TypeError(
-            f"{_OWNER} needs floating-point query and key parameters: the leaf "
-            f"{names[i]!r} has dtype {jnp.result_type(u_leaves[i])}"
-        )
-      try:
-        if jnp.broadcast_shapes(m.shape, shape) != shape:
-          raise ValueError
-      except ValueError:
-        raise ValueError(
-            f"{_OWNER}: a callable layout's multiplier of shape {m.shape} for "
-            f"{names[i]!r} does not broadcast to the leaf's shape {shape}"
-        ) from None
-      found[i] = m
-      owner_of[i] = "callable"
+  for prefix, spec in out.items():
+    prefix = val.param_paths(_OWNER, "layouts", prefix)[0]
+    if not callable(spec):
+      spec = jnp.asarray(spec, gamma.dtype)
+    for i in _select(plan.names, prefix):
+      if i in found or i in taken:
+        raise ValueError(f"{_OWNER}: the parameter {plan.names[i]!r} is named twice")
+      leaf = _leaf(plan, i, layers=gamma.ndim - 1, alpha=alpha)
+      found[i] = _broadcast(spec(leaf) if callable(spec) else spec, leaf, gamma.dtype)
   return found
+
+
+def _leaf(plan: _Plan, i: int, *, layers: int, alpha: jax.Array) -> QkLeaf:
+  """The updates leaf ``i`` as a layout sees it; it must be floating point."""
+  dtype = jnp.result_type(plan.leaves[i])
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{_OWNER} needs floating-point query and key parameters: the leaf "
+        f"{plan.names[i]!r} has dtype {dtype}"
+    )
+  return QkLeaf(plan.names[i], tuple(np.shape(plan.leaves[i])), layers, alpha)
+
+
+def _broadcast(m: ArrayLike, leaf: QkLeaf, dtype: Any) -> jax.Array:
+  """``m`` as an array of ``dtype`` that broadcasts to ``leaf`` (and does not enlarge it)."""
+  m = jnp.asarray(m, dtype)
+  try:
+    if jnp.broadcast_shapes(m.shape, leaf.shape) != leaf.shape:
+      raise ValueError
+  except ValueError:
+    raise ValueError(
+        f"{_OWNER}: a layout's multiplier of shape {m.shape} for {leaf.path!r} does not "
+        f"broadcast to the leaf's shape {leaf.shape}"
+    ) from None
+  return m
+
+
+def _apply(updates: Any, params: Any, mults: Mapping[int, jax.Array]) -> Any:
+  """``updates`` with leaf ``i`` scaled by ``mults[i]`` (see :func:`_scaled`)."""
+  u_leaves, treedef = jax.tree.flatten(updates)
+  p_leaves = jax.tree.leaves(params)
+  new = [_scaled(u, p, mults[i]) if i in mults else u
+         for i, (u, p) in enumerate(zip(u_leaves, p_leaves, strict=True))]
+  return jax.tree.unflatten(treedef, new)
+
+
+def _scaled(u: jax.Array, p: jax.Array, m: jax.Array) -> jax.Array:
+  """``(p + u) * m - p`` where ``m != 1``, ``u`` itself (bitwise) where ``m == 1``."""
+  u = jnp.asarray(u)
+  wide = jnp.promote_types(u.dtype, m.dtype)
+  p = jnp.asarray(p).astype(wide)
+  new = (p + u.astype(wide)) * m.astype(wide) - p
+  return jnp.where(m == 1, u, new.astype(u.dtype))

@@ -377,3 +377,47 @@ def matching_params(owner: str, updates: Any, params: Any) -> None:
           f"{owner}: the params leaf {jax.tree_util.keystr(path) or '(root)'} has "
           f"shape {np.shape(p)} but its update has shape {np.shape(u)}"
       )
+
+
+def param_paths(owner: str, name: str, value: Any) -> tuple[str, ...]:
+  """A parameter path ``"blocks/0/attn/query"`` or a non-empty sequence of them.
+
+  Returns the paths without leading and trailing ``/``; a path given twice
+  raises.
+  """
+  items = (value,) if isinstance(value, str) else value
+  ok = isinstance(items, (tuple, list)) and bool(items)
+  if not (ok and all(isinstance(p, str) and p.strip("/") for p in items)):
+    raise TypeError(
+        f"{owner}({name}=...) must be a parameter path such as 'blocks/0/attn/query' "
+        f"(or a tuple of them), got {value!r}"
+    )
+  paths = tuple(p.strip("/") for p in items)
+  repeated = [p for i, p in enumerate(paths) if p in paths[:i]]
+  if repeated:
+    raise _fail(owner, name, value, f"free of repeats ({repeated[0]!r} twice)")
+  return paths
+
+
+def disjoint(owner: str, a_name: str, a: Sequence[Any], b_name: str, b: Sequence[Any]) -> None:
+  """``a`` and ``b`` share no entry: ``f(query=..., key=...) must not both name 'q'``."""
+  common = [x for x in a if x in b]
+  if common:
+    raise ValueError(
+        f"{owner}({a_name}=..., {b_name}=...) must not both name {common[0]!r}, "
+        f"got {a!r} and {b!r}"
+    )
+
+
+def static_int(
+    owner: str, name: str, value: Any, *, minimum: int | None = None, none_ok: bool = False
+) -> int | None:
+  """A Python or NumPy int (None too if ``none_ok``) that fixes a shape: never an array."""
+  if value is None and none_ok:
+    return None
+  if not _is_int(value):
+    allowed = "an int or None" if none_ok else "an int"
+    raise TypeError(f"{owner}({name}=...) must be {allowed}, got {value!r}")
+  if minimum is not None and value < minimum:
+    raise _fail(owner, name, value, f">= {minimum}")
+  return int(value)

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import optax_guard as og
+from optax_guard import _qk_clip as qk
 
 D, HD = 5, 3  # model width, head width
 
@@ -681,3 +682,126 @@ def test_qk_clip_under_inject_hyperparams_follows_a_threshold_schedule():
   assert_bitwise_equal(u, grads)  # threshold 100 at step 0
   u, state = tx.update(grads, state, params, attn_max_logits=jnp.asarray([40.0, 1.0]))
   assert int(state.inner_state.num_clipped) == 1  # threshold 10 at step 1
+
+
+# ---------------------------------------------------------------------------
+# The update's steps alone, and the layout protocol
+# ---------------------------------------------------------------------------
+
+
+def _state():
+  return og.qk_clip(1.0, og.qk_fused("qkv")).init({})
+
+
+def test_qk_factors_step_matches_the_closed_form():
+  tau = 10.0
+  s = np.array([[3.0, 10.0, 10.5, 40.0], [-np.inf, 1e30, 9.999, 12.0]], np.float32)
+  gammas, state = qk._factors([jnp.asarray(s)], jnp.asarray(False), _state(), threshold=tau,
+                              min_factor=1e-6)
+  want = np.where(s > tau, np.float32(tau) / s, 1.0)
+  want = np.maximum(want, np.float32(1e-6)).astype(np.float32)
+  assert_bitwise_equal(gammas[0], jnp.asarray(want))
+  assert np.all(np.asarray(gammas[0])[s <= tau] == 1.0)
+  assert int(state.num_clipped) == 4 and int(state.num_nonfinite) == 0
+  assert float(state.max_logit) == np.float32(1e30)
+  assert float(state.smallest_factor) == np.float32(1e-6)  # the floor binds for 1e30
+
+
+def test_qk_factors_step_nonfinite_is_all_ones_and_counts():
+  gammas, state = qk._factors([jnp.asarray([40.0, 3.0])], jnp.asarray(True), _state(),
+                              threshold=10.0, min_factor=1e-6)
+  assert_bitwise_equal(gammas[0], jnp.ones(2))
+  assert int(state.num_clipped) == 0 and int(state.num_nonfinite) == 1
+
+
+@pytest.mark.parametrize("kv", [None, 2])
+def test_qk_multipliers_step_is_sqrt_of_tau_over_s(kv):
+  """alpha = 0.5: query head h times sqrt(tau / S_h) above tau, exactly 1 otherwise."""
+  heads, tau = 4, 10.0
+  s = np.array([40.0, 3.0, 10.0, 12.5], np.float32)
+  params = {"q": jnp.ones((D, heads * HD)), "k": jnp.ones((D, (kv or heads) * HD))}
+  layout = og.qk_separate("q", "k", head_axis=-1, num_kv_heads=kv)
+  gammas, _ = qk._factors([jnp.asarray(s)], jnp.asarray(False), _state(), threshold=tau,
+                          min_factor=1e-6)
+  plan = qk._plan(params, params, {qk.EXTRA: jnp.asarray(s)}, layouts=[layout],
+                  treedef=jax.tree.structure(0), stacked=None)
+  mults = qk._multipliers([layout], gammas, jnp.asarray(False), plan=plan, alpha=0.5)
+  q_want = np.repeat(np.where(s > tau, np.sqrt(tau / s.astype(np.float64)), 1.0), HD)
+  k_gamma = _k_gamma(_gamma(s, tau), kv or heads)
+  k_want = np.repeat(np.sqrt(k_gamma), HD)
+  q, k = (np.asarray(mults[plan.names.index(n)])[0] for n in ("q", "k"))
+  np.testing.assert_allclose(q, q_want, rtol=1e-6)
+  np.testing.assert_allclose(k, k_want, rtol=1e-6)
+  assert np.all(q[q_want == 1.0] == 1.0) and np.all(k[k_want == 1.0] == 1.0)  # exactly
+
+
+def test_qk_peaks_step_reduces_batch_axes_and_flags_nonfinite():
+  m = jnp.asarray(np.arange(24, dtype=np.float32).reshape(2, 3, 4), jnp.bfloat16)
+  peaks, bad = qk._peaks([m, jnp.asarray([[1.0, jnp.nan]])], [1, 1], axis_name=None)
+  assert peaks[0].dtype == jnp.float32 and peaks[0].shape == (2, 4)
+  assert_bitwise_equal(peaks[0], jnp.max(m.astype(jnp.float32), axis=1))
+  assert peaks[1].shape == (1, 2) and bool(bad)
+  _, bad = qk._peaks([m], [0], axis_name=None)  # [batch, batch, heads]: both reduced
+  assert not bool(bad)
+
+
+def test_qk_plan_step_layer_axes_from_stacked_or_from_the_maxima():
+  params = {"a": jnp.ones((3, D, 6)), "w": jnp.ones((D, 2))}
+  counts = lambda path, leaf: 1 if jax.tree_util.keystr(path) == "['a']" else 0
+  layouts, treedef = qk._as_layouts([og.qk_fused("a"), lambda g: {"w": g}])
+  extra = {qk.EXTRA: [jnp.ones((3, 8, 2)), jnp.ones((5, 2))]}
+  plan = qk._plan(params, params, extra, layouts=layouts, treedef=treedef, stacked=counts)
+  assert plan.layers == (1, 1)  # stacked count of 'a'; every axis but the heads
+  assert plan.names == ("a", "w")
+  assert all(isinstance(x, qk.QkLayout) for x in layouts) and layouts[1].paths == ()
+
+
+def test_qk_apply_step_is_bitwise_where_the_multiplier_is_one():
+  u = {"a": _rand(0, (4, 3)), "b": _rand(1, (2,))}
+  p = {"a": _rand(2, (4, 3)), "b": _rand(3, (2,))}
+  m = jnp.asarray([1.0, 0.5, 1.0], jnp.float32)
+  out = qk._apply(u, p, {0: m})
+  assert_bitwise_equal(out["b"], u["b"])
+  assert_bitwise_equal(out["a"][:, 0::2], u["a"][:, 0::2])
+  assert_bitwise_equal(out["a"][:, 1], (p["a"][:, 1] + u["a"][:, 1]) * 0.5 - p["a"][:, 1])
+
+
+def test_qk_layouts_are_not_callable_and_hold_a_layout_function():
+  """Not callable: optax.inject_hyperparams would take a callable for a schedule."""
+  for layout in (og.qk_fused("qkv"), og.qk_separate("q", "k", head_axis=-2)):
+    assert isinstance(layout, qk.QkLayout) and not callable(layout)
+    assert callable(layout.fn) and layout.paths
+
+
+def test_qk_user_layout_with_per_leaf_multipliers_matches_the_built_in():
+  """A user function returning per-leaf multipliers takes the built-ins' path, bitwise."""
+  params = {"q": {"kernel": _rand(0, (D, 2, HD)), "bias": _rand(1, (2, HD))},
+            "k": {"kernel": _rand(2, (D, 2, HD)), "bias": _rand(3, (2, HD))}}
+  grads = jax.tree.map(lambda x: 0.3 * x, params)
+  maxima = jnp.asarray([30.0, 4.0])
+
+  def by_hand(gamma):
+    def q(leaf):
+      assert leaf.path in ("q/kernel", "q/bias") and leaf.layers == 0
+      f = jnp.where(gamma == 1, 1.0, gamma ** leaf.alpha)
+      return f.reshape((2, 1))
+    def k(leaf):
+      return jnp.where(gamma == 1, 1.0, gamma ** (1 - leaf.alpha)).reshape((2, 1))
+    return {"q": q, "k": k}
+
+  built_in = og.qk_clip(10.0, og.qk_separate("q", "k", head_axis=-2), alpha=0.3)
+  user = og.qk_clip(10.0, by_hand, alpha=0.3)
+  want, want_state, _ = _apply(built_in, params, grads, maxima)
+  got, got_state, _ = _apply(user, params, grads, maxima)
+  assert_bitwise_equal(got, want)
+  chex.assert_trees_all_equal(got_state, want_state)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: og.qk_fused(("a", "a/")), r"qk_fused\(qkv=...\) must be free of repeats"),
+    (lambda: og.qk_separate("q", ("k", "q"), head_axis=-1),
+     r"qk_separate\(query=..., key=...\) must not both name 'q'"),
+])
+def test_qk_layouts_reject_a_path_named_twice(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
