@@ -15,6 +15,7 @@ comparison; see ``_numerics.safe_factor``).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -24,9 +25,11 @@ import optax
 from jax.typing import ArrayLike
 
 from optax_guard import _numerics as num
+from optax_guard import _stats
 from optax_guard import _validation as val
 
 
+@_stats.declare("adagc", ("count", "gamma", "norm", "num_clipped"))
 class AdagcState(NamedTuple):
   """State of :func:`adagc`.
 
@@ -47,6 +50,30 @@ class AdagcState(NamedTuple):
   gamma: optax.Updates
   norm: jax.Array
   num_clipped: jax.Array
+
+
+def _clip_tensor(
+    x: jax.Array, partial: jax.Array, gamma: jax.Array, *, warm: jax.Array, finite: jax.Array,
+    h_abs: jax.Array, rel: jax.Array, b: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One tensor's step: its clipped values, its new ``gamma`` and how many of
+  its layer slices were scaled down."""
+  f32 = jnp.float32
+  norm = num.finish_norm(partial).astype(f32)  # shape: layer axes + (1,)*rest, or ()
+  gamma_b = gamma.reshape(norm.shape)
+  seen = gamma_b > 0
+  bound = rel * gamma_b
+  h_rel = jnp.where(seen, num.safe_factor(bound, norm), jnp.ones((), f32))
+  factor = jnp.where(warm, h_abs, h_rel)
+  num_clipped = jnp.sum((factor < 1) & (norm > 0), dtype=jnp.int32)
+  # the clipped norm, recorded when finite and nonzero
+  clipped = jnp.where(warm, h_abs * norm, jnp.where(seen, jnp.minimum(norm, bound), norm))
+  record = jnp.isfinite(norm) & jnp.isfinite(clipped) & (clipped > 0) & (
+      finite | jnp.logical_not(warm))
+  during = jnp.where(seen, jnp.minimum(gamma_b, clipped), clipped)
+  after = jnp.where(seen, b * gamma_b + (1 - b) * clipped, clipped)
+  new = jnp.where(record, jnp.where(warm, during, after), gamma_b)
+  return num.scale_leaf(x, factor), new.reshape(gamma.shape).astype(f32), num_clipped
 
 
 def adagc(
@@ -113,15 +140,12 @@ def adagc(
     beta: EMA decay in ``[0, 1]``.
     warmup_steps: ``>= 0`` warm-up steps (0: per-tensor clipping from the
       start, each :math:`\gamma` seeded unclipped).
-    stacked: leading layer axes (None, an int, a tree prefix of ints, or a
-      callable ``(path, leaf) -> int``): each slice ``x[i]`` of a stacked
-      (scanned) leaf is a tensor with its own :math:`\gamma`, so a scanned
-      model and its unrolled twin get the same updates. Static (under
-      ``optax.inject_hyperparams`` pass ``static_args=("stacked",)``).
-    axis_name: inside ``pmap``/``shard_map`` when each device holds a
-      different shard of the updates, the mapped axis to ``psum`` the
-      per-tensor sums of squares over (one collective). The stacked layer
-      axes must not be split over the devices.
+    stacked: leading layer axes of each leaf (None, an int, a prefix tree of
+      ints or a callable ``(path, leaf) -> int``); see :ref:`design-stacked`.
+      Each layer slice is a tensor with its own :math:`\gamma`.
+    axis_name: the mapped axis to ``psum`` the per-tensor sums of squares
+      over when the devices hold different shards of the updates; see
+      :ref:`design-collectives`.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`AdagcState`.
@@ -146,12 +170,9 @@ def adagc(
   """
   owner = "adagc"
   val.positive(owner, "lambda_abs", lambda_abs)
-  rel_value = val.number(owner, "lambda_rel", lambda_rel)
-  if rel_value is not None and not rel_value >= 1.0:
-    raise ValueError(
-        f"{owner}(lambda_rel=...) must be >= 1 (below 1 every tensor's threshold shrinks "
-        f"geometrically to 0 and training stops), got {lambda_rel!r}"
-    )
+  val.in_range(owner, "lambda_rel", lambda_rel, 1.0, math.inf,
+               why=" (below 1 every tensor's threshold shrinks geometrically to 0 and "
+               "training stops)")
   val.in_range(owner, "beta", beta, 0.0, 1.0)
   val.integer(owner, "warmup_steps", warmup_steps, minimum=0)
   stacked = val.stacked(owner, stacked)
@@ -183,22 +204,11 @@ def adagc(
 
     out, gammas, num_clipped = [], [], jnp.zeros((), jnp.int32)
     for x, p, gamma in zip(leaves, partials, jax.tree.leaves(state.gamma), strict=True):
-      norm = num.finish_norm(p).astype(f32)  # shape: layer axes + (1,)*rest, or ()
-      gamma_b = gamma.reshape(norm.shape)
-      seen = gamma_b > 0
-      bound = rel * gamma_b
-      h_rel = jnp.where(seen, num.safe_factor(bound, norm), jnp.ones((), f32))
-      factor = jnp.where(warm, h_abs, h_rel)
-      out.append(num.scale_leaf(x, factor))
-      num_clipped += jnp.sum((factor < 1) & (norm > 0), dtype=jnp.int32)
-      # the clipped norm, recorded when finite and nonzero
-      clipped = jnp.where(warm, h_abs * norm, jnp.where(seen, jnp.minimum(norm, bound), norm))
-      record = jnp.isfinite(norm) & jnp.isfinite(clipped) & (clipped > 0) & (
-          finite | jnp.logical_not(warm))
-      during = jnp.where(seen, jnp.minimum(gamma_b, clipped), clipped)
-      after = jnp.where(seen, b * gamma_b + (1 - b) * clipped, clipped)
-      new = jnp.where(record, jnp.where(warm, during, after), gamma_b)
-      gammas.append(new.reshape(gamma.shape).astype(f32))
+      y, new, clipped = _clip_tensor(x, p, gamma, warm=warm, finite=finite, h_abs=h_abs,
+                                     rel=rel, b=b)
+      out.append(y)
+      gammas.append(new)
+      num_clipped += clipped
 
     count = jnp.where(finite, optax.safe_increment(state.count), state.count)
     return jax.tree.unflatten(treedef, out), AdagcState(

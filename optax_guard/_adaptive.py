@@ -25,6 +25,7 @@ import optax
 from jax.typing import ArrayLike
 
 from optax_guard import _numerics as num
+from optax_guard import _stats
 from optax_guard import _validation as val
 
 # ---------------------------------------------------------------------------
@@ -78,13 +79,9 @@ def adaptive_grad_clip(
       Under ``optax.inject_hyperparams`` an int ``axis`` would become an
       array, which raises a ``TypeError``: pass ``static_args=("axis",)`` or
       a tuple such as ``axis=(0,)`` (tuples and None stay static).
-    stacked: leading layer axes of the leaves: None, an int, a tree of ints
-      (a prefix of the updates' tree) or a callable ``(path, leaf) -> int``.
-      A model built with ``nnx.scan`` keeps all layers' kernels in one leaf
-      ``(layers, ...)``; ``stacked=1`` treats each slice as its own tensor,
-      so the update equals the unrolled model's. ``axis`` then refers to the
-      axes of one layer's slice. Static like ``axis``: an int or a callable
-      needs ``static_args=("stacked",)`` under ``optax.inject_hyperparams``.
+    stacked: leading layer axes of each leaf (None, an int, a prefix tree of
+      ints or a callable ``(path, leaf) -> int``); see :ref:`design-stacked`.
+      ``axis`` then refers to the axes of one layer's slice.
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
@@ -110,9 +107,7 @@ def adaptive_grad_clip(
   stacked = val.stacked(owner, stacked)
 
   def update_fn(updates, state, params=None):
-    val.matching_params(owner, updates, params)
-    val.float_leaves(owner, updates)
-    val.float_leaves(owner, params, what="params")
+    val.params_and_updates(owner, updates, params)
 
     def leaf(path, lead, g, p):
       g_norm = num.unit_norm_at(owner, path, g, axis, lead=lead)
@@ -132,6 +127,7 @@ def adaptive_grad_clip(
 # ---------------------------------------------------------------------------
 
 
+@_stats.declare("autoclip", ("count", "norm", "threshold"))
 class AutoClipState(NamedTuple):
   """State of :func:`autoclip`.
 
@@ -222,12 +218,12 @@ def autoclip(
   Args:
     percentile: ``p`` in ``[0, 100]``; the paper recommends 10.
     history_size: ``N >= 1``, the number of recent finite norms kept.
-    axis_name: inside ``pmap``/``shard_map`` when each device holds a different
-      shard of the updates, the mapped axis to ``psum`` the squared norms over
-      (one collective), so every device uses the same norm and threshold.
+    axis_name: the mapped axis to ``psum`` the squared norms over when the
+      devices hold different shards of the updates, so that every device uses
+      the same norm and threshold; see :ref:`design-collectives`.
 
   Returns:
-    An ``optax.GradientTransformation`` with :class:`AutoClipState`.
+    An ``optax.GradientTransformationExtraArgs`` with :class:`AutoClipState`.
 
   Example:
     >>> import jax.numpy as jnp, optax_guard as og
@@ -250,8 +246,7 @@ def autoclip(
   def init_fn(params):
     del params
     size = val.concrete_size(owner, "history_size", history_size)
-    if size < 1:
-      raise ValueError(f"{owner}(history_size=...) must be >= 1, got {size}")
+    val.integer(owner, "history_size", size, minimum=1)  # an array at construction
     return AutoClipState(
         count=jnp.zeros((), jnp.int32),
         history=jnp.zeros((size,), jnp.float32),
@@ -259,11 +254,11 @@ def autoclip(
         threshold=jnp.zeros((), jnp.float32),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
     val.float_leaves(owner, updates)
     size = state.history.shape[0]
-    norm = num.global_norm(updates, axis_name=axis_name)
+    norm = num.global_norm(updates, None, axis_name, extra_args.get(num.SHARED_NORM))
     x = norm.astype(jnp.float32)
     finite = jnp.isfinite(x)
     history, count = num.ring_record(state.history, state.count, x, finite)
@@ -280,7 +275,7 @@ def autoclip(
     updates = num.scale_tree(updates, factor)
     return updates, AutoClipState(count, history, x, threshold)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +283,7 @@ def autoclip(
 # ---------------------------------------------------------------------------
 
 
+@_stats.declare("zclip", ("count", "mean", "std", "threshold", "norm"))
 class ZClipState(NamedTuple):
   """State of :func:`zclip`.
 
@@ -374,12 +370,12 @@ def zclip(
     max_norm: optional fixed bound ``> 0`` applied at every step; ``inf``
       is the same as None (no fixed bound).
     eps: ``>= 0`` added to ``sigma`` in the z-score.
-    axis_name: inside ``pmap``/``shard_map`` when each device holds a different
-      shard of the updates, the mapped axis to ``psum`` the squared norms over
-      (one collective), so every device keeps the same statistics.
+    axis_name: the mapped axis to ``psum`` the squared norms over when the
+      devices hold different shards of the updates, so that every device
+      keeps the same statistics; see :ref:`design-collectives`.
 
   Returns:
-    An ``optax.GradientTransformation`` with :class:`ZClipState`.
+    An ``optax.GradientTransformationExtraArgs`` with :class:`ZClipState`.
 
   Example:
     >>> import jax.numpy as jnp, optax_guard as og
@@ -412,11 +408,11 @@ def zclip(
         count=jnp.zeros((), jnp.int32), mean=zero(), std=zero(), threshold=zero(), norm=zero(),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
     val.float_leaves(owner, updates)
     f32 = jnp.float32
-    norm = num.global_norm(updates, axis_name=axis_name)
+    norm = num.global_norm(updates, None, axis_name, extra_args.get(num.SHARED_NORM))
     x = norm.astype(f32)
     finite = jnp.isfinite(x)
     a = jnp.asarray(alpha, f32)
@@ -455,4 +451,4 @@ def zclip(
         threshold=threshold.astype(f32), norm=x,
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -26,26 +26,6 @@ from optax_guard import _numerics as num
 from optax_guard import _validation as val
 
 
-def _bounds(
-    owner: str, max_value: ArrayLike, min_value: ArrayLike | None
-) -> tuple[ArrayLike, ArrayLike]:
-  """Checks a box ``[min_value, max_value]``; ``min_value`` defaults to ``-max_value``.
-
-  Infinite bounds are allowed (``max_value=inf`` is the unbounded box, which
-  switches clipping off). A box of zero width (``max_value == min_value``,
-  e.g. ``clip_by_value(0.0)``) would replace everything with one constant, so
-  it is rejected, as is an empty box.
-  """
-  val.number(owner, "max_value", max_value)
-  if min_value is None:
-    min_value = jnp.negative(max_value) if val.is_jax(max_value) else -float(max_value)  # type: ignore[arg-type]
-  else:
-    val.number(owner, "min_value", min_value)
-  # a box of zero width, such as [0, 0], would set every value to one constant
-  val.ordered(owner, "min_value", min_value, "max_value", max_value, strict=True)
-  return min_value, max_value
-
-
 def _clamp(x: jax.Array, lo: ArrayLike, hi: ArrayLike) -> jax.Array:
   """``clip(x, lo, hi)`` keeping ``x.dtype`` even for traced float32 bounds.
 
@@ -96,7 +76,7 @@ def clip_by_value(
     Mikolov, 2012, *Statistical language models based on neural networks*.
   """
   owner = "clip_by_value"
-  lo, hi = _bounds(owner, max_value, min_value)
+  lo, hi = val.value_box(owner, max_value, min_value)
 
   def update_fn(updates, state, params=None):
     del params
@@ -180,17 +160,12 @@ def clip_by_norm(
   Args:
     max_norm: the bound ``c > 0`` (``inf`` switches clipping off).
     ord: None or 2 (L2), 1, or ``inf``.
-    axis_name: when each device holds a different shard of every leaf (inside
-      ``pmap``/``shard_map``), the axis to ``psum`` the per-leaf partials over
-      (one collective for all leaves). Leave None under plain ``jit``. The
-      stacked layer axes must not be split over the devices.
-    stacked: leading layer axes of the leaves: None, an int, a tree of ints
-      (a prefix of the updates' tree) or a callable ``(path, leaf) -> int``.
-      A model built with ``nnx.scan`` keeps all layers' kernels in one leaf
-      ``(layers, ...)``; ``stacked=1`` treats each slice as its own tensor,
-      so the update equals the unrolled model's. Static: under
-      ``optax.inject_hyperparams`` an int or a callable needs
-      ``static_args=("stacked",)`` (a tree of ints stays static by itself).
+    axis_name: the mapped axis to ``psum`` the per-leaf partials over (one
+      collective for all leaves) when the devices hold different shards of
+      every leaf; see :ref:`design-collectives`.
+    stacked: leading layer axes of each leaf (None, an int, a prefix tree of
+      ints or a callable ``(path, leaf) -> int``); see :ref:`design-stacked`.
+      Each layer slice is clipped as a tensor of its own.
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``.
@@ -259,13 +234,11 @@ def clip_by_global_norm(
   Args:
     max_norm: the bound ``c > 0`` (``inf`` switches clipping off).
     ord: None or 2 (L2), 1, or ``inf``.
-    axis_name: inside ``pmap``/``shard_map`` when each device holds a different
-      shard of the updates, the mapped axis to ``psum`` the partial sums over
-      (one collective). Leave None under plain ``jit`` on sharded arrays and
-      when updates are replicated (e.g. after ``lax.pmean``).
+    axis_name: the mapped axis to ``psum`` the partial sums of the global
+      norm over; see :ref:`design-collectives`.
 
   Returns:
-    An ``optax.GradientTransformation`` with ``optax.EmptyState``.
+    An ``optax.GradientTransformationExtraArgs`` with ``optax.EmptyState``.
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_guard as og
@@ -285,13 +258,13 @@ def clip_by_global_norm(
   ord = val.norm_ord(owner, ord)  # noqa: A001
   axis_name = val.axis_name(owner, axis_name)
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
     val.float_leaves(owner, updates)
-    norm = num.global_norm(updates, ord, axis_name)
+    norm = num.global_norm(updates, ord, axis_name, extra_args.get(num.SHARED_NORM))
     return num.scale_tree(updates, num.safe_factor(max_norm, norm)), state
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def clip_by_axis_norm(
@@ -321,17 +294,12 @@ def clip_by_axis_norm(
   Args:
     max_norm: the bound ``c > 0`` (``inf`` switches clipping off).
     axis: int, tuple of ints, or None (see above).
-    axis_name: inside ``pmap``/``shard_map`` when the *reduced* axes of each
-      leaf are split over devices, the mapped axis to ``psum`` the per-unit
-      partial sums over. Leave None otherwise.
-    stacked: leading layer axes of the leaves: None, an int, a tree of ints
-      (a prefix of the updates' tree) or a callable ``(path, leaf) -> int``.
-      A model built with ``nnx.scan`` keeps all layers' kernels in one leaf
-      ``(layers, ...)``; ``stacked=1`` treats each slice as its own tensor,
-      so the update equals the unrolled model's.
-      ``axis`` then refers to the axes of one layer's slice. Static: under
-      ``optax.inject_hyperparams`` an int or a callable needs
-      ``static_args=("stacked",)`` (a tree of ints stays static by itself).
+    axis_name: the mapped axis to ``psum`` the per-unit partial sums over
+      when the *reduced* axes of each leaf are split over the devices; see
+      :ref:`design-collectives`.
+    stacked: leading layer axes of each leaf (None, an int, a prefix tree of
+      ints or a callable ``(path, leaf) -> int``); see :ref:`design-stacked`.
+      ``axis`` then refers to the axes of one layer's slice.
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``.
@@ -410,12 +378,10 @@ def clip_weights(
     https://arxiv.org/abs/1701.07875
   """
   owner = "clip_weights"
-  lo, hi = _bounds(owner, max_value, min_value)
+  lo, hi = val.value_box(owner, max_value, min_value)
 
   def update_fn(updates, state, params=None):
-    val.matching_params(owner, updates, params)
-    val.float_leaves(owner, updates, complex_ok=False)
-    val.float_leaves(owner, params, what="params", complex_ok=False)
+    val.params_and_updates(owner, updates, params, complex_ok=False)
 
     def leaf(u, p):
       u = jnp.asarray(u)
@@ -450,18 +416,14 @@ def clip_weights_by_norm(
   Args:
     max_norm: the bound ``c > 0`` (``inf`` switches the constraint off).
     axis: int, tuple of ints, or None.
-    stacked: leading layer axes of the leaves: None, an int, a tree of ints
-      (a prefix of the updates' tree) or a callable ``(path, leaf) -> int``.
-      A model built with ``nnx.scan`` keeps all layers' kernels in one leaf
-      ``(layers, ...)``; ``stacked=1`` treats each slice as its own tensor,
-      so the update equals the unrolled model's.
-      ``axis`` then refers to the axes of one layer's slice. Static: under
-      ``optax.inject_hyperparams`` an int or a callable needs
-      ``static_args=("stacked",)`` (a tree of ints stays static by itself).
+    stacked: leading layer axes of each leaf (None, an int, a prefix tree of
+      ints or a callable ``(path, leaf) -> int``); see :ref:`design-stacked`.
+      ``axis`` then refers to the axes of one layer's slice of the weights.
 
   Returns:
     An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
-    raises ``ValueError`` when ``params`` is None.
+    constrains ``params + updates``, so it raises ``ValueError`` when
+    ``params`` is None.
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_guard as og
@@ -482,9 +444,7 @@ def clip_weights_by_norm(
   stacked = val.stacked(owner, stacked)
 
   def update_fn(updates, state, params=None):
-    val.matching_params(owner, updates, params)
-    val.float_leaves(owner, updates)
-    val.float_leaves(owner, params, what="params")
+    val.params_and_updates(owner, updates, params)
 
     def leaf(path, lead, u, p):
       u = jnp.asarray(u)

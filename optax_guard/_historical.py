@@ -19,9 +19,11 @@ import optax
 from jax.typing import ArrayLike
 
 from optax_guard import _numerics as num
+from optax_guard import _stats
 from optax_guard import _validation as val
 
 
+@_stats.declare("clip_by_historical_norm", ("count", "norm", "threshold"))
 class ClipByHistoricalNormState(NamedTuple):
   """State of :func:`clip_by_historical_norm`.
 
@@ -44,10 +46,7 @@ class ClipByHistoricalNormState(NamedTuple):
 
 
 def clip_by_historical_norm(
-    sigma: ArrayLike = 3.0,
-    *,
-    window: int = 128,
-    min_history: int | None = None,
+    sigma: ArrayLike = 3.0, *, window: int = 128, min_history: int | None = None,
     axis_name: val.AxisName = None,
 ) -> optax.GradientTransformation:
   r"""Clip the global norm at the mean plus ``sigma`` standard deviations of its history.
@@ -91,12 +90,13 @@ def clip_by_historical_norm(
       ``static_args=("window",)`` to call ``init`` under ``jit``).
     min_history: ``1 <= min_history <= window`` norms needed before the
       first clip; None for ``max(2, window // 2)``.
-    axis_name: inside ``pmap``/``shard_map`` when each device holds a
-      different shard of the updates, the mapped axis to ``psum`` the squared
-      norms over (one collective), so every device clips alike.
+    axis_name: the mapped axis to ``psum`` the squared norms over when the
+      devices hold different shards of the updates, so that every device
+      clips alike; see :ref:`design-collectives`.
 
   Returns:
-    An ``optax.GradientTransformation`` with :class:`ClipByHistoricalNormState`.
+    An ``optax.GradientTransformationExtraArgs`` whose state,
+    :class:`ClipByHistoricalNormState`, holds the window of norms.
 
   Example:
     >>> import jax.numpy as jnp, optax_guard as og
@@ -115,13 +115,7 @@ def clip_by_historical_norm(
   """
   owner = "clip_by_historical_norm"
   val.positive(owner, "sigma", sigma)
-  val.integer(owner, "window", window, minimum=2)
-  if min_history is not None:
-    val.integer(owner, "min_history", min_history, minimum=1)
-    if not val.is_jax(window) and not val.is_jax(min_history) and min_history > window:
-      raise ValueError(
-          f"{owner}(min_history=...) must be <= window={window!r}, got {min_history!r}"
-      )
+  val.history_window(owner, window, min_history, smallest=2)
   axis_name = val.axis_name(owner, axis_name)
 
   def init_fn(params):
@@ -133,12 +127,12 @@ def clip_by_historical_norm(
         norm=zero(), threshold=zero(),
     )
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
     del params
     val.float_leaves(owner, updates)
     f32 = jnp.float32
     size = state.history.shape[0]
-    norm = num.global_norm(updates, axis_name=axis_name)
+    norm = num.global_norm(updates, None, axis_name, extra_args.get(num.SHARED_NORM))
     x = norm.astype(f32)
 
     valid = num.ring_valid(state.history, state.count)
@@ -155,4 +149,4 @@ def clip_by_historical_norm(
     history, count = num.ring_record(state.history, state.count, x, jnp.isfinite(x))
     return updates, ClipByHistoricalNormState(count, history, x, threshold.astype(f32))
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

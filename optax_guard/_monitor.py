@@ -1,15 +1,12 @@
-"""Monitoring: what the gradients look like, and what the guards decided.
+"""Monitoring: what the gradients look like.
 
 :func:`monitor` is an identity transformation that records statistics of the
-updates it sees; :func:`guard_stats` collects every scalar statistic held by
-the states of optax_guard transformations anywhere inside an optimizer state,
-as a flat ``dict`` ready for a logger.
+updates it sees; :func:`~optax_guard.guard_stats` reads them (with every other
+statistic the states of optax_guard declare) as a flat ``dict`` for a logger.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -18,9 +15,11 @@ import numpy as np
 import optax
 
 from optax_guard import _numerics as num
+from optax_guard import _stats
 from optax_guard import _validation as val
 
 
+@_stats.declare("monitor", ("global_norm", "max_abs", "num_nonfinite", "leaf_norms"))
 class MonitorState(NamedTuple):
   """State of :func:`monitor`: statistics of the most recent updates.
 
@@ -64,19 +63,15 @@ def monitor(
   Args:
     per_leaf: also record the L2 norm of every leaf (a tree of scalars with
       the structure of the params given to ``init``).
-    axis_name: inside ``pmap``/``shard_map`` when each device holds a different
-      shard of the updates, the mapped axis to combine over: one ``psum`` (the
-      sums of squares and the non-finite count) and one ``pmax`` (``max_abs``).
-      Leave None under plain ``jit`` and for replicated updates.
-    stacked: with ``per_leaf``, the leading layer axes of the leaves: None,
-      an int, a tree of ints (a prefix of the params' tree) or a callable
-      ``(path, leaf) -> int``. A model built with ``nnx.scan`` keeps all
-      layers' kernels in one leaf ``(layers, ...)``; ``stacked=1`` records
-      one norm per layer slice (the norms of the unrolled model's leaves),
-      in an array of the layer shape. :func:`guard_stats` reports scalars
-      only and leaves such arrays out. Static: under
-      ``optax.inject_hyperparams`` an int or a callable needs
-      ``static_args=("stacked",)``.
+    axis_name: the mapped axis to combine over when the devices hold
+      different shards of the updates: one ``psum`` (the sums of squares and
+      the non-finite count) and one ``pmax`` (``max_abs``); see
+      :ref:`design-collectives`.
+    stacked: with ``per_leaf``, the leading layer axes of each leaf (None, an
+      int, a prefix tree of ints or a callable ``(path, leaf) -> int``); see
+      :ref:`design-stacked`. A stacked leaf gets one norm per layer slice, in
+      an array of the layer shape, which :func:`guard_stats` (scalars only)
+      leaves out.
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`MonitorState`.
@@ -138,149 +133,3 @@ def monitor(
     return updates, MonitorState(f32(num.finish_norm(total)), max_abs, bad, leaf_norms)
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-# ---------------------------------------------------------------------------
-# guard_stats
-# ---------------------------------------------------------------------------
-
-_PREFIXES = {
-    "ZClipState": "zclip",
-    "AutoClipState": "autoclip",
-    "SkipNonfiniteState": "skip_nonfinite",
-    "SkipOnSpikeState": "skip_on_spike",
-    "SkipStepsState": "skip_steps",
-    "ReduceOnPlateauState": "reduce_on_plateau",
-    "MonitorState": "monitor",
-    "QkClipState": "qk_clip",
-}
-_INJECT = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
-# Fields of our optimizer states that hold moments (trees like the params),
-# not statistics: left out even where a leaf is a scalar.
-_MOMENTS = ("mu", "nu")
-
-
-def _is_ours(x: Any) -> bool:
-  return hasattr(x, "_fields") and type(x).__module__.startswith("optax_guard")
-
-
-def _kind(x: Any) -> str:
-  name = type(x).__name__
-  if name in _PREFIXES:
-    return _PREFIXES[name]
-  if name.endswith("State") and len(name) > len("State"):
-    name = name[: -len("State")]
-  return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
-
-
-def _key_str(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def _is_scalar(x: Any) -> bool:
-  if isinstance(x, (bool, int, float, np.number)):
-    return True
-  return isinstance(x, (jax.Array, np.ndarray)) and x.ndim == 0
-
-
-def _scalars(prefix: str, tree: Any) -> Iterator[tuple[str, jax.Array]]:
-  """``(name, scalar)`` for every scalar leaf of ``tree``; arrays are skipped.
-
-  A trailing ``.value`` attribute in the path (the array inside a variable
-  wrapper, e.g. the state of Flax NNX's ``nnx.Optimizer``) is not named.
-  """
-  for path, leaf in jax.tree.flatten_with_path(tree)[0]:
-    if _is_scalar(leaf):
-      if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-      parts = ([prefix] if prefix else []) + [_key_str(k) for k in path]
-      yield "/".join(parts), leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
-
-
-def _collect(state: Any, found: list) -> None:
-  """Appends ``(kind, [(name, value), ...])`` for every recognised state."""
-  stop = lambda x: _is_ours(x) or isinstance(x, _INJECT)
-  for node in jax.tree.leaves(state, is_leaf=stop):
-    if isinstance(node, _INJECT):
-      hyperparams = list(_scalars("", node.hyperparams))
-      if hyperparams:
-        found.append(("hyperparams", hyperparams))
-      _collect(node.inner_state, found)
-    elif _is_ours(node):
-      entries: list = []
-      found.append((_kind(node), entries))
-      for field in node._fields:
-        value = getattr(node, field)
-        if field == "inner_state":
-          _collect(value, found)
-        elif field not in _MOMENTS:
-          entries.extend(_scalars(field, value))
-
-
-def guard_stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
-  """Every scalar statistic of optax_guard states inside an optimizer state.
-
-  Walks any optimizer state (tuples of ``optax.chain``, the dicts of
-  ``optax.multi_transform``, ``optax.MultiStepsState``, masked states, the
-  ``inner_state`` of our guards and of ``optax.inject_hyperparams``, and any
-  other pytree) depth first, in the order ``jax.tree.flatten`` flattens it, and
-  finds every state whose class is defined in ``optax_guard``. Each scalar
-  field becomes an entry ``"<kind>/<field>"``: the kind is ``zclip``,
-  ``autoclip``, ``skip_nonfinite``, ``skip_on_spike``, ``skip_steps``,
-  ``reduce_on_plateau``, ``monitor``, ``qk_clip``, or for other states the snake-cased
-  class name without ``State`` (``scale_by_stable_adam``, ``scale_by_spam``,
-  ``adagc``). Arrays with dimensions (history buffers) and the moments of
-  our optimizers (``mu``, ``nu``) are left out; a field
-  holding a tree of scalars (``monitor(per_leaf=True)``'s ``leaf_norms``)
-  gives one entry per leaf, ``"monitor/leaf_norms/<path>"``. Variable
-  wrappers holding the array in ``.value`` (the state of Flax NNX's
-  ``nnx.Optimizer``, so ``guard_stats(optimizer.opt_state)`` works) are looked
-  through without adding ``/value`` to the name.
-
-  The numeric hyperparameters of every ``optax.inject_hyperparams`` state are
-  reported too, as ``"hyperparams/<name>"`` (a scheduled learning rate or
-  clipping threshold is worth logging next to the statistics it drives).
-
-  When a kind occurs more than once, every occurrence gets a suffix in walk
-  order: ``"zclip_1/threshold"``, ``"zclip_2/threshold"``. The structure of the
-  result depends only on the structure of ``opt_state``, so this is safe inside
-  ``jax.jit`` (it returns the state's arrays, or tracers under ``jit``) and
-  costs nothing at run time. (A dict returned from a jitted function comes
-  back with its keys sorted, as JAX flattens dicts.)
-
-  Args:
-    opt_state: any optimizer state.
-
-  Returns:
-    A ``dict`` from names to scalar ``jax.Array`` values (int32 counters, bool
-    flags, float32 statistics).
-
-  Example:
-    >>> import jax.numpy as jnp, optax, optax_guard as og
-    >>> tx = og.skip_nonfinite(optax.chain(og.monitor(), optax.sgd(0.1)))
-    >>> state = tx.init(jnp.zeros(2))
-    >>> _, state = tx.update(jnp.array([3.0, 4.0]), state)
-    >>> stats = og.guard_stats(state)
-    >>> sorted(stats)  # doctest: +NORMALIZE_WHITESPACE
-    ['monitor/global_norm', 'monitor/max_abs', 'monitor/num_nonfinite',
-     'skip_nonfinite/consecutive_skipped', 'skip_nonfinite/last_skipped',
-     'skip_nonfinite/num_skipped']
-    >>> float(stats["monitor/global_norm"])
-    5.0
-  """
-  found: list = []
-  _collect(opt_state, found)
-  totals: dict[str, int] = {}
-  for kind, _ in found:
-    totals[kind] = totals.get(kind, 0) + 1
-  seen: dict[str, int] = {}
-  out: dict[str, jax.Array] = {}
-  for kind, entries in found:
-    seen[kind] = seen.get(kind, 0) + 1
-    label = kind if totals[kind] == 1 else f"{kind}_{seen[kind]}"
-    for name, value in entries:
-      out[f"{label}/{name}"] = value
-  return out

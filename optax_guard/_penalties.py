@@ -38,23 +38,9 @@ BoolTree = bool | Mapping[Any, "BoolTree"] | Sequence["BoolTree"]
 Mask = BoolTree | Callable[[optax.Params], BoolTree]
 
 
-def _expand_mask(owner: str, mask: Mask, params: Any) -> Any:
-  """The mask as a full tree of Python bools matching ``params``."""
-  tree = mask(params) if callable(mask) else mask
-  val.mask_tree(owner, tree)
-  try:
-    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, params)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"{owner}(mask=...) must have the tree structure of the params or a prefix "
-        f"of it; mask {jax.tree.structure(tree)} does not fit params "
-        f"{jax.tree.structure(params)} ({e})"
-    ) from None
-  return full
-
-
 def _penalty(
     owner: str,
+    *,
     weight: ArrayLike,
     mask: Mask | None,
     term: Callable[[jax.Array, jax.Array], jax.Array],
@@ -63,9 +49,7 @@ def _penalty(
   val.mask(owner, mask)
 
   def update_fn(updates, state, params=None):
-    val.matching_params(owner, updates, params)
-    val.float_leaves(owner, updates)
-    val.float_leaves(owner, params, what="params")
+    val.params_and_updates(owner, updates, params)
 
     def leaf(path, g, p, on=True):
       if not on:
@@ -85,7 +69,7 @@ def _penalty(
     if mask is None:
       out = jax.tree.map_with_path(leaf, updates, params)
     else:
-      on = _expand_mask(owner, mask, params)
+      on = val.expand_mask(owner, mask, params)
       out = jax.tree.map_with_path(leaf, updates, params, on)
     return out, state
 
@@ -136,7 +120,7 @@ def add_l1_penalty(weight: ArrayLike, *, mask: Mask | None = None) -> optax.Grad
     JRSS B 58(1). Keras, ``keras.regularizers.L1``,
     https://keras.io/api/layers/regularizers/
   """
-  return _penalty("add_l1_penalty", weight, mask, lambda w, p: w * jnp.sign(p))
+  return _penalty("add_l1_penalty", weight=weight, mask=mask, term=lambda w, p: w * jnp.sign(p))
 
 
 def add_l2_penalty(weight: ArrayLike, *, mask: Mask | None = None) -> optax.GradientTransformation:
@@ -165,8 +149,8 @@ def add_l2_penalty(weight: ArrayLike, *, mask: Mask | None = None) -> optax.Grad
       ``static_args=("mask",)``.
 
   Returns:
-    An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
-    raises ``ValueError`` when ``params`` is None.
+    As :func:`add_l1_penalty`: an ``optax.GradientTransformation`` with
+    ``optax.EmptyState``, whose update needs ``params``.
 
   Example:
     >>> import jax.numpy as jnp, optax_guard as og
@@ -180,4 +164,4 @@ def add_l2_penalty(weight: ArrayLike, *, mask: Mask | None = None) -> optax.Grad
     NeurIPS 4. Keras, ``keras.regularizers.L2``,
     https://keras.io/api/layers/regularizers/
   """
-  return _penalty("add_l2_penalty", weight, mask, lambda w, p: 2.0 * w * p)
+  return _penalty("add_l2_penalty", weight=weight, mask=mask, term=lambda w, p: 2.0 * w * p)

@@ -31,7 +31,6 @@ function, the argument and the value); JAX arrays pass unchecked.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,7 +42,7 @@ from jax.typing import ArrayLike
 
 from optax_guard import _validation as val
 
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = val.INT32_MAX
 # The largest float32 below 2**31 (float32(2**31 - 1) rounds up to 2**31).
 _F32_BELOW_2_31 = 2147483520.0
 
@@ -53,13 +52,9 @@ _F32_BELOW_2_31 = 2147483520.0
 # ---------------------------------------------------------------------------
 
 
-def _is_jax(x: Any) -> bool:
-  return isinstance(x, (jax.Array, jax.core.Tracer))
-
-
 def _step(count: Any) -> jax.Array:
   """The step as int32 in ``[0, 2**31 - 1]`` (floored, clamped, NaN -> 0)."""
-  if _is_jax(count):
+  if val.is_jax(count):
     t = jnp.asarray(count)
     dtype = t.dtype
     if dtype == jnp.bool_:
@@ -90,51 +85,19 @@ def _step(count: Any) -> jax.Array:
   raise TypeError(f"a schedule step must be an integer or float, got {count!r}")
 
 
-def _whole(owner: str, name: str, value: Any, *, minimum: int) -> Any:
-  """A whole number ``>= minimum`` (an integral float such as ``1e4`` is fine).
-
-  Returns a Python int for concrete values and the JAX array unchanged.
-  """
-  if _is_jax(value):
-    val.integer(owner, name, value)  # shape and dtype; the value is not read
-    return value
-  if isinstance(value, (float, np.floating)):
-    v = float(value)
-    val.number(owner, name, value)  # NaN
-    if not (math.isfinite(v) and v == math.floor(v)):
-      raise ValueError(f"{owner}({name}=...) must be a whole number, got {value!r}")
-    value = int(v)
-  val.integer(owner, name, value, minimum=minimum)
-  if value > _INT32_MAX:
-    raise ValueError(f"{owner}({name}=...) must be <= 2**31 - 1, got {value!r}")
-  return int(value)
-
-
-def _mark(owner: str, value: Any) -> int:
-  """A milestone: a whole number >= 0 (any size; beyond int32 it is never reached)."""
-  if isinstance(value, (float, np.floating)):
-    v = float(value)
-    val.number(owner, "milestones", value)  # NaN
-    if not (math.isfinite(v) and v == math.floor(v)):
-      raise ValueError(f"{owner}(milestones=...) must hold whole numbers, got {value!r}")
-    value = int(v)
-  val.integer(owner, "milestones", value, minimum=0)
-  return int(value)
-
-
 def _int32(x: Any) -> Any:
   """A hyperparameter as int32: NumPy for concrete values (no device work)."""
-  return x.astype(jnp.int32) if _is_jax(x) else np.int32(x)
+  return x.astype(jnp.int32) if val.is_jax(x) else np.int32(x)
 
 
 def _f32(x: Any) -> Any:
   """A hyperparameter as float32: NumPy for concrete values (no device work)."""
-  return x.astype(jnp.float32) if _is_jax(x) else np.float32(x)
+  return x.astype(jnp.float32) if val.is_jax(x) else np.float32(x)
 
 
 def _unit(power: Any) -> bool:
   """True for a concrete power of exactly 1 (the pow is then skipped)."""
-  return not _is_jax(power) and float(power) == 1.0
+  return not val.is_jax(power) and float(power) == 1.0
 
 
 def _opaque(*hparams: jax.Array) -> tuple[jax.Array, ...]:
@@ -218,11 +181,12 @@ def polynomial_decay(
   """
   owner = "polynomial_decay"
   val.finite(owner, "init_value", init_value)
-  decay_steps = _whole(owner, "decay_steps", decay_steps, minimum=1)
+  decay_steps = val.whole(owner, "decay_steps", decay_steps, minimum=1)
   val.non_negative(owner, "power", power, finite=True)
   val.finite(owner, "end_value", end_value)
   cycle = val.flag(owner, "cycle", cycle)
-  return _polynomial(init_value, decay_steps, power, end_value, cycle)
+  return _polynomial(init_value=init_value, decay_steps=decay_steps, power=power,
+                     end_value=end_value, cycle=cycle)
 
 
 @functools.partial(jax.jit, static_argnames=("cycle", "unit"))
@@ -243,6 +207,7 @@ def _polynomial_core(n, init, end, steps, power, *, cycle, unit):
 
 
 def _polynomial(
+    *,
     init_value: ArrayLike, decay_steps: Any, power: ArrayLike, end_value: ArrayLike,
     cycle: bool,
 ) -> optax.Schedule:
@@ -277,8 +242,8 @@ def linear_decay(
   Example:
     >>> import optax_guard as og
     >>> sched = og.linear_decay(1.0, 4, end_value=0.5)
-    >>> [float(sched(t)) for t in (0, 1, 4, 5)]
-    [1.0, 0.875, 0.5, 0.5]
+    >>> [float(sched(t)) for t in range(6)]
+    [1.0, 0.875, 0.75, 0.625, 0.5, 0.5]
 
   References:
     ``torch.optim.lr_scheduler.LinearLR``,
@@ -286,9 +251,10 @@ def linear_decay(
   """
   owner = "linear_decay"
   val.finite(owner, "init_value", init_value)
-  decay_steps = _whole(owner, "decay_steps", decay_steps, minimum=1)
+  decay_steps = val.whole(owner, "decay_steps", decay_steps, minimum=1)
   val.finite(owner, "end_value", end_value)
-  return _polynomial(init_value, decay_steps, 1.0, end_value, False)
+  return _polynomial(init_value=init_value, decay_steps=decay_steps, power=1.0,
+                     end_value=end_value, cycle=False)
 
 
 # ---------------------------------------------------------------------------
@@ -340,12 +306,8 @@ def _inverse_sqrt_core(n, init, timescale):
 
 
 def inverse_time_decay(
-    init_value: ArrayLike,
-    decay_steps: int,
-    *,
-    decay_rate: ArrayLike = 1.0,
-    power: ArrayLike = 1.0,
-    staircase: bool = False,
+    init_value: ArrayLike, decay_steps: int, *,
+    decay_rate: ArrayLike = 1.0, power: ArrayLike = 1.0, staircase: bool = False,
 ) -> optax.Schedule:
   r"""Inverse time decay.
 
@@ -380,7 +342,7 @@ def inverse_time_decay(
   """
   owner = "inverse_time_decay"
   val.finite(owner, "init_value", init_value)
-  decay_steps = _whole(owner, "decay_steps", decay_steps, minimum=1)
+  decay_steps = val.whole(owner, "decay_steps", decay_steps, minimum=1)
   val.non_negative(owner, "decay_rate", decay_rate, finite=True)
   val.non_negative(owner, "power", power, finite=True)
   staircase = val.flag(owner, "staircase", staircase)
@@ -456,7 +418,7 @@ def exponential_decay(
   owner = "exponential_decay"
   val.finite(owner, "init_value", init_value)
   val.positive(owner, "decay_rate", decay_rate, finite=True)
-  decay_steps = _whole(owner, "decay_steps", decay_steps, minimum=1)
+  decay_steps = val.whole(owner, "decay_steps", decay_steps, minimum=1)
   staircase = val.flag(owner, "staircase", staircase)
   if end_value is not None:
     val.finite(owner, "end_value", end_value)
@@ -509,7 +471,7 @@ def step_decay(
   """
   owner = "step_decay"
   val.finite(owner, "init_value", init_value)
-  step_size = _whole(owner, "step_size", step_size, minimum=1)
+  step_size = val.whole(owner, "step_size", step_size, minimum=1)
   val.positive(owner, "factor", factor, finite=True)
 
   hp = (_f32(init_value), _int32(step_size), _f32(factor))
@@ -557,16 +519,10 @@ def multistep_decay(
   owner = "multistep_decay"
   val.finite(owner, "init_value", init_value)
   val.positive(owner, "factor", factor, finite=True)
-  if _is_jax(milestones):
+  if val.is_jax(milestones):
     marks = _int32(jnp.ravel(jnp.asarray(milestones)))
   else:
-    if isinstance(milestones, (str, bytes)) or not isinstance(
-        milestones, (Sequence, np.ndarray)
-    ):
-      raise TypeError(f"{owner}(milestones=...) must be a sequence of ints, got {milestones!r}")
-    ms = [_mark(owner, m) for m in np.asarray(milestones, dtype=object).ravel()]
-    if any(ms[i] > ms[i + 1] for i in range(len(ms) - 1)):
-      raise ValueError(f"{owner}(milestones=...) must be sorted, got {list(milestones)!r}")
+    ms = val.milestones(owner, milestones)
     marks = np.asarray([m for m in ms if m <= _INT32_MAX], np.int32)  # others: never reached
 
   hp = (_f32(init_value), marks, _f32(factor))
@@ -627,10 +583,10 @@ def warmup(
   """
   owner = "warmup"
   val.callable_(owner, "schedule", schedule)
-  warmup_steps = _whole(owner, "warmup_steps", warmup_steps, minimum=0)
+  warmup_steps = val.whole(owner, "warmup_steps", warmup_steps, minimum=0)
   val.finite(owner, "init_value", init_value)
 
-  if not _is_jax(warmup_steps) and warmup_steps == 0:
+  if not val.is_jax(warmup_steps) and warmup_steps == 0:
     return lambda count: _run(schedule, _step(count))
 
   hp = (_f32(init_value), _int32(warmup_steps))

@@ -129,13 +129,18 @@ def in_range(
     owner: str, name: str, value: Any, lo: float, hi: float,
     *, lo_open: bool = False, hi_open: bool = False, why: str = "",
 ) -> None:
-  """``lo <= value <= hi`` (with open ends if asked); ``why`` explains the bound."""
+  """``lo <= value <= hi`` (with open ends if asked); ``why`` explains the bound.
+
+  With ``hi = inf`` (included) the message says ``>= lo`` (``> lo`` if open).
+  """
   v = number(owner, name, value)
   if v is None:
     return
   ok_lo = v > lo if lo_open else v >= lo
   ok_hi = v < hi if hi_open else v <= hi
   if not (ok_lo and ok_hi):
+    if hi == math.inf and not hi_open:
+      raise _fail(owner, name, value, f"{'>' if lo_open else '>='} {lo}{why}")
     left = "(" if lo_open else "["
     right = ")" if hi_open else "]"
     raise _fail(owner, name, value, f"in {left}{lo}, {hi}{right}{why}")
@@ -151,14 +156,15 @@ def finite(owner: str, name: str, value: Any) -> None:
 def ordered(
     owner: str, lo_name: str, lo: Any, hi_name: str, hi: Any, *, strict: bool = False
 ) -> None:
-  """``lo <= hi`` (``lo < hi`` if ``strict``) when both are concrete."""
+  """``lo <= hi`` (``lo < hi`` if ``strict``) when both are concrete.
+
+  The message names ``lo`` as the argument at fault: ``f(min_history=...) must
+  be <= window=8, got 9``.
+  """
   a, b = number(owner, lo_name, lo), number(owner, hi_name, hi)
   if a is not None and b is not None and (a >= b if strict else a > b):
     relation = "<" if strict else "<="
-    raise ValueError(
-        f"{owner}({lo_name}=..., {hi_name}=...) needs {lo_name} {relation} {hi_name}, "
-        f"got {lo_name}={lo!r} and {hi_name}={hi!r}"
-    )
+    raise _fail(owner, lo_name, lo, f"{relation} {hi_name}={hi!r}")
 
 
 def integer(owner: str, name: str, value: Any, *, minimum: int | None = None) -> None:
@@ -379,6 +385,136 @@ def matching_params(owner: str, updates: Any, params: Any) -> None:
       )
 
 
+def params_and_updates(owner: str, updates: Any, params: Any, *, complex_ok: bool = True) -> None:
+  """The opening checks of a weight-side transform: ``params`` given and matching,
+  floating-point updates and params (complex ones too if ``complex_ok``)."""
+  matching_params(owner, updates, params)
+  float_leaves(owner, updates, complex_ok=complex_ok)
+  float_leaves(owner, params, what="params", complex_ok=complex_ok)
+
+
+def expand_mask(owner: str, mask: Any, params: Any) -> Any:
+  """A mask (a tree of bools, a prefix of one, or a callable) as a full tree of
+  Python bools matching ``params``."""
+  tree = mask(params) if callable(mask) else mask
+  mask_tree(owner, tree)
+  try:
+    full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), tree, params)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{owner}(mask=...) must have the tree structure of the params or a prefix "
+        f"of it; mask {jax.tree.structure(tree)} does not fit params "
+        f"{jax.tree.structure(params)} ({e})"
+    ) from None
+  return full
+
+
+def rate(owner: str, name: str, value: Any) -> None:
+  """A learning rate or weight decay: a schedule, or a finite number ``>= 0``."""
+  if callable(value):
+    return
+  non_negative(owner, name, value, finite=True)
+
+
+def float_dtype(owner: str, name: str, value: Any) -> Any:
+  """None or a floating-point dtype, canonicalised (float64 needs x64)."""
+  if value is None:
+    return None
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    raise TypeError(f"{owner}({name}=...) must be None or a dtype, got {value!r}") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"{owner}({name}=...) must be a floating-point dtype, got {value!r}")
+  return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def adam_betas(owner: str, b1: Any, b2: Any, eps: Any) -> None:
+  """Adam's moment decays in ``[0, 1)`` and its ``eps >= 0``, finite."""
+  in_range(owner, "b1", b1, 0.0, 1.0, hi_open=True)
+  in_range(owner, "b2", b2, 0.0, 1.0, hi_open=True)
+  non_negative(owner, "eps", eps, finite=True)
+
+
+def value_box(owner: str, max_value: Any, min_value: Any) -> tuple[Any, Any]:
+  """A box ``[min_value, max_value]``; ``min_value`` defaults to ``-max_value``.
+
+  Returns ``(min_value, max_value)``. Infinite bounds are allowed
+  (``max_value=inf`` is the unbounded box). A box of zero width
+  (``max_value == min_value``, e.g. ``clip_by_value(0.0)``) would replace
+  everything with one constant, so it is rejected, as is an empty box.
+  """
+  number(owner, "max_value", max_value)
+  if min_value is None:
+    min_value = jnp.negative(max_value) if is_jax(max_value) else -float(max_value)
+  else:
+    number(owner, "min_value", min_value)
+  ordered(owner, "min_value", min_value, "max_value", max_value, strict=True)
+  return min_value, max_value
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _integral(owner: str, name: str, value: Any, *, what: str) -> Any:
+  """An integral float (``1e4``) as a Python int; other values unchanged."""
+  if isinstance(value, (float, np.floating)):
+    v = float(value)
+    number(owner, name, value)  # NaN
+    if not (math.isfinite(v) and v == math.floor(v)):
+      raise ValueError(f"{owner}({name}=...) must {what}, got {value!r}")
+    return int(v)
+  return value
+
+
+def whole(owner: str, name: str, value: Any, *, minimum: int) -> Any:
+  """A whole number in ``[minimum, 2**31 - 1]`` (an integral float such as ``1e4`` is fine).
+
+  Returns a Python int for concrete values and the JAX array unchanged.
+  """
+  if is_jax(value):
+    integer(owner, name, value)  # shape and dtype; the value is not read
+    return value
+  value = _integral(owner, name, value, what="be a whole number")
+  integer(owner, name, value, minimum=minimum)
+  if value > INT32_MAX:
+    raise ValueError(f"{owner}({name}=...) must be <= 2**31 - 1, got {value!r}")
+  return int(value)
+
+
+def milestones(owner: str, value: Any) -> list[int]:
+  """A sorted sequence of whole numbers ``>= 0`` (any size), as Python ints."""
+  if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
+    raise TypeError(f"{owner}(milestones=...) must be a sequence of ints, got {value!r}")
+  marks = []
+  for m in np.asarray(value, dtype=object).ravel():
+    m = _integral(owner, "milestones", m, what="hold whole numbers")
+    integer(owner, "milestones", m, minimum=0)
+    marks.append(int(m))
+  if any(marks[i] > marks[i + 1] for i in range(len(marks) - 1)):
+    raise ValueError(f"{owner}(milestones=...) must be sorted, got {list(value)!r}")
+  return marks
+
+
+def scalar_result(owner: str, name: str, value: jax.Array) -> None:
+  """What the callable argument ``name`` returned is a scalar (checked at trace time)."""
+  if value.ndim != 0:
+    raise ValueError(f"{owner}({name}=...) must return a scalar, got shape {value.shape}")
+
+
+def broadcasts_to(owner: str, name: str, value: jax.Array, shape: tuple[int, ...]) -> None:
+  """What the callable argument ``name`` returned broadcasts to a leaf's ``shape``."""
+  try:
+    ok = jnp.broadcast_shapes(shape, value.shape) == shape
+  except ValueError:
+    ok = False
+  if not ok:
+    raise ValueError(
+        f"{owner}({name}=...) returned shape {value.shape}, which does "
+        f"not broadcast to the leaf shape {shape}"
+    )
+
+
 def param_paths(owner: str, name: str, value: Any) -> tuple[str, ...]:
   """A parameter path ``"blocks/0/attn/query"`` or a non-empty sequence of them.
 
@@ -421,3 +557,21 @@ def static_int(
   if minimum is not None and value < minimum:
     raise _fail(owner, name, value, f">= {minimum}")
   return int(value)
+
+
+def needs_value(owner: str, value: Any) -> None:
+  """Raises if a transform driven by the loss is updated without ``value=``."""
+  if value is None:
+    raise ValueError(
+        f"{owner} needs the monitored loss or metric: call "
+        f"update(updates, state, params, value=loss)"
+    )
+
+
+def history_window(owner: str, window: Any, min_history: Any, *, smallest: int) -> None:
+  """A window of ``window >= smallest`` recent values, of which ``min_history``
+  (``1 <= min_history <= window``; None for a default) are needed first."""
+  integer(owner, "window", window, minimum=smallest)
+  if min_history is not None:
+    integer(owner, "min_history", min_history, minimum=1)
+    ordered(owner, "min_history", min_history, "window", window)
