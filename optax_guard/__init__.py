@@ -21,12 +21,6 @@ from optax_guard._clipping import (
     clip_weights_by_norm,
     truncate_by_value,
 )
-from optax_guard._feedback import (
-    ReduceOnPlateauState,
-    reduce_on_plateau,
-    scale_by_grad_norm,
-    scale_by_parameter,
-)
 from optax_guard._guards import (
     SkipNonfiniteState,
     SkipOnSpikeState,
@@ -40,7 +34,9 @@ from optax_guard._historical import (
 )
 from optax_guard._monitor import MonitorState, guard_stats, monitor
 from optax_guard._penalties import add_l1_penalty, add_l2_penalty
+from optax_guard._plateau import ReduceOnPlateauState, reduce_on_plateau
 from optax_guard._qk_clip import QkClipState, qk_clip, qk_fused, qk_separate
+from optax_guard._rates import scale_by_grad_norm, scale_by_parameter
 from optax_guard._restart import (
     SkipStepsState,
     add_guard_state,
@@ -58,14 +54,8 @@ from optax_guard._schedules import (
     step_decay,
     warmup,
 )
-from optax_guard._stable import (
-    ScaleBySpamState,
-    ScaleByStableAdamState,
-    scale_by_spam,
-    scale_by_stable_adam,
-    spam,
-    stable_adamw,
-)
+from optax_guard._spam import ScaleBySpamState, scale_by_spam, spam
+from optax_guard._stable_adam import ScaleByStableAdamState, scale_by_stable_adam, stable_adamw
 
 __version__ = "0.1.0"
 

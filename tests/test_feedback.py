@@ -1,4 +1,4 @@
-"""Tests of optax_guard._feedback: reduce_on_plateau, scale_by_grad_norm, scale_by_parameter.
+"""Tests of reduce_on_plateau (_plateau.py), scale_by_grad_norm and scale_by_parameter (_rates.py).
 
 ``reduce_on_plateau`` is compared step by step with a plain-Python
 reimplementation of ``torch.optim.lr_scheduler.ReduceLROnPlateau.step`` (its

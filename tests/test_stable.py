@@ -1,4 +1,4 @@
-"""Tests of StableAdamW and SPAM (optax_guard/_stable.py).
+"""Tests of StableAdamW and SPAM (optax_guard/_stable_adam.py, optax_guard/_spam.py).
 
 Both are checked against plain-NumPy float64 reimplementations written here:
 StableAdamW from the published rule (per-tensor ``RMS`` of ``g / sqrt(v_hat)``,

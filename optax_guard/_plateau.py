@@ -1,21 +1,16 @@
-"""Learning rates from feedback: the loss, the gradient norm, the parameters.
+"""The learning rate from the loss: a scale that drops when the loss plateaus.
 
-* :func:`reduce_on_plateau` scales the updates down when the loss (or any
-  metric passed as ``value=``) stops improving, with exactly the decision rule
-  of ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (``eta = f(L_t)``).
-* :func:`scale_by_grad_norm` scales them by a function of the global gradient
-  norm (``eta_t = g(||grad L_t||)``).
-* :func:`scale_by_parameter` scales each leaf by a function of its parameter
-  and update (``eta_{t,i} = h_i(theta_t)``, e.g. a LARS trust ratio).
-
-All three scale by multiplying with one factor (see ``_numerics.scale_leaf``),
-so every leaf keeps its dtype and shape.
+:func:`reduce_on_plateau` scales the updates down when the loss (or any
+metric passed as ``value=``) stops improving, with exactly the decision rule
+of ``torch.optim.lr_scheduler.ReduceLROnPlateau`` (``eta = f(L_t)``). It
+scales by multiplying with one factor (see ``_numerics.scale_leaf``), so every
+leaf keeps its dtype and shape. The rates from the gradient norm and from the
+parameters are in ``_rates``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +18,13 @@ import optax
 from jax.typing import ArrayLike
 
 from optax_guard import _numerics as num
+from optax_guard import _stats
 from optax_guard import _validation as val
 
 
+@_stats.declare(
+    "reduce_on_plateau", ("scale", "best", "num_bad_steps", "cooldown_counter", "count")
+)
 class ReduceOnPlateauState(NamedTuple):
   """State of :func:`reduce_on_plateau`.
 
@@ -46,6 +45,52 @@ class ReduceOnPlateauState(NamedTuple):
   num_bad_steps: jax.Array
   cooldown_counter: jax.Array
   count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
+
+
+def _is_better(a: jax.Array, best: jax.Array, *, threshold: Any, mode: str,
+               threshold_mode: str) -> jax.Array:
+  """torch's ``is_better``, with the margin ``tau |best|`` for either sign of ``best``."""
+  tau = jnp.asarray(threshold, jnp.float32)
+  # rel: the margin is tau * |best| (torch's best * (1 -+ tau) for best >= 0)
+  lower, upper = best * (1.0 - tau), best * (1.0 + tau)
+  if mode == "min":
+    bound = jnp.where(best >= 0, lower, upper) if threshold_mode == "rel" else best - tau
+    return a < bound
+  bound = jnp.where(best >= 0, upper, lower) if threshold_mode == "rel" else best + tau
+  return a > bound
+
+
+def _plateau_step(
+    state: ReduceOnPlateauState, a: jax.Array, better: jax.Array, *, factor: Any,
+    patience: Any, cooldown: Any, min_scale: Any, eps: Any,
+) -> ReduceOnPlateauState:
+  """The state after torch's ``ReduceLROnPlateau.step(a)``, ``better`` decided."""
+  best = jnp.where(better, a, state.best)
+  bad = jnp.where(better, 0, optax.safe_increment(state.num_bad_steps))
+  in_cooldown = state.cooldown_counter > 0
+  cooldown_counter = jnp.where(
+      in_cooldown, state.cooldown_counter - 1, state.cooldown_counter
+  )
+  bad = jnp.where(in_cooldown, 0, bad)
+
+  reduce = bad > jnp.asarray(patience).astype(jnp.int32)
+  old = state.scale
+  new = jnp.maximum(old * jnp.asarray(factor, jnp.float32),
+                    jnp.asarray(min_scale, jnp.float32))
+  # only ever down: a floor min_scale >= 1 (or eps = inf) leaves the scale at 1
+  apply = reduce & (new < old) & (old - new > jnp.asarray(eps, jnp.float32))
+  scale = jnp.where(apply, new, old)
+  cooldown_counter = jnp.where(
+      reduce, jnp.asarray(cooldown).astype(jnp.int32), cooldown_counter
+  )
+  bad = jnp.where(reduce, 0, bad)
+  return ReduceOnPlateauState(
+      scale=scale.astype(jnp.float32),
+      best=best.astype(jnp.float32),
+      num_bad_steps=bad.astype(jnp.int32),
+      cooldown_counter=cooldown_counter.astype(jnp.int32),
+      count=optax.safe_increment(state.count),
+  )
 
 
 def reduce_on_plateau(
@@ -97,8 +142,8 @@ def reduce_on_plateau(
   ``a < b (1 - tau)`` (``a > b (1 + tau)`` in max mode), computed the same way.
   For a negative ``best`` torch's margin ``b * tau`` flips sign, so a value up
   to ``|b| tau`` *worse* than ``best`` counts as better and a flat negative
-  plateau never reduces the scale (reported as pytorch/pytorch#47513; ``optax.contrib``
-  has the same flaw). Here the margin is ``tau |b|`` whatever the sign, so
+  plateau never reduces the scale (a known flaw of torch's rule, which
+  ``optax.contrib`` shares). Here the margin is ``tau |b|`` whatever the sign, so
   negative losses (e.g. log-likelihood bounds) plateau as positive ones do.
   This is the one deliberate difference from torch's decision rule.
 
@@ -155,6 +200,7 @@ def reduce_on_plateau(
   val.integer(owner, "cooldown", cooldown, minimum=0)
   val.non_negative(owner, "min_scale", min_scale)
   val.non_negative(owner, "eps", eps)
+  rule = dict(factor=factor, patience=patience, cooldown=cooldown, min_scale=min_scale, eps=eps)
 
   def init_fn(params):
     del params
@@ -167,54 +213,15 @@ def reduce_on_plateau(
         count=jnp.zeros((), jnp.int32),
     )
 
-  def is_better(a, best):
-    tau = jnp.asarray(threshold, jnp.float32)
-    # rel: the margin is tau * |best| (torch's best * (1 -+ tau) for best >= 0)
-    lower, upper = best * (1.0 - tau), best * (1.0 + tau)
-    if mode == "min":
-      bound = jnp.where(best >= 0, lower, upper) if threshold_mode == "rel" else best - tau
-      return a < bound
-    bound = jnp.where(best >= 0, upper, lower) if threshold_mode == "rel" else best + tau
-    return a > bound
-
   def update_fn(updates, state, params=None, *, value=None, **extra_args):
     del params, extra_args
-    if value is None:
-      raise ValueError(
-          f"{owner} needs the monitored loss or metric: call "
-          "update(updates, state, params, value=loss)"
-      )
+    val.needs_value(owner, value)
     val.scalar(owner, "value", value)  # NaN allowed: a bad step
     val.float_leaves(owner, updates)
     a = jnp.asarray(value).astype(jnp.float32)
-    better = is_better(a, state.best) & num.is_finite_scalar(a)
-    best = jnp.where(better, a, state.best)
-    bad = jnp.where(better, 0, optax.safe_increment(state.num_bad_steps))
-    in_cooldown = state.cooldown_counter > 0
-    cooldown_counter = jnp.where(
-        in_cooldown, state.cooldown_counter - 1, state.cooldown_counter
-    )
-    bad = jnp.where(in_cooldown, 0, bad)
-
-    reduce = bad > jnp.asarray(patience).astype(jnp.int32)
-    old = state.scale
-    new = jnp.maximum(old * jnp.asarray(factor, jnp.float32),
-                      jnp.asarray(min_scale, jnp.float32))
-    # only ever down: a floor min_scale >= 1 (or eps = inf) leaves the scale at 1
-    apply = reduce & (new < old) & (old - new > jnp.asarray(eps, jnp.float32))
-    scale = jnp.where(apply, new, old)
-    cooldown_counter = jnp.where(
-        reduce, jnp.asarray(cooldown).astype(jnp.int32), cooldown_counter
-    )
-    bad = jnp.where(reduce, 0, bad)
-
-    new_state = ReduceOnPlateauState(
-        scale=scale.astype(jnp.float32),
-        best=best.astype(jnp.float32),
-        num_bad_steps=bad.astype(jnp.int32),
-        cooldown_counter=cooldown_counter.astype(jnp.int32),
-        count=optax.safe_increment(state.count),
-    )
+    better = _is_better(a, state.best, threshold=threshold, mode=mode,
+                        threshold_mode=threshold_mode) & num.is_finite_scalar(a)
+    new_state = _plateau_step(state, a, better, **rule)
     # a scale of 1 returns the updates themselves: x * 1 keeps every number,
     # but XLA:GPU gives a NaN its canonical bits
     one = new_state.scale == 1
@@ -222,123 +229,3 @@ def reduce_on_plateau(
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-_FN_HINT = ("; under optax.inject_hyperparams pass static_args=('fn',) (callables are "
-            "otherwise taken for schedules)")
-
-
-def scale_by_grad_norm(
-    fn: Callable[[jax.Array], ArrayLike], *, axis_name: val.AxisName = None
-) -> optax.GradientTransformation:
-  r"""Multiplies the updates by a function of their global norm.
-
-  .. math::
-    G \leftarrow G \cdot f(\lVert G\rVert), \qquad
-    \lVert G\rVert = \Big(\sum_\ell \lVert g_\ell\rVert^2\Big)^{1/2}
-
-  the learning rate as a function of the gradient norm,
-  ``eta_t = f(||grad L_t||)``. The norm is accumulated in float32 (see
-  ``_numerics.global_norm``) and ``f`` must be traceable (``jnp`` operations,
-  no Python ``if`` on the norm) and return a scalar. Nothing is hidden: a NaN
-  or infinite norm is passed to ``f`` as is. ``f(n) = min(1, c / n)`` is
-  clipping by global norm; ``f(n) = 1 / (1 + n)`` is a smooth alternative.
-
-  Under ``optax.inject_hyperparams`` pass ``static_args=("fn",)``: optax
-  otherwise takes every callable argument for a schedule of the step count.
-
-  Args:
-    fn: scalar function of the float32 global norm.
-    axis_name: inside ``pmap``/``shard_map`` when each device holds a
-      different shard of the updates, the mapped axis to ``psum`` the partial
-      sums over (one collective). Leave None under plain ``jit``.
-
-  Returns:
-    An ``optax.GradientTransformation`` with ``optax.EmptyState``.
-
-  Example:
-    >>> import jax.numpy as jnp, optax_guard as og
-    >>> tx = og.scale_by_grad_norm(lambda n: 1.0 / (1.0 + n))
-    >>> tx.update(jnp.array([3.0, 4.0]), tx.init(None))[0]
-    Array([0.5      , 0.6666667], dtype=float32)
-
-  References:
-    Pascanu, Mikolov, Bengio, 2013, *On the difficulty of training recurrent
-    neural networks* (norm-dependent step sizes), https://arxiv.org/abs/1211.5063
-  """
-  owner = "scale_by_grad_norm"
-  val.callable_(owner, "fn", fn, hint=_FN_HINT)
-  axis_name = val.axis_name(owner, axis_name)
-
-  def update_fn(updates, state, params=None):
-    del params
-    val.float_leaves(owner, updates)
-    factor = jnp.asarray(fn(num.global_norm(updates, None, axis_name)))
-    if factor.ndim != 0:
-      raise ValueError(
-          f"scale_by_grad_norm(fn=...) must return a scalar, got shape {factor.shape}"
-      )
-    return num.scale_tree(updates, factor), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
-
-
-def scale_by_parameter(
-    fn: Callable[[jax.Array, jax.Array], ArrayLike],
-) -> optax.GradientTransformation:
-  r"""Multiplies each leaf of the updates by a function of its parameter.
-
-  .. math::
-    u_\ell \leftarrow u_\ell \cdot h(p_\ell, u_\ell)
-
-  a per-parameter learning rate ``eta_{t,i} = h_i(theta_t)``. ``h`` receives
-  the parameter leaf and the update leaf (in their own dtypes) and returns a
-  scalar or an array that broadcasts to the leaf's shape (a per-unit factor).
-  For instance the LARS trust ratio
-  ``h(p, u) = eta * ||p|| / (||u|| + wd * ||p||)``. The product is computed
-  in the factor's precision and cast back to the leaf's dtype.
-
-  Under ``optax.inject_hyperparams`` pass ``static_args=("fn",)``.
-
-  Args:
-    fn: ``(param_leaf, update_leaf) -> factor``, traceable.
-
-  Returns:
-    An ``optax.GradientTransformation`` with ``optax.EmptyState``; its update
-    raises ``ValueError`` when ``params`` is None.
-
-  Example:
-    >>> import jax.numpy as jnp, optax_guard as og
-    >>> tx = og.scale_by_parameter(lambda p, u: jnp.abs(p))
-    >>> p = jnp.array([0.5, 2.0])
-    >>> tx.update(jnp.array([1.0, 1.0]), tx.init(p), p)[0]
-    Array([0.5, 2. ], dtype=float32)
-
-  References:
-    You, Gitman, Ginsburg, 2017, *Large Batch Training of Convolutional
-    Networks* (LARS), https://arxiv.org/abs/1708.03888
-  """
-  owner = "scale_by_parameter"
-  val.callable_(owner, "fn", fn, hint=_FN_HINT)
-
-  def update_fn(updates, state, params=None):
-    val.matching_params(owner, updates, params)
-    val.float_leaves(owner, updates)
-
-    def leaf(u, p):
-      u = jnp.asarray(u)
-      factor = jnp.asarray(fn(p, u))
-      try:
-        ok = jnp.broadcast_shapes(u.shape, factor.shape) == u.shape
-      except ValueError:
-        ok = False
-      if not ok:
-        raise ValueError(
-            f"scale_by_parameter(fn=...) returned shape {factor.shape}, which does "
-            f"not broadcast to the leaf shape {u.shape}"
-        )
-      return num.scale_leaf(u, factor)
-
-    return jax.tree.map(leaf, updates, params), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
