@@ -24,26 +24,24 @@ from optax_guard._clipping import (
 from optax_guard._guards import (
     SkipNonfiniteState,
     SkipOnSpikeState,
+    SkipStepsState,
     SpikeTracker,
+    add_guard_state,
+    seed_spike_history,
     skip_nonfinite,
     skip_on_spike,
+    skip_steps,
+    strip_guard_state,
 )
 from optax_guard._historical import (
     ClipByHistoricalNormState,
     clip_by_historical_norm,
 )
-from optax_guard._monitor import MonitorState, guard_stats, monitor
+from optax_guard._monitor import MonitorState, monitor
 from optax_guard._penalties import add_l1_penalty, add_l2_penalty
 from optax_guard._plateau import ReduceOnPlateauState, reduce_on_plateau
 from optax_guard._qk_clip import QkClipState, qk_clip, qk_fused, qk_separate
 from optax_guard._rates import scale_by_grad_norm, scale_by_parameter
-from optax_guard._restart import (
-    SkipStepsState,
-    add_guard_state,
-    seed_spike_history,
-    skip_steps,
-    strip_guard_state,
-)
 from optax_guard._schedules import (
     exponential_decay,
     inverse_sqrt_decay,
@@ -56,6 +54,7 @@ from optax_guard._schedules import (
 )
 from optax_guard._spam import ScaleBySpamState, scale_by_spam, spam
 from optax_guard._stable_adam import ScaleByStableAdamState, scale_by_stable_adam, stable_adamw
+from optax_guard._stats import guard_stats
 
 __version__ = "0.1.0"
 

@@ -10,47 +10,33 @@ update-sized buffer that ``apply_updates`` then reads again.
 :func:`update_and_apply` moves the parameter update *into* the guard's
 ``lax.cond`` instead; the skip branch returns the parameters as they are.
 
-How a guard is recognised: each guard registers, when it is built, a fused
-implementation under its own ``update`` function in a module-level
-``weakref.WeakKeyDictionary``. The guard itself stays an ordinary
-``optax.GradientTransformationExtraArgs`` (``optax.chain``, ``MultiSteps``,
-``inject_hyperparams`` and Flax's ``nnx.Optimizer`` see nothing new), and the
-entry disappears with the guard.
+How a guard is recognised: its ``update`` function carries the fused step
+as a method, ``tx.update.update_and_apply(grads, opt_state, params,
+**extra)`` (the guards' update functions are
+:class:`~optax_guard._guards.combinator.GuardUpdate` objects). The guard
+itself stays an ordinary ``optax.GradientTransformationExtraArgs``
+(``optax.chain``, ``MultiSteps``, ``inject_hyperparams`` and Flax's
+``nnx.Optimizer`` see nothing new); nothing is registered anywhere.
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, runtime_checkable
 
 import optax
 
-# (grads, opt_state, params, **extra) -> (new_params, new_opt_state)
-FusedStep = Callable[..., tuple[Any, Any]]
 
-_FUSED: weakref.WeakKeyDictionary[Callable[..., Any], FusedStep] = weakref.WeakKeyDictionary()
+@runtime_checkable
+class FusedUpdate(Protocol):
+  """An update function that also offers a fused update-and-apply step.
 
-_Tx = TypeVar("_Tx", bound=optax.GradientTransformation)
-
-
-def register_fused(tx: _Tx, fused: FusedStep) -> _Tx:
-  """Makes :func:`update_and_apply` run ``fused`` for ``tx``; returns ``tx``.
-
-  ``fused(grads, opt_state, params, **extra)`` must return what
-  ``tx.update`` followed by ``optax.apply_updates`` returns. It must not hold
-  a reference to ``tx.update`` (the key is weak: the entry lives as long as
-  the transformation's ``update`` function).
+  ``update_and_apply(grads, opt_state, params, **extra)`` must return what
+  the update function followed by ``optax.apply_updates`` returns.
   """
-  _FUSED[tx.update] = fused
-  return tx
 
+  def __call__(self, updates: Any, state: Any, params: Any = None, **extra: Any) -> Any: ...
 
-def _fused_step(tx: optax.GradientTransformation) -> FusedStep | None:
-  try:
-    return _FUSED.get(tx.update)
-  except TypeError:  # an update that cannot be weakly referenced is none of ours
-    return None
+  def update_and_apply(self, grads: Any, opt_state: Any, params: Any, **extra: Any) -> Any: ...
 
 
 def update_and_apply(
@@ -138,9 +124,8 @@ def update_and_apply(
     raise ValueError(
         "update_and_apply(params=...) must be the current parameters, got None"
     )
-  fused = _fused_step(tx)
-  if fused is not None:
-    return fused(grads, opt_state, params, **extra)
+  if isinstance(tx.update, FusedUpdate):
+    return tx.update.update_and_apply(grads, opt_state, params, **extra)
   tx = optax.with_extra_args_support(tx)
   updates, new_opt_state = tx.update(grads, opt_state, params, **extra)
   return optax.apply_updates(params, updates), new_opt_state

@@ -25,11 +25,9 @@ how partial results are combined across devices.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -135,60 +133,64 @@ def cross_device(partials: Any, ord: NormOrd = 2, axis_name: AxisName = None) ->
   return jax.lax.psum(partials, axis_name)
 
 
-# (leaves, ord, axis_name, partial) that global_partial may return as known;
-# set by known_partial while a guard traces its inner transformation.
-_KNOWN_PARTIAL: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
-    "optax_guard_known_partial", default=None
-)
+# The keyword extra through which a guard hands its measured sum of squares
+# to the transformation it wraps (see SharedNorm).
+SHARED_NORM = "shared_norm"
 
 
-@contextlib.contextmanager
-def known_partial(
-    tree: Any, partial: jax.Array, ord: NormOrd = 2, axis_name: AxisName = None  # noqa: A002
-) -> Iterator[None]:
-  """While tracing the block, :func:`global_partial` of these very leaves is ``partial``.
+class SharedNorm(NamedTuple):
+  """The float32 sum of squares a guard measured of the updates it passes on.
 
   A guard computes the sum of squares of the incoming updates to decide; an
   inner ``clip_by_global_norm`` of the same updates would compute it again
-  (XLA does not merge the two reductions across the guard's ``lax.cond``).
-  Inside this block a request for the partial of the *same* leaf objects
-  (the same arrays or tracers, in the same order) with the same ``ord`` and
-  ``axis_name`` returns ``partial`` instead of a second pass over the
-  updates. Anything else (other leaves, e.g. after a penalty was added, or
-  another ``ord``) is computed as usual, so results never change.
+  (XLA does not merge a reduction outside a ``lax.cond`` with the same
+  reduction inside a branch). The guard passes this object to its inner
+  ``update`` as the keyword extra ``shared_norm=`` (``optax.chain`` hands
+  keyword extras to every member, plain ``GradientTransformation`` members
+  ignore them), and the transformations that take a global L2 norm ask it
+  with :meth:`partial_of` before reading the updates.
+
+  Attributes:
+    leaves: the leaves that were measured (the same arrays or tracers).
+    partial: their sum of squares, combined over ``axis_name``.
+    axis_name: the devices it was combined over.
   """
-  entry = (tuple(jax.tree.leaves(tree)), canonical_ord(ord), axis_name, partial)
-  token = _KNOWN_PARTIAL.set(entry)
-  try:
-    yield
-  finally:
-    _KNOWN_PARTIAL.reset(token)
+
+  leaves: tuple
+  partial: jax.Array
+  axis_name: AxisName
+
+  @classmethod
+  def of(cls, tree: Any, partial: jax.Array, axis_name: AxisName) -> SharedNorm:
+    return cls(tuple(jax.tree.leaves(tree)), partial, axis_name)
+
+  def partial_of(self, tree: Any, ord: NormOrd, axis_name: AxisName) -> jax.Array | None:  # noqa: A002
+    """The partial if ``tree`` has these very leaves, ``ord`` is 2 and the axes agree."""
+    leaves = jax.tree.leaves(tree)
+    same = (canonical_ord(ord) == 2 and self.axis_name == axis_name
+            and len(self.leaves) == len(leaves)
+            and all(a is b for a, b in zip(self.leaves, leaves, strict=True)))
+    return self.partial if same else None
 
 
-def _known(leaves: list, ord: NormOrd, axis_name: AxisName) -> jax.Array | None:  # noqa: A002
-  entry = _KNOWN_PARTIAL.get()
-  if entry is None:
-    return None
-  known_leaves, known_ord, known_axis, partial = entry
-  same = (known_ord == canonical_ord(ord) and known_axis == axis_name
-          and len(known_leaves) == len(leaves)
-          and all(a is b for a, b in zip(known_leaves, leaves, strict=True)))
-  return partial if same else None
-
-
-def global_partial(tree: Any, ord: NormOrd = None, axis_name: AxisName = None) -> jax.Array:  # noqa: A002
+def global_partial(
+    tree: Any,
+    ord: NormOrd = None,  # noqa: A002
+    axis_name: AxisName = None,
+    shared: SharedNorm | None = None,
+) -> jax.Array:
   """The combined partial of a whole tree (e.g. its sum of squares).
 
   Testing this for finiteness is the one-pass non-finite test of the guards:
   it is ``inf``/NaN exactly when an element is, or when the squares exceed
   float32 range (testing ``sqrt`` of it instead can be rewritten by XLA).
-  Inside :func:`known_partial` for the same leaves, the known partial.
+  With ``shared`` (what an enclosing guard measured) for the same leaves,
+  its partial, without a second pass over the updates.
   """
-  leaves = jax.tree.leaves(tree)
-  known = _known(leaves, ord, axis_name)
+  known = None if shared is None else shared.partial_of(tree, ord, axis_name)
   if known is not None:
     return known
-  partial = combine_partials([partial_norm(x, ord) for x in leaves], ord)
+  partial = combine_partials([partial_norm(x, ord) for x in jax.tree.leaves(tree)], ord)
   return cross_device(partial, ord, axis_name)
 
 
@@ -196,12 +198,14 @@ def global_norm(
     tree: Any,
     ord: NormOrd = None,  # noqa: A002
     axis_name: AxisName = None,
+    shared: SharedNorm | None = None,
 ) -> jax.Array:
   """The norm of a whole tree, float32-accumulated, across devices if asked.
 
   Returns a float32 scalar (float64 if a leaf is float64); 0 for an empty tree.
+  ``shared``: see :func:`global_partial`.
   """
-  return finish_norm(global_partial(tree, ord, axis_name), ord)
+  return finish_norm(global_partial(tree, ord, axis_name, shared), ord)
 
 
 def leaf_norms(tree: Any, ord: NormOrd = None, axis_name: AxisName = None) -> Any:  # noqa: A002

@@ -80,6 +80,7 @@ _OWNER = "qk_clip"
 EXTRA = "attn_max_logits"
 
 
+@_stats.declare("qk_clip", ("num_clipped", "smallest_factor", "max_logit", "num_nonfinite"))
 class QkClipState(NamedTuple):
   """State of :func:`qk_clip`: what the last step did.
 
@@ -100,10 +101,6 @@ class QkClipState(NamedTuple):
   smallest_factor: jax.Array
   max_logit: jax.Array
   num_nonfinite: jax.Array
-
-  __reports__ = _stats.Reports(
-      "qk_clip", ("num_clipped", "smallest_factor", "max_logit", "num_nonfinite")
-  )
 
 
 # ---------------------------------------------------------------------------

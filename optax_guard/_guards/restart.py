@@ -1,26 +1,19 @@
-"""Restartable guards: skip known step ranges, add a guard to a running optimizer.
+"""Guard state for restarts: add a guard to a running optimizer, strip it, seed it.
 
-Long runs restart from checkpoints. After a loss spike the usual remedy is to
-go back to a checkpoint written some steps before it and replay, skipping the
-batches that caused it; and a guard is often added to a run that started
-without one. This module gives both:
-
-* :func:`skip_steps` skips the update calls whose index (counted from
-  ``init`` and kept in its state, so it survives a checkpoint) falls in given
-  ranges, exactly as a guard skips a bad step: zero updates and the inner
-  state untouched, through ``jax.lax.cond``.
 * :func:`add_guard_state` builds the state of a guarded optimizer from the
   state of the optimizer it wraps (for example restored from a checkpoint
   written without the guard), :func:`strip_guard_state` goes back, and
-  :func:`seed_spike_history` fills the norm history of
+* :func:`seed_spike_history` fills the norm history of
   :func:`~optax_guard.skip_on_spike` from logged norms, so the restarted guard
   tests spikes from its first step instead of after ``min_history`` steps.
+
+Which levels of a state are guards is read from the states' own declaration
+(``_stats.declare(..., guard=True)``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,200 +21,11 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from optax_guard import _apply
-from optax_guard import _guards as guards
 from optax_guard import _numerics as num
+from optax_guard import _stats
 from optax_guard import _validation as val
-
-_INT32_MAX = int(np.iinfo(np.int32).max)
-
-# The states of the guards: strip_guard_state removes these levels.
-_GUARD_STATES = (guards.SkipNonfiniteState, guards.SkipOnSpikeState)
-
-
-class SkipStepsState(NamedTuple):
-  """State of :func:`skip_steps`.
-
-  Attributes:
-    inner_state: the wrapped transformation's state (unchanged on skipped
-      steps).
-    step: int32, the number of update calls since ``init``, skipped ones
-      included: the index of the next call (saturating at ``2**31 - 1``).
-    num_skipped: int32, total number of skipped steps (saturating).
-    last_skipped: bool scalar, whether the most recent step was skipped.
-  """
-
-  inner_state: optax.OptState
-  step: jax.Array
-  num_skipped: jax.Array
-  last_skipped: jax.Array
-
-
-def _ranges(owner: str, ranges: Any) -> tuple[tuple[int, int], ...]:
-  """``ranges`` as a tuple of ``(start, stop)`` Python ints, checked."""
-  if val.is_jax(ranges):
-    raise TypeError(
-        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs of Python ints, "
-        f"got a JAX array {ranges!r}; optax.inject_hyperparams turns arrays into "
-        f"tracers: pass a list of tuples, or static_args=('ranges',)"
-    )
-  if (isinstance(ranges, (str, bytes, dict)) or not isinstance(ranges, (Sequence, np.ndarray))
-      or (isinstance(ranges, np.ndarray) and ranges.ndim != 2)):
-    raise TypeError(
-        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs, got {ranges!r}"
-    )
-  out = []
-  for pair in ranges:
-    if (isinstance(pair, (str, bytes)) or not isinstance(pair, (Sequence, np.ndarray))
-        or len(pair) != 2):
-      raise TypeError(
-          f"{owner}(ranges=...) must be a sequence of (start, stop) pairs, got the "
-          f"entry {pair!r} in {ranges!r}"
-      )
-    start, stop = pair
-    for x in (start, stop):
-      if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-        raise TypeError(
-            f"{owner}(ranges=...) must hold ints (update-call indices), got {x!r} "
-            f"in {pair!r}"
-        )
-    start, stop = int(start), int(stop)
-    if not 0 <= start < stop <= _INT32_MAX:
-      raise ValueError(
-          f"{owner}(ranges=...) needs 0 <= start < stop <= 2**31 - 1 for every half-open "
-          f"range (start, stop), got {pair!r}"
-      )
-    out.append((start, stop))
-  return tuple(out)
-
-
-def _in_ranges(step: jax.Array, bounds: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Whether ``step`` lies in one of the half-open ranges (a bool scalar)."""
-  if not bounds:
-    return jnp.zeros((), jnp.bool_)
-  starts = np.array([a for a, _ in bounds], np.int32)
-  stops = np.array([b for _, b in bounds], np.int32)
-  return jnp.any((step >= starts) & (step < stops))
-
-
-def skip_steps(
-    inner: optax.GradientTransformation, ranges: Sequence[tuple[int, int]]
-) -> optax.GradientTransformationExtraArgs:
-  r"""Skips the update calls whose index falls in given ranges (for replays).
-
-  With :math:`t` the index of the update call (0 for the first call after
-  ``init``, kept in the state) and :math:`R` the half-open ranges
-  :math:`[a_k, b_k)`:
-
-  .. math::
-    (u, s) \leftarrow \begin{cases} (0,\ s) & t \in \bigcup_k [a_k, b_k) \\
-    \mathrm{inner}(g, s) & \text{otherwise} \end{cases},
-    \qquad t \leftarrow t + 1
-
-  A skipped call is skipped as a guard skips a bad step: it returns
-  ``jnp.zeros`` with the inner's output shapes and dtypes and leaves the inner
-  state bitwise untouched (``jax.lax.cond``; ``inner.update`` does not run),
-  so the inner step count, and any learning-rate schedule driven by it, does
-  not advance either. The index counts every call, skipped or not, and lives
-  in the state: a run restored from a checkpoint of this state continues
-  counting where the saved run stopped, so the ranges keep meaning the same
-  calls. Keyword extras such as ``value=`` are passed through to ``inner``.
-  With ``skip_steps`` outermost, ``og.update_and_apply(tx, grads, state,
-  params)`` applies the update to the parameters inside the ``cond`` (and
-  inside the ``cond`` of a guard it wraps).
-
-  The use: after a loss spike, restore a checkpoint written before it and
-  replay the run with the data that followed, skipping the steps around the
-  spike (the PaLM authors restarted about 100 steps before a spike and
-  skipped 200 to 500 batches). The data loader still delivers the skipped
-  batches, so the data order and every later step index stay as they were.
-  To wrap a running optimizer whose checkpoint has no ``skip_steps`` state,
-  build the state with :func:`add_guard_state` (its ``step=`` sets the index
-  of the next call).
-
-  Args:
-    inner: the transformation to wrap (usually the whole optimizer, or a
-      guard around it).
-    ranges: a sequence of half-open ``(start, stop)`` pairs of update-call
-      indices, ``0 <= start < stop <= 2**31 - 1`` (Python or NumPy ints); they
-      may overlap and come in any order. An empty sequence skips nothing.
-      The ranges are static: they are not part of the state, so a restored
-      run may be given other ranges.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` with :class:`SkipStepsState`.
-
-  Example:
-    >>> import jax.numpy as jnp, optax, optax_guard as og
-    >>> tx = og.skip_steps(optax.sgd(1.0), [(1, 3)])
-    >>> state = tx.init(jnp.zeros(1))
-    >>> for _ in range(4):
-    ...   u, state = tx.update(jnp.ones(1), state)
-    ...   print(int(state.step), float(u[0]), bool(state.last_skipped))
-    1 -1.0 False
-    2 0.0 True
-    3 0.0 True
-    4 -1.0 False
-
-  References:
-    Chowdhery et al., 2022, *PaLM: Scaling Language Modeling with Pathways*,
-    https://arxiv.org/abs/2204.02311 (section 5.1, restarting before a spike
-    and skipping batches).
-  """
-  owner = "skip_steps"
-  raw_inner = inner
-  inner = guards._check_inner(owner, inner)
-  bounds = _ranges(owner, ranges)
-
-  def init_fn(params):
-    zero = lambda dtype: jnp.zeros((), dtype)  # one buffer per field (donatable)
-    return SkipStepsState(
-        inner.init(params), zero(jnp.int32), zero(jnp.int32), zero(jnp.bool_)
-    )
-
-  def decide(state):
-    skip = _in_ranges(state.step, bounds)
-    num_skipped = jnp.where(skip, optax.safe_increment(state.num_skipped), state.num_skipped)
-    return skip, (optax.safe_increment(state.step), num_skipped, skip)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    skip, fields = decide(state)
-
-    def apply():
-      return inner.update(updates, state.inner_state, params, **extra_args)
-
-    def skip_branch():
-      zeros = jax.tree.map(
-          lambda s: guards._like(jnp.zeros(s.shape, s.dtype), s), out_updates
-      )
-      return zeros, jax.tree.map(guards._like, state.inner_state, out_state)
-
-    out_updates, out_state = jax.eval_shape(apply)
-    # the apply branch first, as in the guards (XLA:CPU keeps fewer copies)
-    new_updates, inner_state = jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
-    return new_updates, SkipStepsState(inner_state, *fields)
-
-  def fused_fn(grads, state, params, **extra_args):
-    skip, fields = decide(state)
-
-    def apply():
-      # a guard inside applies within its own cond as well
-      return _apply.update_and_apply(raw_inner, grads, state.inner_state, params, **extra_args)
-
-    def skip_branch():
-      return (jax.tree.map(guards._like, params, out_params),
-              jax.tree.map(guards._like, state.inner_state, out_state))
-
-    out_params, out_state = jax.eval_shape(apply)
-    new_params, inner_state = jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
-    return new_params, SkipStepsState(inner_state, *fields)
-
-  return _apply.register_fused(optax.GradientTransformationExtraArgs(init_fn, update_fn), fused_fn)
-
-
-# ---------------------------------------------------------------------------
-# Adding a guard to a running optimizer
-# ---------------------------------------------------------------------------
+from optax_guard._guards.spike import SkipOnSpikeState, SpikeTracker
+from optax_guard._guards.steps import INT32_MAX, SkipStepsState
 
 
 def _abstract(x: Any) -> jax.ShapeDtypeStruct:
@@ -329,7 +133,7 @@ def add_guard_state(
   if step is not None:
     val.integer(owner, "step", step, minimum=0)
     if not val.is_jax(step):
-      step = min(int(np.asarray(step)), _INT32_MAX)  # the counter saturates there
+      step = min(int(np.asarray(step)), INT32_MAX)  # the counter saturates there
     if not any(isinstance(level, SkipStepsState) for level in added):
       raise ValueError(
           f"{owner}(step=...) sets the counter of a skip_steps level, and guard adds none"
@@ -384,12 +188,12 @@ def strip_guard_state(state: optax.OptState) -> optax.OptState:
     >>> og.strip_guard_state(tx.init(jnp.zeros(2)))
     (EmptyState(), EmptyState())
   """
-  if not isinstance(state, (*_GUARD_STATES, SkipStepsState)):
+  if not _stats.is_guard_state(state):
     raise TypeError(
         f"strip_guard_state(state=...) must be the state of skip_nonfinite, skip_on_spike "
         f"or skip_steps (outermost), got {type(state).__name__}"
     )
-  while isinstance(state, (*_GUARD_STATES, SkipStepsState)):
+  while _stats.is_guard_state(state):
     state = state.inner_state
   return state
 
@@ -411,7 +215,7 @@ def _observations(owner: str, name: str, x: Any) -> jax.Array:
   return arr.astype(jnp.float32)
 
 
-def _seed(tracker: guards.SpikeTracker, xs: jax.Array) -> guards.SpikeTracker:
+def _seed(tracker: SpikeTracker, xs: jax.Array) -> SpikeTracker:
   """``tracker`` after recording every finite entry of ``xs`` in order.
 
   What recording them one step at a time would give: the history keeps the
@@ -430,7 +234,7 @@ def _seed(tracker: guards.SpikeTracker, xs: jax.Array) -> guards.SpikeTracker:
       values, mode="drop"
   )
   added = jnp.sum(jnp.isfinite(xs).astype(jnp.int32))
-  count = jnp.where(tracker.count > _INT32_MAX - added, jnp.int32(_INT32_MAX),
+  count = jnp.where(tracker.count > INT32_MAX - added, jnp.int32(INT32_MAX),
                     tracker.count + added).astype(jnp.int32)
   return tracker._replace(history=history, count=count, last=xs[-1])
 
@@ -482,7 +286,7 @@ def seed_spike_history(
   owner = "seed_spike_history"
   norms = _observations(owner, "norms", norms)
   seeded_values = None if values is None else _observations(owner, "values", values)
-  is_spike = lambda x: isinstance(x, guards.SkipOnSpikeState)
+  is_spike = lambda x: isinstance(x, SkipOnSpikeState)
   found = [x for x in jax.tree.leaves(state, is_leaf=is_spike) if is_spike(x)]
   if len(found) != 1:
     raise ValueError(

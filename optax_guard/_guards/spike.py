@@ -1,77 +1,30 @@
-"""Step guards: skip an optimizer step whose gradients are non-finite or spike.
+"""The spike guard: skip a step whose gradient norm is far above its recent history.
 
-A guard wraps an inner transformation (usually the whole optimizer). Each step
-it takes one decision from a few scalars (the float32-accumulated global norm
-of the incoming updates, and for :func:`skip_on_spike` the loss passed as
-``value=``) and then runs either ``inner.update`` or nothing, through
-``jax.lax.cond``:
-
-* a skipped step returns zero updates (``jnp.zeros`` of the inner's output
-  shapes and dtypes, so ``optax.apply_updates`` leaves the parameters bitwise
-  unchanged) and the inner state *untouched* (Adam's moments and step count do
-  not see the bad gradient);
-* the state is never selected with ``jnp.where`` (that reads and writes the
-  whole optimizer state every step) and nothing is multiplied by 0 (``0 * NaN``
-  is NaN).
-
-``optax.apply_if_finite`` branches with ``jax.lax.cond`` as well. It differs
-in its test and its policy: it runs ``jnp.isfinite`` over every element (a
-separate pass, which finite gradients whose squares overflow float32, such as
-``1e30``-scaled ones, pass) and it applies a non-finite update anyway after
-``max_consecutive_errors`` skipped steps.
-
-Under ``jax.vmap`` with a decision that differs across the mapped axis (for
-example a guard vmapped over several models or seeds), ``lax.cond`` becomes a
-select over both branches: ``inner.update`` runs on every step and the inner
-state is selected elementwise. The results are the same, but the step costs
-what a ``jnp.where`` over the whole state costs. Under ``jit``, ``pmap`` and
-``shard_map`` the decision is one scalar and the branch is a real one.
-
-A guard returns its updates out of the ``lax.cond``, and XLA does not fuse
-across a conditional, so ``optax.apply_updates`` reads them again as a full
-update-sized buffer. :func:`~optax_guard.update_and_apply` on a guard runs the
-parameter update inside the ``cond`` instead: each guard registers that fused
-step when it is built, and stays an ordinary
-``optax.GradientTransformationExtraArgs`` otherwise.
-
-Counters are int32 and saturate at ``2**31 - 1`` (``optax.safe_increment``).
+A robust rule (median and median absolute deviation of a window of recent
+finite norms, with a floor relative to the window's 80th percentile), so that
+float noise, a warm-up trend or a recurring hard batch never counts as a
+spike. :func:`skip_on_spike` also skips non-finite steps, as
+:func:`~optax_guard.skip_nonfinite` does.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.typing import ArrayLike
 
-from optax_guard import _apply
 from optax_guard import _numerics as num
+from optax_guard import _stats
 from optax_guard import _validation as val
+from optax_guard._guards.combinator import Decision, counters, guard, zero_counters
 
 # 1 / Phi^{-1}(3/4): makes the median absolute deviation of normal data an
 # estimate of its standard deviation
 _MAD_TO_STD = 1.482602218505602
-
-
-class SkipNonfiniteState(NamedTuple):
-  """State of :func:`skip_nonfinite`.
-
-  Attributes:
-    inner_state: the wrapped transformation's state (unchanged on skipped
-      steps).
-    num_skipped: int32, total number of skipped steps (saturating).
-    consecutive_skipped: int32, skipped steps since the last applied one
-      (0 after an applied step; saturating).
-    last_skipped: bool scalar, whether the most recent step was skipped.
-  """
-
-  inner_state: optax.OptState
-  num_skipped: jax.Array
-  consecutive_skipped: jax.Array
-  last_skipped: jax.Array
 
 
 class SpikeTracker(NamedTuple):
@@ -98,6 +51,11 @@ class SpikeTracker(NamedTuple):
   threshold: jax.Array
 
 
+@_stats.declare(
+    "skip_on_spike",
+    ("num_skipped", "consecutive_skipped", "last_skipped", "norm", "value"),
+    guard=True,
+)
 class SkipOnSpikeState(NamedTuple):
   """State of :func:`skip_on_spike`.
 
@@ -121,199 +79,6 @@ class SkipOnSpikeState(NamedTuple):
   last_skipped: jax.Array
   norm: SpikeTracker
   value: SpikeTracker
-
-
-def _check_inner(owner: str, inner: Any) -> optax.GradientTransformationExtraArgs:
-  if not isinstance(inner, optax.GradientTransformation):
-    raise TypeError(
-        f"{owner}(inner=...) must be an optax.GradientTransformation, got {inner!r}"
-    )
-  return optax.with_extra_args_support(inner)
-
-
-def _varying(x: Any) -> frozenset:
-  """The manual mesh axes ``x`` varies over inside ``shard_map`` (else empty).
-
-  Read from the type that the public ``jax.typeof`` gives (an array, a tracer
-  or a ``jax.ShapeDtypeStruct``): its ``vma`` where JAX calls it so, else its
-  ``manual_axis_type.varying`` (the spelling of JAX 0.10).
-  """
-  aval = jax.typeof(x)
-  if hasattr(aval, "vma"):
-    return frozenset(aval.vma)
-  manual = getattr(aval, "manual_axis_type", None)
-  return frozenset(manual.varying) if manual is not None else frozenset()
-
-
-def _like(x: jax.Array, spec: Any) -> jax.Array:
-  """``x`` with the dtype and the ``shard_map`` varying axes of ``spec``.
-
-  The values are unchanged: the cast only reconciles weak types, and the
-  ``pcast`` only marks a replicated value as device-varying, as the other
-  branch of the ``cond`` produces it.
-  """
-  x = jnp.asarray(x, spec.dtype)
-  missing = _varying(spec) - _varying(x)
-  if missing:
-    x = jax.lax.pcast(x, tuple(sorted(missing)), to="varying")
-  return x
-
-
-def _apply_or_skip(inner, skip, updates, inner_state, params, extra_args, known):
-  """``lax.cond(not skip, inner.update(...), (zeros, inner_state))``.
-
-  The apply branch is the *true* branch on purpose: with the branches the
-  other way round, XLA:CPU (jax 0.10) keeps full-size copies of the inner
-  state next to the donated buffers (3x the gradient bytes of temporaries
-  for ``chain(clip, adam)`` instead of 1x, and about twice the step time).
-  ``known`` is ``(partial, axis_name)``, the sum of squares the guard decided
-  on: an inner ``clip_by_global_norm`` of the same updates with the same
-  ``axis_name`` reuses it (see ``_numerics.known_partial``) instead of
-  reading the updates again.
-  """
-
-  def apply():
-    return inner.update(updates, inner_state, params, **extra_args)
-
-  def skip_branch():
-    zeros = jax.tree.map(lambda s: _like(jnp.zeros(s.shape, s.dtype), s), out_updates)
-    return zeros, jax.tree.map(_like, inner_state, out_state)
-
-  with num.known_partial(updates, known[0], 2, known[1]):
-    out_updates, out_state = jax.eval_shape(apply)
-    return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
-
-
-def _apply_params_or_skip(inner, skip, grads, inner_state, params, extra_args, known):
-  """The fused form of :func:`_apply_or_skip`: ``(new_params, new_inner_state)``.
-
-  The apply branch runs ``inner.update`` and adds its updates to ``params``
-  inside the ``cond``, so XLA fuses the addition into the inner update (no
-  update-sized buffer crosses the conditional); the skip branch returns
-  ``params`` and ``inner_state`` as they are. Same branch order as
-  :func:`_apply_or_skip`.
-  """
-
-  def apply():
-    updates, new_state = inner.update(grads, inner_state, params, **extra_args)
-    return optax.apply_updates(params, updates), new_state
-
-  def skip_branch():
-    return jax.tree.map(_like, params, out_params), jax.tree.map(_like, inner_state, out_state)
-
-  with num.known_partial(grads, known[0], 2, known[1]):
-    out_params, out_state = jax.eval_shape(apply)
-    return jax.lax.cond(jnp.logical_not(skip), apply, skip_branch)
-
-
-def _counters(state, skip):
-  """The new ``(num_skipped, consecutive_skipped, last_skipped)``."""
-  num_skipped = jnp.where(skip, optax.safe_increment(state.num_skipped), state.num_skipped)
-  consecutive = jnp.where(
-      skip, optax.safe_increment(state.consecutive_skipped), jnp.zeros((), jnp.int32)
-  )
-  return num_skipped, consecutive, jnp.asarray(skip, jnp.bool_)
-
-
-def _zero_counters() -> tuple[jax.Array, jax.Array, jax.Array]:
-  # one array per field: a state whose fields share a buffer cannot be
-  # donated to a jitted step ("donate the same buffer twice")
-  return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)
-
-
-def _nonfinite_decision(updates, state, axis_name):
-  """The decision of :func:`skip_nonfinite`: ``(skip, fields, partial)``.
-
-  ``fields`` are the new guard-side fields of the state, in order after
-  ``inner_state``: ``SkipNonfiniteState(new_inner_state, *fields)``;
-  ``partial`` is the sum of squares of ``updates`` (over devices) it used.
-  """
-  # decide on the sum of squares, not on its sqrt: XLA may rewrite
-  # sqrt(x * x) as |x| for a one-element tree, hiding the overflow
-  partial = num.global_partial(updates, 2, axis_name)
-  skip = jnp.logical_not(num.is_finite_scalar(partial))
-  return skip, _counters(state, skip), partial
-
-
-def skip_nonfinite(
-    inner: optax.GradientTransformation, *, axis_name: val.AxisName = None
-) -> optax.GradientTransformationExtraArgs:
-  r"""Skips the step (zero updates, inner state untouched) on non-finite grads.
-
-  .. math::
-    n = \Big(\sum_i g_i^2\Big)^{1/2} \text{ (float32 accumulation)},\qquad
-    (u, s) \leftarrow \begin{cases} (0,\ s) & n \notin \mathbb{R} \\
-    \mathrm{inner}(g, s) & \text{otherwise} \end{cases}
-
-  The decision reads only the squared global norm (the float32-accumulated
-  sum of squares), one reduction pass with no per-element test: a NaN or
-  ``+-inf`` element makes it NaN or ``inf``, and so does a sum of squares
-  beyond float32 range (for example gradients scaled by ``1e30``, or any
-  element above ``~1.8e19``), which no float32 optimizer state could absorb
-  anyway. (For float64 updates the sum accumulates in float64 and only float64
-  overflow counts.) The test is on the sum, not on its square root, because
-  XLA may rewrite ``sqrt(x * x)`` as ``|x|`` for a one-element tree.
-
-  The branch is taken with ``jax.lax.cond``: a skipped step returns
-  ``jnp.zeros`` with the inner's output shapes and dtypes and leaves the inner
-  state bitwise untouched; ``inner.update`` does not run. (Under ``jax.vmap``
-  with a decision that varies along the mapped axis the ``cond`` becomes a
-  select: ``inner.update`` runs and its state is selected elementwise, with
-  the same results.) Keyword extras such as ``value=`` are passed through to
-  ``inner``. With the guard outermost, ``og.update_and_apply(guard, grads,
-  state, params)`` applies the update to the parameters inside the ``cond``
-  (no update-sized buffer between the guard and ``optax.apply_updates``).
-
-  Args:
-    inner: the transformation to guard (usually the whole optimizer).
-    axis_name: inside ``pmap``/``shard_map`` when each device holds a different
-      shard of the updates, the mapped axis to ``psum`` the partial sum of
-      squares over (one collective), so every device takes the same decision.
-      Leave None under plain ``jit`` and for replicated updates.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` with
-    :class:`SkipNonfiniteState` (``last_skipped`` is a bool scalar).
-
-  Example:
-    >>> import jax.numpy as jnp, optax, optax_guard as og
-    >>> tx = og.skip_nonfinite(optax.sgd(0.1))
-    >>> state = tx.init(jnp.zeros(2))
-    >>> u, state = tx.update(jnp.array([1.0, jnp.nan]), state)
-    >>> u, int(state.num_skipped), bool(state.last_skipped)
-    (Array([0., 0.], dtype=float32), 1, True)
-    >>> u, state = tx.update(jnp.array([1.0, 2.0]), state)
-    >>> u, int(state.num_skipped), int(state.consecutive_skipped)
-    (Array([-0.1, -0.2], dtype=float32), 1, 0)
-
-  References:
-    Same rule as the dynamic loss scaling of mixed-precision training
-    (Micikevicius et al., 2018, *Mixed Precision Training*,
-    https://arxiv.org/abs/1710.03740). ``optax.apply_if_finite`` also skips
-    with ``jax.lax.cond``, but tests every element and gives up after
-    ``max_consecutive_errors`` skipped steps.
-  """
-  inner = _check_inner("skip_nonfinite", inner)
-  axis_name = val.axis_name("skip_nonfinite", axis_name)
-
-  def init_fn(params):
-    return SkipNonfiniteState(inner.init(params), *_zero_counters())
-
-  def update_fn(updates, state, params=None, **extra_args):
-    skip, fields, partial = _nonfinite_decision(updates, state, axis_name)
-    new_updates, inner_state = _apply_or_skip(
-        inner, skip, updates, state.inner_state, params, extra_args, (partial, axis_name)
-    )
-    return new_updates, SkipNonfiniteState(inner_state, *fields)
-
-  def fused_fn(grads, state, params, **extra_args):
-    skip, fields, partial = _nonfinite_decision(grads, state, axis_name)
-    new_params, inner_state = _apply_params_or_skip(
-        inner, skip, grads, state.inner_state, params, extra_args, (partial, axis_name)
-    )
-    return new_params, SkipNonfiniteState(inner_state, *fields)
-
-  return _apply.register_fused(optax.GradientTransformationExtraArgs(init_fn, update_fn), fused_fn)
 
 
 def _sorted_valid(x, valid):
@@ -364,12 +129,10 @@ def _track(tracker, x, sigma, min_history, min_ratio):
   return x > threshold, SpikeTracker(history, count, x, threshold)
 
 
-def _spike_decision(updates, state, value, sigma, min_history, min_ratio, axis_name):
-  """The decision of :func:`skip_on_spike`: ``(skip, fields, partial)``.
+def _spike_decision(updates, state, value, *, sigma, min_history, min_ratio, axis_name):
+  """The :class:`~optax_guard._guards.combinator.Decision` of :func:`skip_on_spike`.
 
-  ``value`` is the ``value=`` extra or None. ``fields`` are the new
-  guard-side fields of the state, in order after ``inner_state``:
-  ``SkipOnSpikeState(new_inner_state, *fields)``.
+  ``value`` is the ``value=`` extra or None.
   """
   if value is not None:
     val.scalar("skip_on_spike", "value", value)  # a scalar loss (NaN allowed: it skips)
@@ -393,7 +156,8 @@ def _spike_decision(updates, state, value, sigma, min_history, min_ratio, axis_n
     # the loss tracker is for logging: no ratio floor (a loss can be negative)
     _, value_tracker = _track(state.value, value, sigma, min_history, None)
     skip = skip | jnp.logical_not(jnp.isfinite(value))
-  return skip, (*_counters(state, skip), norm_tracker, value_tracker), partial
+  fields = (*counters(state, skip), norm_tracker, value_tracker)
+  return Decision(skip, fields, num.SharedNorm.of(updates, partial, axis_name))
 
 
 def skip_on_spike(
@@ -466,11 +230,9 @@ def skip_on_spike(
     percentile rather than the median: a hard batch sits among the harder
     fifth of the window (a floor of 12x the median would be needed
     otherwise), while up to a fifth of the window may be recorded faults
-    before they raise the floor. Measured with ``python -m
-    benchmarks.false_skips`` (one seed, 3,000 steps a case): ``min_ratio=4``
-    skipped 1 healthy step, 5 and 6 none, in the multi-epoch hard-batch and
-    warm-up trials, and every injected fault (NaN, inf, ``x1e30``, ``x1e4``)
-    was skipped; the default 6 leaves a margin.
+    before they raise the floor. The default 6 leaves a margin over the
+    lowest floor that skipped no healthy step in the false-skip trials of
+    the Performance page.
   * **Float noise never decides.** When the recorded norms are equal up to
     rounding (a clip ahead of the guard makes them so), the MAD is 0 or one
     ulp, and a norm one ulp above the median would exceed ``median + sigma *
@@ -482,11 +244,9 @@ def skip_on_spike(
     the spikes from it: the guard then only ever skips non-finite steps.
   * The window should be long. With a few dozen norms the median and the MAD
     are noisy, and late in training, when the norms are small and
-    heavy-tailed, a short window skips ordinary steps (a window of 32 skipped
-    about 20 healthy steps in 1,000 in a data-parallel MLP run); the default
-    of 128 (with ``min_history=64``) gave no false skip in 3,000 multi-epoch
-    steps and about one in 3,000 single-epoch steps (``python -m
-    benchmarks.false_skips``). Raise ``sigma`` rather than shorten the window.
+    heavy-tailed, a short window skips ordinary steps (the false-skip
+    trials of the Performance page measure the default of 128 with
+    ``min_history=64``). Raise ``sigma`` rather than shorten the window.
 
   When to pass ``value=``: pass the loss when it can become NaN or ``inf``
   while the gradients stay finite (a float16 loss reduction that overflows, a
@@ -546,7 +306,6 @@ def skip_on_spike(
     in Robust Estimation*, https://doi.org/10.1080/01621459.1974.10482962).
   """
   owner = "skip_on_spike"
-  inner = _check_inner(owner, inner)
   val.positive(owner, "sigma", sigma)
   val.in_range(owner, "min_ratio", min_ratio, 1.0, math.inf,
                why=" (a multiple of the window's 80th-percentile norm)")
@@ -555,7 +314,8 @@ def skip_on_spike(
   val.ordered(owner, "min_history", min_history, "window", window)
   axis_name = val.axis_name(owner, axis_name)
 
-  def init_fn(params):
+  def init_fields(params):
+    del params
     size = val.concrete_size(owner, "window", window)
 
     def tracker() -> SpikeTracker:
@@ -564,24 +324,10 @@ def skip_on_spike(
           jnp.zeros((), jnp.float32), jnp.full((), jnp.inf, jnp.float32),
       )
 
-    return SkipOnSpikeState(inner.init(params), *_zero_counters(), tracker(), tracker())
+    return (*zero_counters(), tracker(), tracker())
 
-  def update_fn(updates, state, params=None, **extra_args):
-    skip, fields, partial = _spike_decision(
-        updates, state, extra_args.get("value"), sigma, min_history, min_ratio, axis_name
-    )
-    new_updates, inner_state = _apply_or_skip(
-        inner, skip, updates, state.inner_state, params, extra_args, (partial, axis_name)
-    )
-    return new_updates, SkipOnSpikeState(inner_state, *fields)
+  def decide(updates, state, extra):
+    return _spike_decision(updates, state, extra.get("value"), sigma=sigma,
+                           min_history=min_history, min_ratio=min_ratio, axis_name=axis_name)
 
-  def fused_fn(grads, state, params, **extra_args):
-    skip, fields, partial = _spike_decision(
-        grads, state, extra_args.get("value"), sigma, min_history, min_ratio, axis_name
-    )
-    new_params, inner_state = _apply_params_or_skip(
-        inner, skip, grads, state.inner_state, params, extra_args, (partial, axis_name)
-    )
-    return new_params, SkipOnSpikeState(inner_state, *fields)
-
-  return _apply.register_fused(optax.GradientTransformationExtraArgs(init_fn, update_fn), fused_fn)
+  return guard(owner, inner, state_type=SkipOnSpikeState, init=init_fields, decide=decide)
