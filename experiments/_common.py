@@ -313,6 +313,21 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any],
     return list(pool.map(fn, items))
 
 
+def train_all(train: Callable[[Any], Any], items: Sequence[Any], bar: Progress,
+              phase: Callable[[Any], str] = str) -> list[tuple[Any, float]]:
+  """``[(train(x), wall seconds) for x in items]``, run by :func:`parallel_map`.
+
+  While ``train(x)`` runs, ``bar`` shows ``phase(x)`` among its running phases.
+  """
+
+  def one(x):
+    with bar.phase_of(phase(x)), Timer() as timer:
+      out = train(x)
+    return out, timer.s
+
+  return parallel_map(one, items)
+
+
 def num_chunks(steps: int, target: int = 10) -> int:
   """The largest divisor of ``steps`` that is at most ``target`` (one compile)."""
   for n in range(min(target, steps), 0, -1):

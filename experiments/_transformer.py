@@ -15,12 +15,20 @@ Data: token sequences from a fixed random second-order Markov chain over
 ``vocab`` tokens: with probability ``1 - noise`` the next token is
 ``table[previous two]``, otherwise uniform. The best achievable loss is the
 chain's entropy rate, far below ``log(vocab)``.
+
+Shared by the LM experiments: :class:`LMConfig`, the sizes every one of their
+``Config`` classes extends; :func:`data`, their training batches and
+validation set; :func:`init_models`, :func:`val_losses` and :func:`outputs`,
+the start and end of their training; :func:`loss_checks`, the reference
+losses of the language; :func:`result`, their result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -135,3 +143,80 @@ def make_sequences(rng: np.random.Generator, shape: tuple[int, ...], length: int
     nxt = table[seq[..., t - 2], seq[..., t - 1]]
     seq[..., t] = np.where(use_random[..., t], random_tok[..., t], nxt)
   return seq
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  """The settings every LM experiment has: run (``steps``, set by each experiment,
+  and ``seeds``), data (``batch`` sequences of ``length + 1`` tokens from the
+  chain over ``vocab`` tokens with ``noise``; ``val_size`` validation
+  sequences), model (``width``, ``heads``, ``layers``) and optimizer (the
+  learning-rate warm-up's ``warmup_steps``, the global clip's ``clip_norm``).
+  Each experiment's ``Config`` extends it."""
+
+  steps: int
+  seeds: int = 2
+  vocab: int = 32
+  length: int = 16
+  batch: int = 8
+  width: int = 32
+  heads: int = 4
+  layers: int = 2
+  noise: float = 0.1
+  warmup_steps: int = 30
+  clip_norm: float = 1.0
+  val_size: int = 256
+
+
+def data(config: LMConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Training batches ``[steps, seeds, batch, length + 1]`` and the validation sequences
+  ``[val_size, length + 1]``."""
+  train = np.stack([make_sequences(np.random.default_rng(100 + s),
+                                   (config.steps, config.batch), config.length,
+                                   config.vocab, config.noise)
+                    for s in range(config.seeds)], axis=1)
+  val = make_sequences(np.random.default_rng(99), (config.val_size,), config.length,
+                       config.vocab, config.noise)
+  return train, val
+
+
+def init_models(config: LMConfig, seeds: Sequence[int], qk_norm: bool = False) -> tuple[Any, Any]:
+  """``(graphdef, params)``: the initial parameters of every seed, stacked on a leading axis."""
+  inits = [init_params(config.vocab, config.length, config.width, config.heads, config.layers,
+                       qk_norm, int(s)) for s in seeds]
+  return inits[0][0], C.stack([p for _, p in inits])
+
+
+def val_losses(graphdef: Any, params: Any, val: np.ndarray) -> np.ndarray:
+  """The loss on ``val`` of every model of the stacked ``params``."""
+  return np.asarray(jax.jit(jax.vmap(lambda p: lm_loss(graphdef, p, val)[0]))(params))
+
+
+def outputs(loss: np.ndarray, curves: dict[str, Any], val_loss: np.ndarray) -> dict[str, Any]:
+  """What a training returns, per run: ``loss`` and every curve as ``[runs, steps]``
+  (the loop's outputs are ``[steps, runs]``), ``grad_norm`` (``og.monitor()``'s),
+  ``skipped`` (the final total of every guard's ``num_skipped``) and ``val_loss``."""
+  curves = {k: np.asarray(v, np.float64).T for k, v in curves.items()}
+  skipped = C.skipped_from_curves(curves)
+  return {"loss": loss.T, "grad_norm": curves["monitor/global_norm"], "curves": curves,
+          "skipped": np.zeros(len(val_loss), np.int64) if skipped is None else skipped,
+          "val_loss": val_loss}
+
+
+def result(name: str, title: str, config: LMConfig, runs: list[C.Run],
+           **kwargs: Any) -> C.ExperimentResult:
+  """The result of an LM experiment: its table's metric is the validation loss."""
+  return C.ExperimentResult(name=name, title=title, config=dataclasses.asdict(config),
+                            runs=runs, metric="val_loss", metric_label="val loss", **kwargs)
+
+
+def loss_checks(config: LMConfig, uniform: bool = True) -> dict[str, float]:
+  """The chain's entropy rate, the loss of a uniform guess (``uniform``) and the best
+  possible loss of a sequence (its first token uniform, the rest at the entropy rate)."""
+  _, entropy = markov_chain(config.vocab, config.noise)
+  checks = {"entropy_rate_nats": round(entropy, 4)}
+  if uniform:
+    checks["uniform_loss_nats"] = round(math.log(config.vocab), 4)
+  checks["best_possible_loss_nats"] = round(
+      (math.log(config.vocab) + (config.length - 1) * entropy) / config.length, 4)
+  return checks

@@ -267,14 +267,10 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
   total_steps = len(config.lengths) * len(names) * config.steps
   jobs = [(length, name) for length in config.lengths for name in names]
   with C.Progress(total_steps, NAME, progress) as bar, C.Timer() as total:
-
-    def train(job):
-      length, name = job
-      with bar.phase_of(f"T={length} {name}"), C.Timer() as timer:
-        out = _train(config, length, factories[name], tests[length], bar)
-      return out, timer.s
-
-    for (length, name), (out, wall) in zip(jobs, C.parallel_map(train, jobs), strict=True):
+    outs = C.train_all(
+        lambda job: _train(config, job[0], factories[job[1]], tests[job[0]], bar), jobs, bar,
+        phase=lambda job: f"T={job[0]} {job[1]}")
+    for (length, name), (out, wall) in zip(jobs, outs, strict=True):
       per = config.seeds
       for i, lr in enumerate(config.learning_rates):
         sl = slice(i * per, (i + 1) * per)

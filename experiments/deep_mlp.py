@@ -313,13 +313,8 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
              f"lr {config.learning_rate:g}, momentum {config.momentum:g}")
   runs = []
   with C.Progress(len(names) * config.steps, NAME, progress) as bar, C.Timer() as total:
-
-    def train(name):
-      with bar.phase_of(name), C.Timer() as timer:
-        out = _train(config, DEFENCES[name], bar)
-      return out, timer.s
-
-    for name, (out, wall) in zip(names, C.parallel_map(train, names), strict=True):
+    outs = C.train_all(lambda name: _train(config, DEFENCES[name], bar), names, bar)
+    for name, (out, wall) in zip(names, outs, strict=True):
       r = C.Run(setting=setting, defence=name, loss=out["loss"], grad_norm=out["grad_norm"],
                 skipped=out["skipped"], metrics={"test_accuracy": out["accuracy"].tolist()},
                 wall_s=wall, extra=out["curves"])

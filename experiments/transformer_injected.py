@@ -37,7 +37,6 @@ weights on 256 held-out clean sequences.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,24 +52,20 @@ NAME = "transformer_injected"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  """Sizes of the injected-fault experiment (defaults: the suite's default run)."""
+class Config(T.LMConfig):
+  """Sizes of the injected-fault experiment (defaults: the suite's default run).
+
+  Adam's learning rate warms up to ``peak_lr`` over ``warmup_steps``, then
+  decays as one over the square root of the step; every ``glitch_every``
+  steps a batch is corrupted; a loss above ``spike_ratio`` times the median of
+  the 20 steps before is a spike. The other sizes: ``_transformer.LMConfig``.
+  """
 
   steps: int = 240
-  seeds: int = 2
-  vocab: int = 32
-  length: int = 16
-  batch: int = 8
-  width: int = 32
-  heads: int = 4
-  layers: int = 2
-  noise: float = 0.1
-  peak_lr: float = 0.03
   warmup_steps: int = 40
-  clip_norm: float = 1.0
+  peak_lr: float = 0.03
   spike_ratio: float = 1.5
   glitch_every: int = 40
-  val_size: int = 256
   defences: tuple[str, ...] = ("none", "clip_global", "zclip", "autoclip", "skip_on_spike")
 
   @classmethod
@@ -132,22 +127,14 @@ def count_spikes(loss: np.ndarray, ratio: float, window: int = 20) -> np.ndarray
 
 def data(config: Config) -> tuple[np.ndarray, np.ndarray]:
   """Batches ``[steps, seeds, batch, length + 1]`` with the glitches, and clean val data."""
-  train = np.stack([T.make_sequences(np.random.default_rng(100 + s),
-                                     (config.steps, config.batch), config.length,
-                                     config.vocab, config.noise)
-                    for s in range(config.seeds)], axis=1)
+  train, val = T.data(config)
   glitches = glitch_steps(config)
   train[glitches] = corrupt(np.random.default_rng(5), train[glitches], config.vocab)
-  val = T.make_sequences(np.random.default_rng(99), (config.val_size,), config.length,
-                         config.vocab, config.noise)
   return train, val
 
 
 def _train(config: Config, make_tx: Callable, train, val, bar) -> dict[str, Any]:
-  inits = [T.init_params(config.vocab, config.length, config.width, config.heads,
-                         config.layers, False, s) for s in range(config.seeds)]
-  graphdef = inits[0][0]
-  params = C.stack([p for _, p in inits])
+  graphdef, params = T.init_models(config, range(config.seeds))
   tx = optax.with_extra_args_support(make_tx(config))
 
   def one(params, opt_state, tokens):
@@ -166,47 +153,32 @@ def _train(config: Config, make_tx: Callable, train, val, bar) -> dict[str, Any]
   opt_state = jax.jit(jax.vmap(tx.init))(params)
   (params, _), (loss, stats) = C.scan_loop(step, (params, opt_state), config.steps, xs=train,
                                            bar=bar)
-  val_loss = np.asarray(jax.jit(jax.vmap(lambda p: T.lm_loss(graphdef, p, val)[0]))(params))
-  stats = {k: np.asarray(v, np.float64).T for k, v in stats.items()}
-  skipped = C.skipped_from_curves(stats)
-  return {"loss": loss.T, "grad_norm": stats["monitor/global_norm"], "stats": stats,
-          "skipped": np.zeros(config.seeds, np.int64) if skipped is None else skipped,
-          "val_loss": val_loss}
+  return T.outputs(loss, stats, T.val_losses(graphdef, params, val))
 
 
 def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
         progress: bool | None = None) -> C.ExperimentResult:
   """Trains the LM once per defence (all seeds together); one row per defence."""
   names = C.select(list(DEFENCES) if guards else list(config.defences), guards)
-  _, entropy = T.markov_chain(config.vocab, config.noise)
   glitches = glitch_steps(config)
   train, val = data(config)
   setting = f"INJECTED: {len(glitches)} corrupted batches, peak lr {config.peak_lr:g}"
   runs = []
   with C.Progress(len(names) * config.steps, NAME, progress) as bar, C.Timer() as total:
-
-    def train_one(name):
-      with bar.phase_of(name), C.Timer() as timer:
-        out = _train(config, DEFENCES[name], train, val, bar)
-      return out, timer.s
-
-    for name, (out, wall) in zip(names, C.parallel_map(train_one, names), strict=True):
+    outs = C.train_all(lambda name: _train(config, DEFENCES[name], train, val, bar), names, bar)
+    for name, (out, wall) in zip(names, outs, strict=True):
       spikes = count_spikes(out["loss"], config.spike_ratio)
       r = C.Run(setting=setting, defence=name, loss=out["loss"], grad_norm=out["grad_norm"],
-                skipped=out["skipped"], wall_s=wall, extra=out["stats"],
+                skipped=out["skipped"], wall_s=wall, extra=out["curves"],
                 metrics={"val_loss": out["val_loss"].tolist(), "spikes": spikes.tolist()},
                 injected_faults=len(glitches))
       r.note = r.nan_note() or f"loss spikes {np.mean(spikes):g}"
       runs.append(r)
-  return C.ExperimentResult(
-      name=NAME,
-      title=(f"INJECTED faults: transformer LM ({config.layers} layers, width {config.width}), "
-             f"Adam to peak lr {config.peak_lr:g}, {len(glitches)} corrupted batches, "
-             f"median of {config.seeds} seeds"),
-      config=dataclasses.asdict(config), runs=runs, metric="val_loss", metric_label="val loss",
-      checks={"entropy_rate_nats": round(entropy, 4),
-              "uniform_loss_nats": round(math.log(config.vocab), 4),
-              "best_possible_loss_nats": round(
-                  (math.log(config.vocab) + (config.length - 1) * entropy) / config.length, 4),
-              "glitch_steps": glitches.tolist()},
+  return T.result(
+      NAME,
+      (f"INJECTED faults: transformer LM ({config.layers} layers, width {config.width}), "
+       f"Adam to peak lr {config.peak_lr:g}, {len(glitches)} corrupted batches, "
+       f"median of {config.seeds} seeds"),
+      config, runs,
+      checks={**T.loss_checks(config), "glitch_steps": glitches.tolist()},
       wall_s=total.s)

@@ -36,7 +36,6 @@ unspiked tensors' update norm relative to the step before
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,28 +53,24 @@ SPIKED = "['tok']['embedding']"  # the spiked tensor: the token embedding
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-  """Sizes of the localized-spike experiment (defaults: the suite's default run)."""
+class Config(T.LMConfig):
+  """Sizes of the localized-spike experiment (defaults: the suite's default run).
+
+  Adam's learning rate warms up to ``peak_lr`` over ``warmup_steps``, then
+  decays as one over the square root of the step; from step ``first_spike``
+  on, every ``spike_every`` steps the rare token's embedding gradient is
+  multiplied by ``spike``; AdaGC clips globally for its first ``adagc_warmup``
+  steps. The other sizes: ``_transformer.LMConfig``.
+  """
 
   steps: int = 160
-  seeds: int = 2
-  vocab: int = 32
-  length: int = 16
-  batch: int = 8
-  width: int = 32
-  heads: int = 4
-  layers: int = 2
-  noise: float = 0.1
-  peak_lr: float = 0.03
   warmup_steps: int = 20
-  clip_norm: float = 1.0
+  peak_lr: float = 0.03
   spike: float = 1e3
   spike_every: int = 20
   first_spike: int = 40
   adagc_warmup: int = 30
-  val_size: int = 256
-  defences: tuple[str, ...] = ("no_spikes", "none", "clip_global", "adagc", "spam",
-                               "skip_on_spike")
+  defences: tuple[str, ...] = ("no_spikes", "none", "clip_global", "adagc", "spam", "skip_on_spike")
 
   @classmethod
   def quick(cls) -> Config:
@@ -119,12 +114,7 @@ def spike_steps(config: Config) -> np.ndarray:
 
 def data(config: Config) -> tuple[np.ndarray, np.ndarray, int]:
   """Batches ``[steps, seeds, batch, length + 1]``, clean val data, the rarest token."""
-  train = np.stack([T.make_sequences(np.random.default_rng(100 + s),
-                                     (config.steps, config.batch), config.length,
-                                     config.vocab, config.noise)
-                    for s in range(config.seeds)], axis=1)
-  val = T.make_sequences(np.random.default_rng(99), (config.val_size,), config.length,
-                         config.vocab, config.noise)
+  train, val = T.data(config)
   counts = np.bincount(train[..., :-1].ravel(), minlength=config.vocab)
   return train, val, int(np.argmin(counts))
 
@@ -136,10 +126,7 @@ def _norm(leaves: Sequence[jax.Array]) -> jax.Array:
 
 def _train(config: Config, make_tx: Callable, train, val, rare: int, bar,
            inject_spikes: bool = True) -> dict[str, Any]:
-  inits = [T.init_params(config.vocab, config.length, config.width, config.heads,
-                         config.layers, False, s) for s in range(config.seeds)]
-  graphdef = inits[0][0]
-  params = C.stack([p for _, p in inits])
+  graphdef, params = T.init_models(config, range(config.seeds))
   tx = optax.with_extra_args_support(make_tx(config))
   spiked = np.zeros(config.steps, np.float32)
   if inject_spikes:
@@ -177,12 +164,7 @@ def _train(config: Config, make_tx: Callable, train, val, rare: int, bar,
   opt_state = jax.jit(jax.vmap(tx.init))(params)
   (params, _), (loss, curves) = C.scan_loop(step, (params, opt_state), config.steps,
                                             xs=(train, spiked), bar=bar)
-  val_loss = np.asarray(jax.jit(jax.vmap(lambda p: T.lm_loss(graphdef, p, val)[0]))(params))
-  curves = {k: np.asarray(v, np.float64).T for k, v in curves.items()}
-  skipped = C.skipped_from_curves(curves)
-  return {"loss": loss.T, "grad_norm": curves["monitor/global_norm"], "curves": curves,
-          "skipped": np.zeros(config.seeds, np.int64) if skipped is None else skipped,
-          "val_loss": val_loss}
+  return T.outputs(loss, curves, T.val_losses(graphdef, params, val))
 
 
 def update_ratios(curves: dict[str, np.ndarray], steps: np.ndarray,
@@ -209,20 +191,14 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
         progress: bool | None = None) -> C.ExperimentResult:
   """Trains the LM once per defence (all seeds together); one row per defence."""
   names = C.select(list(DEFENCES) if guards else list(config.defences), guards)
-  _, entropy = T.markov_chain(config.vocab, config.noise)
   spikes = spike_steps(config)
   train, val, rare = data(config)
   setting = f"INJECTED: {len(spikes)} x{config.spike:g} spikes in one embedding row"
   runs = []
   with C.Progress(len(names) * config.steps, NAME, progress) as bar, C.Timer() as total:
-
-    def train_one(name):
-      with bar.phase_of(name), C.Timer() as timer:
-        out = _train(config, DEFENCES[name], train, val, rare, bar,
-                     inject_spikes=name != "no_spikes")
-      return out, timer.s
-
-    for name, (out, wall) in zip(names, C.parallel_map(train_one, names), strict=True):
+    outs = C.train_all(lambda name: _train(config, DEFENCES[name], train, val, rare, bar,
+                                           inject_spikes=name != "no_spikes"), names, bar)
+    for name, (out, wall) in zip(names, outs, strict=True):
       ratios = update_ratios(out["curves"], spikes)
       r = C.Run(setting=setting, defence=name, loss=out["loss"], grad_norm=out["grad_norm"],
                 skipped=out["skipped"], wall_s=wall, extra=out["curves"],
@@ -236,22 +212,19 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
                                 f"{np.mean(ratios['spiked']):.3g}; rare row over the next 10 x"
                                 f"{np.mean(ratios['rare_row_after']):.3g}")
       runs.append(r)
-  checks: dict[str, Any] = {
-      "entropy_rate_nats": round(entropy, 4),
-      "best_possible_loss_nats": round(
-          (math.log(config.vocab) + (config.length - 1) * entropy) / config.length, 4),
-      "rare_token": rare, "spike_steps": spikes.tolist()}
+  checks: dict[str, Any] = {**T.loss_checks(config, uniform=False),
+                            "rare_token": rare, "spike_steps": spikes.tolist()}
   for r in runs:
     if "adagc/num_clipped" in r.extra:  # how often AdaGC clips ordinary steps
       ordinary = np.setdiff1d(np.arange(config.adagc_warmup, config.steps), spikes)
       checks[f"{r.defence}: tensors clipped per ordinary step after its warm-up"] = round(
           float(np.mean(r.extra["adagc/num_clipped"][:, ordinary])), 2)
-  return C.ExperimentResult(
-      name=NAME,
-      title=(f"INJECTED localized spike: transformer LM ({config.layers} layers, width "
-             f"{config.width}), x{config.spike:g} on the embedding row of the rarest token "
-             f"every {config.spike_every} steps, {config.seeds} seeds"),
-      config=dataclasses.asdict(config), runs=runs, metric="val_loss", metric_label="val loss",
+  return T.result(
+      NAME,
+      (f"INJECTED localized spike: transformer LM ({config.layers} layers, width "
+       f"{config.width}), x{config.spike:g} on the embedding row of the rarest token "
+       f"every {config.spike_every} steps, {config.seeds} seeds"),
+      config, runs,
       notes=["unspiked_ratio: on spike steps, the update norm of every tensor but the spiked "
              "one over the step before (1: untouched, 0: skipped)"],
       checks=checks, wall_s=total.s)

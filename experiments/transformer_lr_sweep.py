@@ -61,7 +61,6 @@ above are chaotic: the same seeds of ``none`` at 0.1 end anywhere between
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,22 +76,12 @@ NAME = "transformer_lr_sweep"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(T.LMConfig):
   """Sizes of the learning-rate sweep (defaults: the suite's default run)."""
 
-  learning_rates: tuple[float, ...] = (1e-2, 3e-2, 0.1, 0.3, 1.0)
   steps: int = 300
-  seeds: int = 2
-  vocab: int = 32
-  length: int = 16
   batch: int = 16
-  width: int = 32
-  heads: int = 4
-  layers: int = 2
-  noise: float = 0.1
-  warmup_steps: int = 30
-  clip_norm: float = 1.0
-  val_size: int = 256
+  learning_rates: tuple[float, ...] = (1e-2, 3e-2, 0.1, 0.3, 1.0)
   fail_margin: float = 0.1
   qk_clip_threshold: float = 10.0
   long_warmup_steps: int = 100
@@ -174,25 +163,11 @@ DEFENCES: dict[str, tuple[bool, Callable[[Config, Any], Any]]] = {
 REFERENCE = ("none", "qk_layernorm")
 
 
-def data(config: Config) -> tuple[np.ndarray, np.ndarray]:
-  """Training batches ``[steps, seeds, batch, length + 1]`` and the validation set."""
-  train = np.stack([T.make_sequences(np.random.default_rng(100 + s),
-                                     (config.steps, config.batch), config.length,
-                                     config.vocab, config.noise)
-                    for s in range(config.seeds)], axis=1)
-  val = T.make_sequences(np.random.default_rng(99), (config.val_size,), config.length,
-                         config.vocab, config.noise)
-  return train, val
-
-
 def _train(config: Config, name: str, train, val, bar) -> dict[str, Any]:
   qk_norm, make_tx = DEFENCES[name]
   lrs = np.repeat(np.asarray(rates(config, name), np.float32), config.seeds)
   seeds = np.tile(np.arange(config.seeds), len(rates(config, name)))
-  inits = [T.init_params(config.vocab, config.length, config.width, config.heads,
-                         config.layers, qk_norm, int(s)) for s in seeds]
-  graphdef = inits[0][0]
-  params = C.stack([p for _, p in inits])
+  graphdef, params = T.init_models(config, seeds, qk_norm)
 
   def tx(lr):
     return optax.with_extra_args_support(make_tx(config, lr))
@@ -215,12 +190,7 @@ def _train(config: Config, name: str, train, val, bar) -> dict[str, Any]:
   (params, _), (loss, curves) = C.scan_loop(
       step, (params, opt_state), config.steps, xs=train, bar=bar,
       stop=lambda carry: C.all_nonfinite(carry[0]))
-  val_loss = np.asarray(jax.jit(jax.vmap(lambda p: T.lm_loss(graphdef, p, val)[0]))(params))
-  curves = {k: np.asarray(v, np.float64).T for k, v in curves.items()}
-  skipped = C.skipped_from_curves(curves)
-  return {"loss": loss.T, "grad_norm": curves["monitor/global_norm"], "curves": curves,
-          "skipped": np.zeros(len(lrs), np.int64) if skipped is None else skipped,
-          "val_loss": val_loss}
+  return T.outputs(loss, curves, T.val_losses(graphdef, params, val))
 
 
 def reference_loss(runs: Sequence[C.Run]) -> float:
@@ -260,17 +230,11 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
         progress: bool | None = None) -> C.ExperimentResult:
   """Trains every defence at every learning rate; one row per (lr, defence)."""
   names = C.select(list(DEFENCES) if guards else list(config.defences), guards)
-  train_data, val = data(config)
-  _, entropy = T.markov_chain(config.vocab, config.noise)
+  train_data, val = T.data(config)
   per: dict[str, list[C.Run]] = {}
   with C.Progress(len(names) * config.steps, NAME, progress) as bar, C.Timer() as total:
-
-    def train(name):
-      with bar.phase_of(name), C.Timer() as timer:
-        out = _train(config, name, train_data, val, bar)
-      return out, timer.s
-
-    for name, (out, wall) in zip(names, C.parallel_map(train, names), strict=True):
+    outs = C.train_all(lambda name: _train(config, name, train_data, val, bar), names, bar)
+    for name, (out, wall) in zip(names, outs, strict=True):
       per[name] = []
       for i, lr in enumerate(rates(config, name)):
         sl = slice(i * config.seeds, (i + 1) * config.seeds)
@@ -284,22 +248,18 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
         per[name].append(r)
   every_rate = sorted({lr for name in names for lr in rates(config, name)})
   runs = [r for lr in every_rate for name in names for r in per[name] if lr_of(r) == lr]
-  checks: dict[str, Any] = {"entropy_rate_nats": round(entropy, 4),
-                            "uniform_loss_nats": round(math.log(config.vocab), 4),
-                            "best_possible_loss_nats": round(
-                                (math.log(config.vocab) + (config.length - 1) * entropy)
-                                / config.length, 4)}
+  checks: dict[str, Any] = T.loss_checks(config)
   checks["reference val loss (best of none, qk_layernorm)"] = round(reference_loss(runs), 4)
   if "qk_clip" in names or "qk_layernorm+qk_clip" in names:
     checks["qk_clip threshold"] = config.qk_clip_threshold
   for name in names:
     lr = failing_lr(runs, name, config.fail_margin)
     checks[f"{name}: fails from lr"] = "never (in the sweep)" if lr is None else lr
-  return C.ExperimentResult(
-      name=NAME,
-      title=(f"Transformer LM ({config.layers} layers, width {config.width}), Adam, "
-             f"{config.steps} steps: final loss vs peak learning rate, {config.seeds} seeds"),
-      config=dataclasses.asdict(config), runs=runs, metric="val_loss", metric_label="val loss",
+  return T.result(
+      NAME,
+      (f"Transformer LM ({config.layers} layers, width {config.width}), Adam, "
+       f"{config.steps} steps: final loss vs peak learning rate, {config.seeds} seeds"),
+      config, runs,
       notes=[f"fails: a seed diverged or the mean val loss is > {config.fail_margin:.0%} above "
              "the best of none and qk_layernorm, at this and every higher learning rate"],
       checks=checks, wall_s=total.s, plot=plot)
