@@ -64,7 +64,7 @@ import argparse
 import ast
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -312,6 +312,19 @@ def _scan(tx, setup: Callable, grad_fn: Callable, codes: np.ndarray, keys: jax.A
   return np.asarray(skipped), np.asarray(norms), np.asarray(loss)
 
 
+def _rows(trial: str, regime: str, guard: str, rates: tuple[float, ...], lanes: list,
+          runs: Sequence[np.ndarray], **summary: Any) -> list[dict[str, Any]]:
+  """One row per fault rate: ``runs = (skipped, codes, norms, loss)`` of the lanes
+  ``(rate, seed)`` at that rate, :func:`summarize`-d with ``summary``."""
+  rows = []
+  for rate in rates:
+    idx = [i for i, (r, _) in enumerate(lanes) if r == rate]
+    row = {"trial": trial, "regime": regime, "faults": f"{100 * rate:g}%", "guard": guard}
+    row.update(summarize(*(a[idx] for a in runs), **summary))
+    rows.append(row)
+  return rows
+
+
 def _dense_init(key, sizes):
   keys = jax.random.split(key, len(sizes) - 1)
   p = {}
@@ -397,17 +410,10 @@ def classifier(config: Config, spike_args: dict[str, Any], log) -> list[dict[str
   for regime in ("multi-epoch", "single-epoch"):
     for guard in GUARDS:
       t0 = time.perf_counter()
-      skipped, codes, norms, loss, lanes = _run(
-          guard, regime == "multi-epoch", config, rates, spike_args)
-      for rate in rates:
-        idx = [i for i, (r, _) in enumerate(lanes) if r == rate]
-        row = {"trial": "classifier", "regime": regime, "faults": f"{100 * rate:g}%",
-               "guard": guard}
-        row.update(summarize(
-            skipped[idx], codes[idx], norms[idx], loss[idx], window=config.window,
-            min_history=config.min_history, final=config.batches,
-            batches=config.batches if regime == "multi-epoch" else None))
-        rows.append(row)
+      *runs, lanes = _run(guard, regime == "multi-epoch", config, rates, spike_args)
+      rows += _rows("classifier", regime, guard, rates, lanes, runs, window=config.window,
+                    min_history=config.min_history, final=config.batches,
+                    batches=config.batches if regime == "multi-epoch" else None)
       log(f"  classifier, {regime}, {guard}: {time.perf_counter() - t0:.0f} s")
   return rows
 
@@ -453,14 +459,9 @@ def hard_batch(config: Config, spike_args: dict[str, Any], log,
     return jax.value_and_grad(loss_fn)(p, xs[t % batches], ys[t % batches])
 
   skipped, norms, loss = _scan(tx, setup, grad_fn, codes, keys)
-  rows = []
-  for rate in rates:
-    idx = [i for i, (r, _) in enumerate(lanes) if r == rate]
-    row = {"trial": "hard-batch", "regime": "multi-epoch", "faults": f"{100 * rate:g}%",
-           "guard": "og.skip_on_spike"}
-    row.update(summarize(skipped[idx], codes[idx], norms[idx], loss[idx], window=window,
-                         min_history=min_history, final=batches, batches=batches))
-    rows.append(row)
+  rows = _rows("hard-batch", "multi-epoch", "og.skip_on_spike", rates, lanes,
+               (skipped, codes, norms, loss), window=window, min_history=min_history,
+               final=batches, batches=batches)
   log(f"  hard-batch: {time.perf_counter() - t0:.0f} s")
   return rows
 

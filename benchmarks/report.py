@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 
@@ -42,6 +44,11 @@ def _limit(t: dict[str, Any]) -> str:
   return f"<= {t['limit']:+.0f}%" if t["kind"] == "pct" else f"<= {t['limit']:.1f}x"
 
 
+def _vs_equiv(r: dict[str, Any]) -> str:
+  """Time relative to the case's optax equivalent, which it names (``-`` without one)."""
+  return "-" if r.get("ratio_equiv") is None else f"{_x(r['ratio_equiv'])} `{r['equiv']}`"
+
+
 def smoke_note(results: dict[str, Any]) -> str:
   """One sentence when the run is too short to judge its targets, else ''."""
   smoke = results.get("smoke") or {}
@@ -61,6 +68,21 @@ def _table(header: list[str], align: str, rows: list[list[str]]) -> list[str]:
          "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
   out += ["| " + " | ".join(r) + " |" for r in rows]
   return out
+
+
+def _section(key: str) -> Callable[[Callable[..., list[str]]], Callable[..., list[str]]]:
+  """Decorates ``render(results, section)``, the lines of ``results[key]``, into
+  ``render(results)``: no lines when the results have no (or an empty) ``key``."""
+
+  def wrap(render: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    @functools.wraps(render)
+    def lines(results: dict[str, Any]) -> list[str]:
+      section = results.get(key)
+      return render(results, section) if section else []
+
+    return lines
+
+  return wrap
 
 
 def header(results: dict[str, Any]) -> list[str]:
@@ -98,15 +120,13 @@ def header(results: dict[str, Any]) -> list[str]:
   return lines
 
 
-def step_table(results: dict[str, Any]) -> list[str]:
-  step = results.get("step")
-  if not step:
-    return []
+@_section("step")
+def step_table(results: dict[str, Any], step: dict[str, Any]) -> list[str]:
   rows = []
   for name, r in step.items():
-    eq = "-"
+    eq = _vs_equiv(r)
     if r.get("ratio_equiv") is not None:
-      eq = f"{_x(r['ratio_equiv'])} `{r['equiv']}`" + ("" if r["equiv_exact"] else " (closest)")
+      eq += "" if r["equiv_exact"] else " (closest)"
       if r.get("same_program_as_equiv"):
         eq += " (same HLO)"
     rows.append([
@@ -140,18 +160,10 @@ def step_table(results: dict[str, Any]) -> list[str]:
   ]
 
 
-def standalone_table(results: dict[str, Any]) -> list[str]:
-  alone = results.get("standalone")
-  if not alone:
-    return []
-  rows = []
-  for _name, r in alone.items():
-    rows.append([
-        f"`{r['code']}`", _ms(r["median_s"]),
-        _gbs(r.get("gb_per_s")),
-        "-" if r.get("ratio_equiv") is None else f"{_x(r['ratio_equiv'])} `{r['equiv']}`",
-        _x(r.get("ratio_bound")), _mib(r.get("temp_bytes")),
-    ])
+@_section("standalone")
+def standalone_table(results: dict[str, Any], alone: dict[str, Any]) -> list[str]:
+  rows = [[f"`{r['code']}`", _ms(r["median_s"]), _gbs(r.get("gb_per_s")), _vs_equiv(r),
+           _x(r.get("ratio_bound")), _mib(r.get("temp_bytes"))] for r in alone.values()]
   return [
       "## Standalone, on the gradient tree alone", "",
       *_table(["operation", "median ms", "GB/s", "vs optax", "vs in-place scale",
@@ -162,10 +174,8 @@ def standalone_table(results: dict[str, Any]) -> list[str]:
   ]
 
 
-def compile_table(results: dict[str, Any]) -> list[str]:
-  comp = results.get("compile")
-  if not comp:
-    return []
+@_section("compile")
+def compile_table(results: dict[str, Any], comp: dict[str, Any]) -> list[str]:
   trees = list(comp.values())
   names = list(trees[0]["results"])
   from benchmarks.cases import step_variants
@@ -191,10 +201,8 @@ def compile_table(results: dict[str, Any]) -> list[str]:
   ]
 
 
-def targets_table(results: dict[str, Any]) -> list[str]:
-  ts = results.get("targets", [])
-  if not ts:
-    return []
+@_section("targets")
+def targets_table(results: dict[str, Any], ts: list[dict[str, Any]]) -> list[str]:
   rows = [[t["target"] + (f" ({t['note']})" if t.get("note") else ""), _value(t),
            _limit(t), f"**{t['status']}**" if t["status"] == "MISS" else t["status"]]
           for t in ts]
@@ -203,10 +211,8 @@ def targets_table(results: dict[str, Any]) -> list[str]:
                                     "lrrl", rows), *(["", note] if note else [])]
 
 
-def skipped_lines(results: dict[str, Any]) -> list[str]:
-  sk = results.get("skipped") or []
-  if not sk:
-    return []
+@_section("skipped")
+def skipped_lines(results: dict[str, Any], sk: list[dict[str, Any]]) -> list[str]:
   return ["## Skipped", ""] + [f"- `{s['name']}`: {s['reason']}" for s in sk]
 
 

@@ -37,6 +37,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -136,16 +137,62 @@ def make_step(tx: optax.GradientTransformation, fused: bool = False):
   return step
 
 
-class StepCase:
+class Case:
+  """What :func:`time_cases` times: one compiled program and the buffers it runs on.
+
+  Per turn of a case: ``setup`` creates its buffers, ``prepare`` (untimed)
+  readies them before every ``call`` (the timed call), ``teardown`` frees
+  them; ``check`` is the sanity check taken after the last timed call.
+  ``section`` names the section of the results the case is reported in,
+  ``bytes`` the buffers the case keeps alive besides the shared gradients,
+  ``temp_bytes`` the temporary buffers of its compiled program.
+  """
+
+  section: str
+  compiled: Any
+  compile_s: float
+  bytes: int
+  temp_bytes: int
+
+  def __init__(self, name: str, grads: Any, steps: int):
+    self.name = name
+    self.grads = grads
+    self.steps = steps
+
+  def _compile(self, lower: Any) -> None:
+    """Compiles ``lower()`` (a ``jax.stages.Lowered``) into ``compiled``, timed."""
+    t0 = time.perf_counter()
+    self.compiled = lower().compile()
+    self.compile_s = time.perf_counter() - t0
+    self.temp_bytes = _hlo_stats(self.compiled).get("temp_bytes", 0)
+
+  def stats(self) -> dict[str, Any]:
+    return _hlo_stats(self.compiled)
+
+  def setup(self) -> None:
+    pass
+
+  def prepare(self) -> None:
+    pass
+
+  def call(self) -> None:
+    raise NotImplementedError
+
+  def teardown(self) -> None:
+    raise NotImplementedError
+
+  def check(self) -> dict[str, Any]:
+    raise NotImplementedError
+
+
+class StepCase(Case):
   """A full optimizer step, parameters and state donated."""
 
   section = "step"
 
   def __init__(self, variant: cs.StepVariant, abstract: Any, grads: Any, steps: int):
+    super().__init__(variant.name, grads, steps)
     self.variant = variant
-    self.name = variant.name
-    self.grads = grads
-    self.steps = steps
     self.tx = variant.build()
     tx = self.tx
 
@@ -155,26 +202,16 @@ class StepCase:
 
     self._create = jax.jit(create)
     state_abs = jax.eval_shape(tx.init, abstract)
-    t0 = time.perf_counter()
-    self.compiled = (
-        jax.jit(make_step(tx, variant.fused), donate_argnums=(0, 1))
-        .lower(abstract, state_abs, abstract)
-        .compile()
-    )
-    self.compile_s = time.perf_counter() - t0
+    self._compile(lambda: jax.jit(make_step(tx, variant.fused), donate_argnums=(0, 1))
+                  .lower(abstract, state_abs, abstract))
     self.bytes = _nbytes(abstract) + _nbytes(state_abs)
-    self.temp_bytes = _hlo_stats(self.compiled).get("temp_bytes", 0)
     self.params = self.state = None
-
-  def stats(self) -> dict[str, Any]:
-    return _hlo_stats(self.compiled)
 
   def setup(self) -> None:
     self.params, self.state = self._create(self.grads)
     jax.block_until_ready((self.params, self.state))
 
-  def prepare(self) -> None:
-    pass  # the gradients are fixed: every step clips (global norm ~11 > 1)
+  # prepare: nothing, the gradients are fixed: every step clips (global norm ~11 > 1)
 
   def call(self) -> None:
     self.params, self.state = self.compiled(self.params, self.state, self.grads)
@@ -193,60 +230,46 @@ class StepCase:
     return out
 
 
+def _is_apply_if_finite(node: Any) -> bool:
+  return isinstance(node, optax.ApplyIfFiniteState)
+
+
 def _skip_counters(state: Any) -> int | None:
-  """Total of ``num_skipped`` / ``total_notfinite`` counters in a state."""
-  found = []
+  """Steps skipped by every guard in a state (None: the state holds no guard).
 
-  def visit(node):
-    if hasattr(node, "_fields"):
-      for f in node._fields:
-        v = getattr(node, f)
-        if f in ("num_skipped", "total_notfinite"):
-          found.append(int(np.asarray(v)))
-        else:
-          visit(v)
-    elif isinstance(node, (list, tuple)):
-      for v in node:
-        visit(v)
-    elif isinstance(node, dict):
-      for v in node.values():
-        visit(v)
-
-  visit(state)
+  The guards of optax_guard declare their skip counters as the
+  ``*/num_skipped`` entries of ``og.guard_stats``; ``optax.apply_if_finite``
+  counts its skips in ``ApplyIfFiniteState.total_notfinite``.
+  """
+  found = [int(np.asarray(v)) for k, v in og.guard_stats(state).items()
+           if k.endswith("/num_skipped")]
+  found += [int(np.asarray(node.total_notfinite))
+            for node in jax.tree.leaves(state, is_leaf=_is_apply_if_finite)
+            if _is_apply_if_finite(node)]
   return sum(found) if found else None
 
 
-class StandaloneCase:
+class StandaloneCase(Case):
   """An operation on the gradient tree alone (a norm, a clip, a scale)."""
 
   section = "standalone"
 
   def __init__(self, spec: cs.Standalone, abstract: Any, grads: Any, steps: int):
+    super().__init__(spec.name, grads, steps)
     self.spec = spec
-    self.name = spec.name
-    self.grads = grads
-    self.steps = steps
     self.c = jnp.float32(0.999)
-    t0 = time.perf_counter()
     if spec.kind == "norm":
-      self.compiled = jax.jit(spec.fn).lower(abstract).compile()
+      self._compile(lambda: jax.jit(spec.fn).lower(abstract))
       self.bytes = 0
     else:
-      self.compiled = (
-          jax.jit(spec.fn, donate_argnums=0).lower(abstract, self.c).compile()
-      )
+      self._compile(lambda: jax.jit(spec.fn, donate_argnums=0).lower(abstract, self.c))
       self.bytes = _nbytes(abstract)
       self._copy = jax.jit(lambda g: jax.tree.map(lambda x: -x, g))
       # Refills the donated tree in place with the gradients (no allocation).
       self._refill = jax.jit(
           lambda t, g: jax.tree.map(lambda _, x: -x, t, g), donate_argnums=0
       )
-    self.compile_s = time.perf_counter() - t0
-    self.temp_bytes = _hlo_stats(self.compiled).get("temp_bytes", 0)
     self.tree = None
-
-  def stats(self) -> dict[str, Any]:
-    return _hlo_stats(self.compiled)
 
   def setup(self) -> None:
     if self.spec.kind == "map":
@@ -303,7 +326,7 @@ def available_memory() -> int | None:
 
 
 def time_cases(
-    cases: list[Any], rounds: int, warmup: int, keep: bool, log, seed: int = 0
+    cases: list[Case], rounds: int, warmup: int, keep: bool, log, seed: int = 0
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]]]:
   """Round-robin timing.
 
@@ -572,46 +595,42 @@ def _selected(names: list[str], patterns: list[str] | None) -> list[str]:
   return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def select_steps(patterns):
-  variants = cs.step_variants()
-  by_name = {v.name: v for v in variants}
+def _select(cases: list[Any], patterns: list[str] | None, always: str,
+            refs: Callable[[Any], Iterable[str | None]],
+            missing: Callable[[Any], list[str]]) -> tuple[list[Any], list[dict]]:
+  """``(kept, skipped)`` of the cases whose names match ``patterns`` (all without).
+
+  A selection also takes the case ``always`` and the cases ``refs(case)``
+  names for each chosen case (its references); they keep the order of
+  ``cases``. A case is skipped (with its reason) when ``missing(case)`` names
+  optax_guard functions that are not exported.
+  """
+  by_name = {c.name: c for c in cases}
   chosen = set(_selected(list(by_name), patterns))
   if chosen:
-    chosen.add("adam")
+    chosen.add(always)
     for n in list(chosen):
-      v = by_name[n]
-      chosen.update(x for x in (v.equiv, v.base, *v.refs) if x)
+      chosen.update(x for x in refs(by_name[n]) if x)
   keep, skipped = [], []
-  for v in variants:
-    if v.name not in chosen:
+  for c in cases:
+    if c.name not in chosen:
       continue
-    miss = cs.missing(v)
+    miss = missing(c)
     if miss:
-      skipped.append({"name": v.name, "reason": "og." + ", og.".join(miss) + " not exported"})
+      skipped.append({"name": c.name, "reason": "og." + ", og.".join(miss) + " not exported"})
     else:
-      keep.append(v)
+      keep.append(c)
   return keep, skipped
+
+
+def select_steps(patterns):
+  return _select(cs.step_variants(), patterns, "adam",
+                 lambda v: (v.equiv, v.base, *v.refs), cs.missing)
 
 
 def select_standalone(patterns):
-  specs = cs.standalone_cases()
-  by_name = {s.name: s for s in specs}
-  chosen = set(_selected(list(by_name), patterns))
-  if chosen:
-    chosen.add("scale (bound)")
-    for n in list(chosen):
-      if by_name[n].equiv:
-        chosen.add(by_name[n].equiv)
-  keep, skipped = [], []
-  for s in specs:
-    if s.name not in chosen:
-      continue
-    miss = [n for n in s.needs if not hasattr(og, n)]
-    if miss:
-      skipped.append({"name": s.name, "reason": "og." + ", og.".join(miss) + " not exported"})
-    else:
-      keep.append(s)
-  return keep, skipped
+  return _select(cs.standalone_cases(), patterns, "scale (bound)", lambda s: (s.equiv,),
+                 lambda s: [n for n in s.needs if not hasattr(og, n)])
 
 
 def _cpu_model() -> str:
@@ -733,7 +752,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log("creating gradients and compiling ...")
     grads = tr.make_gradients(abstract, args.seed)
     jax.block_until_ready(grads)
-    all_cases: list[Any] = []
+    all_cases: list[Case] = []
     for v in variants:
       all_cases.append(StepCase(v, abstract, grads, args.steps))
       log(f"  compiled {v.name} ({all_cases[-1].compile_s:.1f} s)")
