@@ -29,7 +29,7 @@ from optax_guard import _stats
 from optax_guard import _validation as val
 
 
-@_stats.declare("adagc", ("count", "gamma", "norm", "num_clipped"))
+@_stats.declare("adagc", ("count", "gamma", "norm", "num_clipped", "total_clipped"))
 class AdagcState(NamedTuple):
   """State of :func:`adagc`.
 
@@ -44,12 +44,16 @@ class AdagcState(NamedTuple):
     norm: float32, the global norm of this step's incoming updates.
     num_clipped: int32, how many tensors (layer slices count one each) were
       scaled down this step.
+    total_clipped: int32, the sum of ``num_clipped`` over every step so far
+      (saturating at ``2**31 - 1``): a logger that reads the state every N
+      steps sees every clip in its difference.
   """
 
   count: jax.Array  # type: ignore[assignment]  # a field named like tuple.count
   gamma: optax.Updates
   norm: jax.Array
   num_clipped: jax.Array
+  total_clipped: jax.Array
 
 
 def _clip_tensor(
@@ -184,7 +188,7 @@ def adagc(
     )
     return AdagcState(
         count=jnp.zeros((), jnp.int32), gamma=gamma, norm=jnp.zeros((), jnp.float32),
-        num_clipped=jnp.zeros((), jnp.int32),
+        num_clipped=jnp.zeros((), jnp.int32), total_clipped=jnp.zeros((), jnp.int32),
     )
 
   def update_fn(updates, state, params=None):
@@ -214,6 +218,7 @@ def adagc(
     return jax.tree.unflatten(treedef, out), AdagcState(
         count=count, gamma=jax.tree.unflatten(jax.tree.structure(state.gamma), gammas),
         norm=gnorm, num_clipped=num_clipped,
+        total_clipped=num.saturating_add(state.total_clipped, num_clipped),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -19,15 +19,22 @@ from optax_guard import _stats
 from optax_guard import _validation as val
 
 
-@_stats.declare("monitor", ("global_norm", "max_abs", "num_nonfinite", "leaf_norms"))
+@_stats.declare(
+    "monitor", ("global_norm", "max_abs", "num_nonfinite", "nonfinite_steps", "leaf_norms")
+)
 class MonitorState(NamedTuple):
-  """State of :func:`monitor`: statistics of the most recent updates.
+  """State of :func:`monitor`: statistics of the most recent updates, and one total.
 
   Attributes:
     global_norm: float32, the L2 norm of the whole update tree (float32
       accumulation; NaN if any element is NaN, ``inf`` on overflow).
     max_abs: float32, the largest absolute element (NaN if any is NaN).
     num_nonfinite: int32, how many elements are NaN or ``+-inf``.
+    nonfinite_steps: int32, how many steps so far had at least one NaN or
+      ``+-inf`` element (saturating): the running total beside
+      ``num_nonfinite``, counted in steps (a count of elements would
+      saturate after one bad step of a large model). A logger that reads the
+      state every N steps sees every such step in its difference.
     leaf_norms: with ``per_leaf=True``, a tree (the structure of the params
       given to ``init``) of float32 per-leaf L2 norms; None otherwise. With
       ``stacked``, the entry of a stacked leaf holds one norm per layer: its
@@ -37,6 +44,7 @@ class MonitorState(NamedTuple):
   global_norm: jax.Array
   max_abs: jax.Array
   num_nonfinite: jax.Array
+  nonfinite_steps: jax.Array
   leaf_norms: Any
 
 
@@ -102,7 +110,8 @@ def monitor(
           "monitor", stacked, lambda _, lead, x: jnp.zeros(np.shape(x)[:lead], jnp.float32),
           params,
       )
-    return MonitorState(zero(), zero(), jnp.zeros((), jnp.int32), leaf_norms)
+    count = lambda: jnp.zeros((), jnp.int32)
+    return MonitorState(zero(), zero(), count(), count(), leaf_norms)
 
   def update_fn(updates, state, params=None):
     del params
@@ -130,6 +139,7 @@ def monitor(
       total, bad = num.cross_device((num.combine_partials(ssq), bad), 2, axis_name)
       leaf_norms = None
     max_abs = num.cross_device(max_abs, "inf", axis_name)
-    return updates, MonitorState(f32(num.finish_norm(total)), max_abs, bad, leaf_norms)
+    steps = jnp.where(bad > 0, optax.safe_increment(state.nonfinite_steps), state.nonfinite_steps)
+    return updates, MonitorState(f32(num.finish_norm(total)), max_abs, bad, steps, leaf_norms)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -484,3 +484,15 @@ def ring_valid(history: jax.Array, count: jax.Array) -> jax.Array:
   """The bool mask of the entries of a :func:`ring_record` buffer that hold data."""
   size = history.shape[0]
   return jnp.arange(size) >= size - jnp.minimum(count, size)
+
+
+def saturating_add(total: jax.Array, n: jax.Array) -> jax.Array:
+  """``total + n`` for an int32 running total and a count ``n >= 0`` of this step.
+
+  Saturates at ``2**31 - 1`` instead of wrapping around, as
+  ``optax.safe_increment`` does for ``n = 1``: the running totals beside the
+  per-step counts of a state (``total_cut``, ``total_clipped``...).
+  """
+  top = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
+  total, n = jnp.asarray(total, jnp.int32), jnp.asarray(n, jnp.int32)
+  return jnp.where(total > top - n, top, total + n)

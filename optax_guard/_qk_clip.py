@@ -80,7 +80,9 @@ _OWNER = "qk_clip"
 EXTRA = "attn_max_logits"
 
 
-@_stats.declare("qk_clip", ("num_clipped", "smallest_factor", "max_logit", "num_nonfinite"))
+@_stats.declare(
+    "qk_clip", ("num_clipped", "total_clipped", "smallest_factor", "max_logit", "num_nonfinite")
+)
 class QkClipState(NamedTuple):
   """State of :func:`qk_clip`: what the last step did.
 
@@ -88,6 +90,9 @@ class QkClipState(NamedTuple):
     num_clipped: int32, how many heads (query heads, summed over layers) had
       a largest logit above the threshold at the last step and were scaled;
       0 on a step with a non-finite maximum.
+    total_clipped: int32, the sum of ``num_clipped`` over every step so far
+      (saturating at ``2**31 - 1``): a logger that reads the state every N
+      steps sees every clipped head in its difference.
     smallest_factor: float32, the smallest logit factor ``gamma`` of the
       last step (1 when no head was clipped).
     max_logit: float32, the largest per-head maximum the last step received
@@ -98,6 +103,7 @@ class QkClipState(NamedTuple):
   """
 
   num_clipped: jax.Array
+  total_clipped: jax.Array
   smallest_factor: jax.Array
   max_logit: jax.Array
   num_nonfinite: jax.Array
@@ -562,6 +568,7 @@ def qk_clip(
     del params
     return QkClipState(
         num_clipped=jnp.zeros((), jnp.int32),
+        total_clipped=jnp.zeros((), jnp.int32),
         smallest_factor=jnp.ones((), jnp.float32),
         max_logit=jnp.full((), -jnp.inf, jnp.float32),
         num_nonfinite=jnp.zeros((), jnp.int32),
@@ -714,7 +721,7 @@ def _factors(peaks: Sequence[jax.Array], nonfinite: jax.Array, state: QkClipStat
   step, which counts in ``num_nonfinite``.
   """
   gammas = []
-  clipped_total = jnp.zeros((), jnp.int32)
+  clipped = jnp.zeros((), jnp.int32)
   smallest = jnp.ones((), jnp.float32)
   top = jnp.full((), -jnp.inf, jnp.float32)
   for s in peaks:
@@ -723,11 +730,12 @@ def _factors(peaks: Sequence[jax.Array], nonfinite: jax.Array, state: QkClipStat
     gamma = jnp.where(s <= tau, jnp.ones((), s.dtype), jnp.maximum(tau / s, floor))
     gamma = jnp.where(nonfinite, jnp.ones((), s.dtype), gamma)
     gammas.append(gamma)
-    clipped_total = clipped_total + jnp.sum((s > tau) & ~nonfinite, dtype=jnp.int32)
+    clipped = clipped + jnp.sum((s > tau) & ~nonfinite, dtype=jnp.int32)
     smallest = jnp.minimum(smallest, jnp.min(gamma).astype(jnp.float32))
     top = jnp.maximum(top, jnp.max(s).astype(jnp.float32))
   count = jnp.where(nonfinite, optax.safe_increment(state.num_nonfinite), state.num_nonfinite)
-  return gammas, QkClipState(clipped_total, smallest, top, count)
+  total = num.saturating_add(state.total_clipped, clipped)
+  return gammas, QkClipState(clipped, total, smallest, top, count)
 
 
 def _multipliers(layouts: Sequence[QkLayout], gammas: Sequence[jax.Array], nonfinite: jax.Array,

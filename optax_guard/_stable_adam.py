@@ -26,7 +26,7 @@ from optax_guard import _validation as val
 from optax_guard._adam_pieces import ScalarOrSchedule, adam_direction, decay
 
 
-@_stats.declare("scale_by_stable_adam", ("count", "num_cut", "max_rms"))
+@_stats.declare("scale_by_stable_adam", ("count", "num_cut", "total_cut", "max_rms"))
 class ScaleByStableAdamState(NamedTuple):
   """State of :func:`scale_by_stable_adam` (and of :func:`stable_adamw`).
 
@@ -37,6 +37,9 @@ class ScaleByStableAdamState(NamedTuple):
     nu: the second moment, a tree like the params.
     num_cut: int32, how many tensors (layer slices of stacked leaves count
       one each) had their rate cut this step, i.e. ``RMS > 1``.
+    total_cut: int32, the sum of ``num_cut`` over every step so far
+      (saturating at ``2**31 - 1``): a logger that reads the state every N
+      steps sees every cut in its difference.
     max_rms: float32, the largest ``RMS`` of this step (NaN if one is NaN).
   """
 
@@ -44,6 +47,7 @@ class ScaleByStableAdamState(NamedTuple):
   mu: optax.Updates
   nu: optax.Updates
   num_cut: jax.Array
+  total_cut: jax.Array
   max_rms: jax.Array
 
 
@@ -112,6 +116,7 @@ def _stable_adam(
         mu=optax.tree.zeros_like(params, dtype=mu_dtype),
         nu=optax.tree.zeros_like(params),
         num_cut=jnp.zeros((), jnp.int32),
+        total_cut=jnp.zeros((), jnp.int32),
         max_rms=jnp.zeros((), jnp.float32),
     )
 
@@ -129,7 +134,8 @@ def _stable_adam(
     out, num_cut, max_rms = _cut_rates(direction, rms)
     mu = optax.tree.cast(mu, mu_dtype)
     nu = optax.tree.cast_like(nu, state.nu)
-    return out, ScaleByStableAdamState(count_inc, mu, nu, num_cut, max_rms)
+    total_cut = num.saturating_add(state.total_cut, num_cut)
+    return out, ScaleByStableAdamState(count_inc, mu, nu, num_cut, total_cut, max_rms)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -237,7 +243,8 @@ def stable_adamw(
   arguments, defaults and ``mask``): on every step where each tensor's ``RMS``
   is at or under 1 the updates are bitwise ``optax.adamw``'s. The state is
   ``(ScaleByStableAdamState, the learning-rate state)``;
-  :func:`optax_guard.guard_stats` reports ``num_cut`` and ``max_rms``.
+  :func:`optax_guard.guard_stats` reports ``num_cut``, ``total_cut`` and
+  ``max_rms``.
 
   Follows the reference ``StableAdamWUnfused`` (its later version, which
   decays the weights with the reduced rate; the first gist decayed with the

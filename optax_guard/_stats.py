@@ -169,9 +169,9 @@ def guard_stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
     >>> _, state = tx.update(jnp.array([3.0, 4.0]), state)
     >>> stats = og.guard_stats(state)
     >>> sorted(stats)  # doctest: +NORMALIZE_WHITESPACE
-    ['monitor/global_norm', 'monitor/max_abs', 'monitor/num_nonfinite',
-     'skip_nonfinite/consecutive_skipped', 'skip_nonfinite/last_skipped',
-     'skip_nonfinite/num_skipped']
+    ['monitor/global_norm', 'monitor/max_abs', 'monitor/nonfinite_steps',
+     'monitor/num_nonfinite', 'skip_nonfinite/consecutive_skipped',
+     'skip_nonfinite/last_skipped', 'skip_nonfinite/num_skipped']
     >>> float(stats["monitor/global_norm"])
     5.0
   """

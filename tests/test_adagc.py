@@ -283,10 +283,28 @@ def test_adagc_vmap_over_independent_runs_equals_a_loop():
       chex.assert_trees_all_close(jax.tree.map(lambda x, i=i: x[i], u), loop[i][t], rtol=1e-6)
 
 
+def test_adagc_total_clipped_adds_up_the_per_step_counts():
+  """A logger reading every N steps misses no clip: ``total_clipped`` is the running sum."""
+  tx = og.adagc(warmup_steps=2)
+  grads = _grads(3, 30)
+  state = tx.init(grads[0])
+  per_step, totals = [], []
+  for g in grads:
+    _, state = tx.update(g, state)
+    per_step.append(int(state.num_clipped))
+    totals.append(int(og.guard_stats(state)["adagc/total_clipped"]))
+  assert sum(c > 0 for c in per_step) >= 3  # clips on several steps
+  assert totals == np.cumsum(per_step).tolist()
+  saturated = state._replace(total_clipped=jnp.int32(2**31 - 2))
+  _, new = tx.update({k: 1e3 * v for k, v in grads[0].items()}, saturated)
+  assert int(new.num_clipped) >= 2 and int(new.total_clipped) == 2**31 - 1
+
+
 def test_adagc_guard_stats():
   tx, state = _warmed_up(0)
   stats = og.guard_stats(state)
-  assert {"adagc/count", "adagc/norm", "adagc/num_clipped", "adagc/gamma/emb"} <= set(stats)
+  assert {"adagc/count", "adagc/norm", "adagc/num_clipped", "adagc/total_clipped",
+          "adagc/gamma/emb"} <= set(stats)
 
 
 def test_adagc_checkpoint_round_trip_and_continuation():

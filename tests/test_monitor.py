@@ -76,6 +76,25 @@ def test_monitor_float16_norm_does_not_overflow():
   assert int(s.num_nonfinite) == 0
 
 
+def test_monitor_nonfinite_steps_counts_every_step_with_a_nonfinite_element():
+  """A logger reading every N steps misses no bad step: the running total beside
+  ``num_nonfinite`` counts steps, not elements."""
+  tx = og.monitor()
+  g = {"w": jnp.ones(4)}
+  state = tx.init(g)
+  step = jax.jit(tx.update)
+  bad_elements = [0, 2, 0, 0, 4, 1, 0]
+  totals = []
+  for n in bad_elements:
+    x = g["w"].at[:n].set(jnp.nan) if n else g["w"]
+    _, state = step({"w": x}, state)
+    assert int(state.num_nonfinite) == n
+    totals.append(int(og.guard_stats(state)["monitor/nonfinite_steps"]))
+  assert totals == np.cumsum([n > 0 for n in bad_elements]).tolist()
+  _, state = step({"w": jnp.full(4, jnp.inf)}, state._replace(nonfinite_steps=jnp.int32(2**31 - 1)))
+  assert int(state.nonfinite_steps) == 2**31 - 1 and state.nonfinite_steps.dtype == jnp.int32
+
+
 def test_monitor_without_per_leaf_holds_no_leaf_norms():
   tx = og.monitor()
   s = tx.init(make_params())
@@ -144,7 +163,8 @@ def test_guard_stats_finds_states_in_chain_and_wrappers():
       "norm/threshold", "value/count", "value/last", "value/threshold")]
   expected = (
       spike
-      + ["monitor/global_norm", "monitor/max_abs", "monitor/num_nonfinite"]
+      + ["monitor/global_norm", "monitor/max_abs", "monitor/num_nonfinite",
+         "monitor/nonfinite_steps"]
       + [f"zclip/{f}" for f in og.ZClipState._fields]
       + ["autoclip/count", "autoclip/norm", "autoclip/threshold"]
       + [f"reduce_on_plateau/{f}" for f in og.ReduceOnPlateauState._fields]
@@ -254,7 +274,8 @@ def test_guard_stats_ignores_foreign_states_and_walks_through_them():
   tx = optax.chain(og.monitor(), optax.adam(1e-3))
   _, opt_state = tx.update(make_grads(0), tx.init(make_params()), make_params())
   stats = og.guard_stats({"train": TrainState(jnp.int32(7), opt_state)})
-  assert list(stats) == ["monitor/global_norm", "monitor/max_abs", "monitor/num_nonfinite"]
+  assert list(stats) == ["monitor/global_norm", "monitor/max_abs", "monitor/num_nonfinite",
+                         "monitor/nonfinite_steps"]
   np.testing.assert_allclose(stats["monitor/global_norm"], optax.tree.norm(make_grads(0)),
                              rtol=1e-6)
 

@@ -356,6 +356,26 @@ def test_qk_clip_nonfinite_maximum_scales_nothing_and_counts(bad):
   assert not np.array_equal(np.asarray(u["qkv"]["bias"]), np.asarray(grads["qkv"]["bias"]))
 
 
+def test_qk_clip_total_clipped_adds_up_the_per_step_counts():
+  """A logger reading every N steps misses no clipped head: the running sum of heads."""
+  params, grads = _fused_case(heads=3)
+  tx = og.qk_clip(10.0, og.qk_fused("qkv"))
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  maxima = [[50.0, 1.0, 20.0], [1.0, 2.0, 3.0], [11.0, 12.0, 13.0], [jnp.nan, 50.0, 50.0],
+            [5.0, 40.0, 1.0]]
+  per_step, totals = [], []
+  for m in maxima:
+    _, state = step(grads, state, params, attn_max_logits=jnp.asarray(m))
+    per_step.append(int(state.num_clipped))
+    totals.append(int(og.guard_stats(state)["qk_clip/total_clipped"]))
+  assert per_step == [2, 0, 3, 0, 1]  # the non-finite step scales (and counts) nothing
+  assert totals == np.cumsum(per_step).tolist()
+  _, state = step(grads, state._replace(total_clipped=jnp.int32(2**31 - 2)), params,
+                  attn_max_logits=jnp.asarray([50.0, 50.0, 50.0]))
+  assert int(state.total_clipped) == 2**31 - 1
+
+
 def test_qk_clip_minus_inf_maximum_is_under_the_threshold():
   params, grads = _fused_case()
   u, state, _ = _apply(og.qk_clip(10.0, og.qk_fused("qkv")), params, grads,
@@ -415,8 +435,8 @@ def test_qk_clip_guard_stats_fields():
   _, state = tx.update(grads, state, params, attn_max_logits=jnp.asarray([40.0, 20.0]))
   stats = og.guard_stats(state)
   assert {k for k in stats if k.startswith("qk_clip/")} == {
-      "qk_clip/num_clipped", "qk_clip/smallest_factor", "qk_clip/max_logit",
-      "qk_clip/num_nonfinite"}
+      "qk_clip/num_clipped", "qk_clip/total_clipped", "qk_clip/smallest_factor",
+      "qk_clip/max_logit", "qk_clip/num_nonfinite"}
   assert int(stats["qk_clip/num_clipped"]) == 2
   assert float(stats["qk_clip/smallest_factor"]) == 0.25
   assert float(stats["qk_clip/max_logit"]) == 40.0

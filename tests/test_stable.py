@@ -136,6 +136,30 @@ def test_scale_by_stable_adam_cuts_only_the_spiked_tensor():
   np.testing.assert_allclose(outs[-1]["b"], adam_outs[-1]["b"] / last.max_rms, rtol=1e-6)
 
 
+def test_stable_adamw_total_cut_adds_up_the_per_step_counts():
+  """A logger reading every N steps misses no cut: ``total_cut`` is the running sum."""
+  rng = np.random.default_rng(11)
+  params = _flat_params(rng)
+  grads = _spiky_grads(rng, params, 16, spikes=(3, 4, 8, 13), leaf="w")
+  grads[8] = {**grads[8], "b": 50.0 * grads[8]["b"]}  # two tensors cut at once
+  _, _, states = _run(og.stable_adamw(0.05, weight_decay=0.1), grads, params)
+  per_step = [int(s[0].num_cut) for s in states]
+  totals = [int(og.guard_stats(s)["scale_by_stable_adam/total_cut"]) for s in states]
+  assert sum(c > 0 for c in per_step) >= 3 and max(per_step) >= 2  # cuts on several steps
+  assert totals == np.cumsum(per_step).tolist()
+  assert states[-1][0].total_cut.dtype == jnp.int32
+
+
+def test_stable_adam_total_cut_saturates():
+  g = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  tx = og.scale_by_stable_adam()
+  state = tx.init(g)
+  _, state = tx.update(jax.tree.map(lambda x: 1e-3 * x, g), state)
+  state = state._replace(total_cut=jnp.int32(2**31 - 2))
+  _, state = tx.update(g, state)  # both tensors spike: RMS > 1 for each
+  assert int(state.num_cut) == 2 and int(state.total_cut) == 2**31 - 1
+
+
 def _decreasing_grads(rng, params, steps, dtype=jnp.float32):
   """Random signs, every element's magnitude halving each step: ``g^2 <= v_hat`` always."""
   base = {k: np.abs(rng.standard_normal(np.shape(v))) + 0.1 for k, v in params.items()}
@@ -514,7 +538,8 @@ def test_vmap_over_independent_runs_equals_a_loop(name):
 
 def test_guard_stats_reports_statistics_not_moments():
   params = make_params()  # has a scalar leaf, whose moments are scalars too
-  for tx, kind, fields in ((og.stable_adamw(0.1), "scale_by_stable_adam", {"num_cut", "max_rms"}),
+  for tx, kind, fields in ((og.stable_adamw(0.1), "scale_by_stable_adam",
+                            {"num_cut", "total_cut", "max_rms"}),
                            (og.spam(0.1), "scale_by_spam", {"scale"})):
     state = tx.init(params)
     _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)

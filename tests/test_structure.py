@@ -185,4 +185,5 @@ def test_guard_stats_ignores_states_without_a_declaration():
 
   state = (Undeclared(jnp.ones((), jnp.int32)), og.monitor().init({"w": jnp.ones(2)}))
   assert sorted(og.guard_stats(state)) == [
-      "monitor/global_norm", "monitor/max_abs", "monitor/num_nonfinite"]
+      "monitor/global_norm", "monitor/max_abs", "monitor/nonfinite_steps",
+      "monitor/num_nonfinite"]
