@@ -4,6 +4,7 @@ from optax_guard._adagc import (
     AdagcState,
     adagc,
 )
+from optax_guard._adamc import adamc
 from optax_guard._adaptive import (
     AutoClipState,
     ZClipState,
@@ -22,11 +23,14 @@ from optax_guard._clipping import (
     truncate_by_value,
 )
 from optax_guard._guards import (
+    DynamicLossScaleState,
     SkipNonfiniteState,
     SkipOnSpikeState,
     SkipStepsState,
     SpikeTracker,
     add_guard_state,
+    dynamic_loss_scale,
+    loss_scale,
     seed_spike_history,
     skip_nonfinite,
     skip_on_spike,
@@ -62,6 +66,7 @@ __all__ = [
     "AdagcState",
     "AutoClipState",
     "ClipByHistoricalNormState",
+    "DynamicLossScaleState",
     "MonitorState",
     "QkClipState",
     "ReduceOnPlateauState",
@@ -74,6 +79,7 @@ __all__ = [
     "ZClipState",
     "__version__",
     "adagc",
+    "adamc",
     "adaptive_grad_clip",
     "add_guard_state",
     "add_l1_penalty",
@@ -86,11 +92,13 @@ __all__ = [
     "clip_by_value",
     "clip_weights",
     "clip_weights_by_norm",
+    "dynamic_loss_scale",
     "exponential_decay",
     "guard_stats",
     "inverse_sqrt_decay",
     "inverse_time_decay",
     "linear_decay",
+    "loss_scale",
     "monitor",
     "multistep_decay",
     "polynomial_decay",

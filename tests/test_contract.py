@@ -124,6 +124,16 @@ TRANSFORMS: dict[str, Transform] = {
              dict(window=2.5), dict(min_history=0), dict(min_history=5),
              dict(min_ratio=0.5), dict(min_ratio=NAN)),
     ),
+    "dynamic_loss_scale": Transform(
+        og.dynamic_loss_scale,
+        dict(inner=optax.chain(og.clip_by_global_norm(1.0),
+                               og.reduce_on_plateau(patience=1, factor=0.5)),
+             growth_interval=2),
+        uses_value=True,
+        bad=(dict(inner="sgd"), dict(init_scale=0.0), dict(init_scale=1e39),
+             dict(growth_factor=1.0), dict(backoff_factor=1.0), dict(backoff_factor=0.0),
+             dict(growth_interval=0), dict(growth_interval=2.5)),
+    ),
     # --- _restart.py ---
     "skip_steps": Transform(
         og.skip_steps,
@@ -162,6 +172,14 @@ TRANSFORMS: dict[str, Transform] = {
         dict(weight=0.01, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
         needs_params=True, static_args=("mask",),
         bad=(dict(weight=-0.5), dict(weight=NAN)),
+    ),
+    # --- _adamc.py ---
+    "adamc": Transform(
+        og.adamc, dict(learning_rate=0.1, weight_decay=0.01, peak_learning_rate=0.2),
+        needs_params=True,
+        bad=(dict(learning_rate=-1.0), dict(peak_learning_rate=0.0),
+             dict(learning_rate=optax.constant_schedule(0.1), peak_learning_rate=None),
+             dict(weight_decay=-0.1), dict(mask="no"), dict(b1=1.5), dict(nesterov="yes")),
     ),
     # --- _stable.py ---
     "scale_by_stable_adam": Transform(
@@ -250,6 +268,8 @@ OTHERS: dict[str, str] = {
     "guard_stats": "tests/test_monitor.py (test_guard_stats_*)",
     # --- _apply.py ---
     "update_and_apply": "tests/test_apply.py (test_update_and_apply_*)",
+    # --- _guards/loss_scale.py ---
+    "loss_scale": "tests/test_loss_scale.py (test_loss_scale_*)",
     # --- _qk_clip.py ---
     "qk_fused": "tests/test_qk_clip.py (test_qk_fused_*)",
     "qk_separate": "tests/test_qk_clip.py (test_qk_separate_*)",
@@ -547,6 +567,7 @@ _RULE_BAD = {
     "int_nonneg": (("negative", -1),),
     "int_window": (("zero", 0), ("one", 1), ("negative", -1)),
     "at_least_one": (("below_one", 0.5), ("zero", 0.0), ("negative", -1.0)),
+    "above_one": (("one", 1.0), ("below_one", 0.5), ("zero", 0.0), ("negative", -1.0)),
 }
 _OTHER_BAD = {
     "rate": (("negative", -1.0), ("inf", INF), ("nan", NAN), ("string", "0.1"),
@@ -597,6 +618,9 @@ ARGS: dict[str, dict[str, str]] = {
                           min_history="int_pos", min_ratio="at_least_one",
                           axis_name="axis_name"),
     "skip_steps": dict(inner="inner", ranges="ranges"),
+    "dynamic_loss_scale": dict(inner="inner", init_scale="pos_finite", growth_factor="above_one",
+                               backoff_factor="unit_open", growth_interval="int_pos",
+                               axis_name="axis_name"),
     "reduce_on_plateau": dict(factor="unit_open", patience="int_nonneg",
                               threshold="nonneg_finite", threshold_mode="threshold_mode",
                               cooldown="int_nonneg", min_scale="nonneg",
@@ -618,6 +642,9 @@ ARGS: dict[str, dict[str, str]] = {
     "scale_by_spam": dict(b1="unit_open", b2="unit_open", eps="nonneg_finite",
                           threshold="nonneg?", reset_interval="int_nonneg?",
                           warmup_steps="int_nonneg", clip_delay="int_pos"),
+    "adamc": dict(learning_rate="rate", b1="unit_open", b2="unit_open", eps="nonneg_finite",
+                  eps_root="nonneg_finite", mu_dtype="dtype?", weight_decay="rate",
+                  mask="mask?", nesterov="flag", peak_learning_rate="pos_finite?"),
     "spam": dict(learning_rate="rate", b1="unit_open", b2="unit_open", eps="nonneg_finite",
                  weight_decay="rate", mask="mask?", threshold="nonneg?",
                  reset_interval="int_nonneg?", warmup_steps="int_nonneg", clip_delay="int_pos"),
@@ -735,6 +762,8 @@ NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
     "skip_on_spike": (dict(inner=optax.sgd(0.1), sigma=2.0, window=4, min_history=2,
                            min_ratio=1.5), ()),
     "skip_steps": (dict(inner=optax.sgd(0.1), ranges=[(1, 3), (4, 5)]), ()),
+    "dynamic_loss_scale": (dict(inner=optax.sgd(0.1), init_scale=1024.0, growth_factor=4.0,
+                                backoff_factor=0.25, growth_interval=2), ()),
     "reduce_on_plateau": (dict(factor=0.5, patience=1, threshold=1e-3, threshold_mode="abs",
                                cooldown=1, min_scale=0.01, mode="max", eps=1e-6), ()),
     "scale_by_grad_norm": (dict(fn=lambda n: 1.0 / (2.0 + n)), ("fn",)),
@@ -747,6 +776,9 @@ NONDEFAULT: dict[str, tuple[dict, tuple[str, ...]]] = {
     "stable_adamw": (dict(learning_rate=0.05, b1=0.8, b2=0.99,
                           eps=1e-6, eps_root=1e-9, mu_dtype=jnp.float32, weight_decay=0.05,
                           mask=_KERNEL_ONLY, stacked=0), ("mu_dtype", "stacked")),
+    "adamc": (dict(learning_rate=0.05, b1=0.8, b2=0.99, eps=1e-6, eps_root=1e-9,
+                   mu_dtype=jnp.float32, weight_decay=0.05, mask=_KERNEL_ONLY, nesterov=True,
+                   peak_learning_rate=0.1), ("mu_dtype",)),
     "scale_by_spam": (dict(b1=0.8, b2=0.99, eps=1e-7, threshold=4.0, reset_interval=3,
                            warmup_steps=2, clip_delay=2), ()),
     "spam": (dict(learning_rate=0.05, b1=0.8, b2=0.99, eps=1e-7, weight_decay=0.01,
@@ -1076,7 +1108,8 @@ def test_transform_fresh_state_can_be_donated(name):
   assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
 
 
-STATE_TYPES = ("AdagcState", "AutoClipState", "ClipByHistoricalNormState", "MonitorState",
+STATE_TYPES = ("AdagcState", "AutoClipState", "ClipByHistoricalNormState",
+               "DynamicLossScaleState", "MonitorState",
                "QkClipState", "ReduceOnPlateauState", "ScaleBySpamState", "ScaleByStableAdamState",
                "SkipNonfiniteState", "SkipOnSpikeState", "SkipStepsState", "SpikeTracker",
                "ZClipState")

@@ -80,6 +80,11 @@ DIST: dict[str, Dist] = {
             optax.chain(og.clip_by_global_norm(0.5, axis_name=a), optax.adam(0.1)),
             window=4, min_history=2, axis_name=a)
     ),
+    "dynamic_loss_scale": Dist(
+        lambda a: og.dynamic_loss_scale(
+            optax.chain(og.clip_by_global_norm(0.5, axis_name=a), optax.adam(0.1)),
+            init_scale=2.0**-4, growth_interval=2, axis_name=a)
+    ),
     # --- _feedback.py ---
     "scale_by_grad_norm": Dist(lambda a: og.scale_by_grad_norm(lambda n: 1.0 / (1.0 + n),
                                                                axis_name=a)),
