@@ -87,7 +87,7 @@ def clip_by_value(
 
 
 def truncate_by_value(threshold: ArrayLike) -> optax.GradientTransformation:
-  r"""Gradient truncation: zeroes every element outside ``[-t, t]``.
+  r"""Gradient truncation: zeroes every element outside ``[-threshold, threshold]``.
 
   .. math::
     g_i \leftarrow \begin{cases} g_i & |g_i| \le t \\ 0 & \text{otherwise}
@@ -209,7 +209,7 @@ def clip_by_norm(
 def clip_by_global_norm(
     max_norm: ArrayLike, *, ord: val.NormOrd = None, axis_name: val.AxisName = None  # noqa: A002
 ) -> optax.GradientTransformation:
-  r"""Rescales the whole update tree so that its global norm is at most ``c``.
+  r"""Rescales the whole update tree so that its global norm is at most ``max_norm``.
 
   .. math::
     G \leftarrow G \cdot \min\!\left(1,
@@ -274,7 +274,7 @@ def clip_by_axis_norm(
     axis_name: val.AxisName = None,
     stacked: val.Stacked = None,
 ) -> optax.GradientTransformation:
-  r"""Rescales each *unit* (a slice along ``axis``) to L2 norm at most ``c``.
+  r"""Rescales each *unit* (a slice along ``axis``) to L2 norm at most ``max_norm``.
 
   .. math::
     g_{u} \leftarrow g_{u} \cdot \min\!\left(1,
@@ -397,7 +397,7 @@ def clip_weights(
 def clip_weights_by_norm(
     max_norm: ArrayLike, axis: val.UnitAxis = None, *, stacked: val.Stacked = None
 ) -> optax.GradientTransformation:
-  r"""Max-norm weight constraint: each unit of the new weights has norm <= c.
+  r"""Max-norm weight constraint: each unit of the new weights has norm <= ``max_norm``.
 
   .. math::
     w = p + u, \quad w_u \leftarrow w_u \cdot \min\!\left(1,

@@ -424,7 +424,7 @@ def qk_clip(
     stacked: val.Stacked = None,
     axis_name: val.AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""QK-clip: scales a head's query and key weights when its largest logit exceeds ``tau``.
+  r"""QK-clip: scales a head's query and key weights when its largest logit exceeds ``threshold``.
 
   For every attention head :math:`h` with largest pre-softmax logit
   :math:`S_h` in the forward pass of this step (over the batch, the query and
