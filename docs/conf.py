@@ -41,6 +41,7 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
     "myst_parser",
+    "sphinx_copybutton",
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
@@ -92,6 +93,15 @@ import numpy as np
 import optax
 import optax_guard as og
 """
+
+# Copy buttons on code blocks: the ``>>>``/``...`` prompts and the lines they
+# do not start (a docstring example's output) stay out of the copied text;
+# the guides' printed outputs (``{testoutput}``, labelled "Output" by the
+# stylesheet) get no button.
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+copybutton_only_copy_prompt_lines = True
+copybutton_selector = "div:not(.doctest-output) > div.highlight > pre"
 
 # Formulas render offline: MathJax 3 ships in _static/mathjax (see SOURCE.txt
 # there) instead of loading from a CDN when a page is read.
@@ -146,6 +156,20 @@ def _readable_signature(app, what, name, obj, options, signature, return_annotat
   return fix(signature), fix(return_annotation)
 
 
+def _label_outputs(app, doctree, docname):
+  """Marks the blocks of ``{testoutput}`` as program output (class ``doctest-output``).
+
+  The stylesheet labels them "Output", and the copy button leaves them out.
+  """
+  del app, docname
+  from docutils import nodes
+
+  for block in doctree.findall(nodes.literal_block):
+    if block.get("testnodetype") == "testoutput":
+      block["classes"].append("doctest-output")
+
+
 def setup(app):
+  app.connect("doctree-resolved", _label_outputs)
   app.connect("env-check-consistency", _check_api_reference)
   app.connect("autodoc-process-signature", _readable_signature)

@@ -16,13 +16,12 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   }
 
-  // Long object names in the page contents sidebar (scale_by_stable_adam(),
-  // ScaleByStableAdamState) may break after an underscore or between the
-  // words of a class name rather than anywhere.
+  // Long object names in the page contents sidebar (scale_by_stable_adam())
+  // may break after an underscore, and nowhere else (the stylesheet forbids
+  // breaks inside a word): a class name such as ScaleByStableAdamState stays
+  // whole.
   const zwsp = "\u200b";
   document.querySelectorAll(".bd-sidebar-secondary code span.pre").forEach((span) => {
-    span.textContent = span.textContent
-      .replace(/_/g, "_" + zwsp)
-      .replace(/([a-z])([A-Z])/g, "$1" + zwsp + "$2");
+    span.textContent = span.textContent.replace(/_(?=.)/g, "_" + zwsp);
   });
 });
