@@ -178,7 +178,7 @@ def adagc(
                why=" (below 1 every tensor's threshold shrinks geometrically to 0 and "
                "training stops)")
   val.in_range(owner, "beta", beta, 0.0, 1.0)
-  val.integer(owner, "warmup_steps", warmup_steps, minimum=0)
+  warmup_steps = val.whole(owner, "warmup_steps", warmup_steps, minimum=0)
   stacked = val.stacked(owner, stacked)
   axis_name = val.axis_name(owner, axis_name)
 

@@ -276,7 +276,6 @@ def qk_separate(
     A layout for :func:`qk_clip`.
   """
   owner = "qk_separate"
-  owner = "qk_separate"
   query, key = val.param_paths(owner, "query", query), val.param_paths(owner, "key", key)
   val.disjoint(owner, "query", query, "key", key)
   axis = val.static_int(owner, "head_axis", head_axis, none_ok=True)

@@ -5,9 +5,10 @@ element whose square exceeds ``threshold`` times the previous second moment,
 and periodically reset both moments with a cosine re-warm of the step size.
 The Adam step is the one StableAdamW shares (``_adam_pieces``), so outside the
 ramps, on steps where no element is clipped, the updates are bitwise those of
-``optax.adamw``. Whether an element is a spike and whether a step resets are
-decided by a comparison and by integer arithmetic on the step, never by the
-rounding of a quotient.
+``optax.adamw`` given the same ``eps`` and weight decay (the defaults differ).
+Whether an element is a spike and whether a step resets are decided by a
+comparison and by integer arithmetic on the step, never by the rounding of a
+quotient.
 """
 
 from __future__ import annotations
@@ -123,20 +124,41 @@ def _clipped_moments(updates, mu_prev, nu_prev, theta, clip_on, b1, b2):
   return mu, nu
 
 
+def _check_periods(owner: str, *, threshold: Any, reset_interval: Any, warmup_steps: Any,
+                   clip_delay: Any) -> None:
+  """Each reset period must leave room for the defence: the re-warm-up ends, and
+  clipping (when on) starts, before the next reset (when the values are concrete)."""
+  if reset_interval is None or val.is_jax(reset_interval) or reset_interval == 0:
+    return  # no resets (or a traced interval: not checked)
+  val.ordered(owner, "warmup_steps", warmup_steps, "reset_interval", reset_interval,
+              strict=True, why=" (the re-warm-up after each moment reset would never end: "
+              "the step size would never return to its full value)")
+  off = threshold is None or (not val.is_jax(threshold) and float(threshold) in (0.0, math.inf))
+  if not off:
+    val.ordered(owner, "clip_delay", clip_delay, "reset_interval", reset_interval,
+                strict=True, why=" (clipping waits clip_delay steps after each moment reset, "
+                "so it would never act)")
+
+
 def _spam_scaling(
     owner: str, *, b1: Any, b2: Any, eps: Any, threshold: Any, reset_interval: Any,
-    warmup_steps: Any, clip_delay: Any, with_params: bool,
+    warmup_steps: Any, clip_delay: Any, with_params: bool, mask: Any = None,
 ) -> optax.GradientTransformation:
-  """:func:`scale_by_spam`, with errors naming ``owner`` (and ``params`` checked if asked)."""
+  """:func:`scale_by_spam`, with errors naming ``owner`` (and ``params``, and the
+  ``mask`` of the weight decay that follows, checked if asked)."""
   val.adam_betas(owner, b1, b2, eps)
   if threshold is not None:
     val.non_negative(owner, "threshold", threshold)
   if reset_interval is not None:
-    val.integer(owner, "reset_interval", reset_interval, minimum=0)
-  val.integer(owner, "warmup_steps", warmup_steps, minimum=0)
-  val.integer(owner, "clip_delay", clip_delay, minimum=1)
+    reset_interval = val.whole(owner, "reset_interval", reset_interval, minimum=0)
+  warmup_steps = val.whole(owner, "warmup_steps", warmup_steps, minimum=0)
+  clip_delay = val.whole(owner, "clip_delay", clip_delay, minimum=1)
+  _check_periods(owner, threshold=threshold, reset_interval=reset_interval,
+                 warmup_steps=warmup_steps, clip_delay=clip_delay)
 
   def init_fn(params):
+    if mask is not None:  # checked before optax.add_decayed_weights reads it
+      val.expand_mask(owner, mask, params)
     return ScaleBySpamState(
         count=jnp.zeros((), jnp.int32),
         mu=optax.tree.zeros_like(params),
@@ -148,6 +170,8 @@ def _spam_scaling(
     val.float_leaves(owner, updates, complex_ok=False)
     if with_params:  # for the weight decay that follows in spam
       val.matching_params(owner, updates, params)
+      if mask is not None:
+        val.expand_mask(owner, mask, params)
     k = optax.safe_increment(state.count)  # this step, 1-based
     clip_on, reset = _switches(k, clip_delay, reset_interval, threshold)
     zero_if_reset = lambda t: jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), t)
@@ -218,10 +242,13 @@ def scale_by_spam(
     threshold: :math:`\theta \ge 0`; None, 0 or ``inf`` switch clipping off.
     reset_interval: reset the moments every this many steps; None or 0
       switch resets (and the ramps) off.
-    warmup_steps: length ``W >= 0`` of the cosine ramp after each reset.
+    warmup_steps: length ``W >= 0`` of the cosine ramp after each reset,
+      less than ``reset_interval`` (else the step size never returns to its
+      full value).
     clip_delay: ``>= 1`` steps without clipping at the start of training and
       after each reset (with 0 the empty second moment would clip every
-      gradient to 0).
+      gradient to 0); less than ``reset_interval`` when clipping is on (else
+      it never acts).
 
   Returns:
     An ``optax.GradientTransformation`` with :class:`ScaleBySpamState`.
@@ -269,9 +296,15 @@ def spam(
 
   with the moments of the clipped gradient and the re-warm factor
   :math:`s_k` of :func:`scale_by_spam`. The weight decay is not re-warmed
-  (as in the reference, which decays with the plain learning rate). With
-  ``threshold=None`` and ``reset_interval=None`` it is ``optax.adamw``
-  bitwise.
+  (as in the reference, which decays with the plain learning rate).
+
+  With ``threshold=None`` and ``reset_interval=None`` (the defences off) it
+  is bitwise ``optax.adamw(learning_rate, b1, b2, eps,
+  weight_decay=weight_decay, mask=mask)`` with the same arguments, ``eps``
+  and ``weight_decay`` included: the defaults differ (here ``eps=1e-6``
+  and ``weight_decay=0``, the reference's; ``optax.adamw``'s are ``1e-8``
+  and ``1e-4``), so ``og.spam(lr, threshold=None, reset_interval=None)``
+  is ``optax.adamw(lr, eps=1e-6, weight_decay=0.0)``.
 
   Differs from the reference ``SPAM.py`` as listed in :func:`scale_by_spam`,
   and in the decay (optax's ``p - lr (u + wd p)``; the reference decays after
@@ -291,7 +324,7 @@ def spam(
 
   Example:
     >>> import jax.numpy as jnp, optax_guard as og
-    >>> tx = og.spam(1e-3, reset_interval=4, warmup_steps=2)
+    >>> tx = og.spam(1e-3, reset_interval=4, warmup_steps=2, clip_delay=2)
     >>> p = jnp.zeros(1)
     >>> state = tx.init(p)
     >>> for _ in range(5):  # the moments are reset before the 4th step
@@ -313,7 +346,7 @@ def spam(
   return optax.chain(
       _spam_scaling(owner, b1=b1, b2=b2, eps=eps, threshold=threshold,
                     reset_interval=reset_interval, warmup_steps=warmup_steps,
-                    clip_delay=clip_delay, with_params=True),
+                    clip_delay=clip_delay, with_params=True, mask=mask),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )

@@ -129,7 +129,7 @@ def _stable_adam(
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count_inc = optax.safe_increment(state.count)
     direction, _ = adam_direction(mu, nu, b1, b2, eps, eps_root, count_inc)
-    direction = decay(direction, params, state.count, weight_decay, mask)
+    direction = decay(owner, direction, params, state.count, weight_decay, mask)
     rms = _tensor_rms(updates, nu, leads, 1 - b2**count_inc, eps, axis_name)
     out, num_cut, max_rms = _cut_rates(direction, rms)
     mu = optax.tree.cast(mu, mu_dtype)

@@ -25,7 +25,7 @@ got, so a user sees ``clip_by_global_norm(max_norm=...) must be > 0, got
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -154,17 +154,19 @@ def finite(owner: str, name: str, value: Any) -> None:
 
 
 def ordered(
-    owner: str, lo_name: str, lo: Any, hi_name: str, hi: Any, *, strict: bool = False
+    owner: str, lo_name: str, lo: Any, hi_name: str, hi: Any, *, strict: bool = False,
+    why: str = "",
 ) -> None:
   """``lo <= hi`` (``lo < hi`` if ``strict``) when both are concrete.
 
-  The message names ``lo`` as the argument at fault: ``f(min_history=...) must
-  be <= window=8, got 9``.
+  The message names ``lo`` as the argument at fault and ``hi`` with its value,
+  then ``why`` (the reason, in parentheses): ``f(min_history=...) must be <=
+  window=8, got 9``.
   """
   a, b = number(owner, lo_name, lo), number(owner, hi_name, hi)
   if a is not None and b is not None and (a >= b if strict else a > b):
     relation = "<" if strict else "<="
-    raise _fail(owner, lo_name, lo, f"{relation} {hi_name}={hi!r}")
+    raise _fail(owner, lo_name, lo, f"{relation} {hi_name}={hi!r}{why}")
 
 
 def integer(owner: str, name: str, value: Any, *, minimum: int | None = None) -> None:
@@ -515,11 +517,17 @@ def broadcasts_to(owner: str, name: str, value: jax.Array, shape: tuple[int, ...
     )
 
 
+def _overlap(a: str, b: str) -> bool:
+  """Whether the paths ``a`` and ``b`` name a common leaf (one is at or below the other)."""
+  return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
 def param_paths(owner: str, name: str, value: Any) -> tuple[str, ...]:
   """A parameter path ``"blocks/0/attn/query"`` or a non-empty sequence of them.
 
-  Returns the paths without leading and trailing ``/``; a path given twice
-  raises.
+  Returns the paths without leading and trailing ``/``; a path given twice,
+  or one at or below another (``"blocks"`` and ``"blocks/0"`` both name the
+  leaves of ``blocks/0``), raises.
   """
   items = (value,) if isinstance(value, str) else value
   ok = isinstance(items, (tuple, list)) and bool(items)
@@ -529,20 +537,26 @@ def param_paths(owner: str, name: str, value: Any) -> tuple[str, ...]:
         f"(or a tuple of them), got {value!r}"
     )
   paths = tuple(p.strip("/") for p in items)
-  repeated = [p for i, p in enumerate(paths) if p in paths[:i]]
-  if repeated:
-    raise _fail(owner, name, value, f"free of repeats ({repeated[0]!r} twice)")
+  for i, p in enumerate(paths):
+    for q in paths[:i]:
+      if _overlap(p, q):
+        what = f"{p!r} twice" if p == q else f"{p!r} and {q!r}, one below the other"
+        raise _fail(owner, name, value, f"free of repeats ({what})")
   return paths
 
 
-def disjoint(owner: str, a_name: str, a: Sequence[Any], b_name: str, b: Sequence[Any]) -> None:
-  """``a`` and ``b`` share no entry: ``f(query=..., key=...) must not both name 'q'``."""
-  common = [x for x in a if x in b]
-  if common:
-    raise ValueError(
-        f"{owner}({a_name}=..., {b_name}=...) must not both name {common[0]!r}, "
-        f"got {a!r} and {b!r}"
-    )
+def disjoint(owner: str, a_name: str, a: Sequence[str], b_name: str, b: Sequence[str]) -> None:
+  """The parameter paths ``a`` and ``b`` name no leaf twice: no path of one is
+  at or below a path of the other (``f(query=..., key=...) must not both name 'q'``)."""
+  for x in a:
+    for y in b:
+      if _overlap(x, y):
+        inner, outer = (x, y) if len(x) >= len(y) else (y, x)
+        what = repr(x) if x == y else f"the leaves of {inner!r} (below {outer!r})"
+        raise ValueError(
+            f"{owner}({a_name}=..., {b_name}=...) must not both name {what}, "
+            f"got {a!r} and {b!r}"
+        )
 
 
 def static_int(
@@ -566,6 +580,147 @@ def needs_value(owner: str, value: Any) -> None:
         f"{owner} needs the monitored loss or metric: call "
         f"update(updates, state, params, value=loss)"
     )
+
+
+def _is_variable(x: Any) -> bool:
+  """A variable wrapper around an array, such as Flax NNX's ``nnx.Param``.
+
+  Recognised by its ``get_value`` method or ``value`` attribute; arrays,
+  tuples (``NamedTuple`` states have fields named ``value``) and mappings
+  never are.
+  """
+  if isinstance(x, (tuple, list, Mapping, jax.Array, np.ndarray, np.generic,
+                    jax.ShapeDtypeStruct)):
+    return False
+  return callable(getattr(x, "get_value", None)) or hasattr(x, "value")
+
+
+def plain_tree(owner: str, name: str, tree: Any) -> None:
+  """``tree`` holds arrays, not variable wrappers around them (``nnx.Param``...).
+
+  A tree of Flax NNX variables would only fail later, as a mismatch of tree
+  structures several kilobytes long; the message says what to pass instead.
+  """
+  for path, leaf in jax.tree.flatten_with_path(tree, is_leaf=_is_variable)[0]:
+    if _is_variable(leaf):
+      raise TypeError(
+          f"{owner}({name}=...) holds variables ({type(leaf).__name__} at "
+          f"{jax.tree_util.keystr(path) or 'the root'}) where arrays are expected: for Flax "
+          f"NNX pass nnx.as_pure(...), e.g. nnx.as_pure(nnx.state(model, nnx.Param)) or "
+          f"nnx.as_pure(optimizer.opt_state)"
+      )
+
+
+def array_tree(owner: str, name: str, tree: Any) -> None:
+  """A tree (not None) whose leaves are arrays, numbers or ``jax.ShapeDtypeStruct``.
+
+  Variable wrappers are rejected as :func:`plain_tree` does.
+  """
+  if tree is None:
+    raise TypeError(
+        f"{owner}({name}=...) must be a tree of arrays (or jax.ShapeDtypeStruct), got None"
+    )
+  plain_tree(owner, name, tree)
+  for path, leaf in jax.tree.flatten_with_path(tree)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None and isinstance(leaf, (int, float, complex)):
+      continue
+    if dtype is None or np.dtype(dtype).kind not in "biufc":
+      raise TypeError(
+          f"{owner}({name}=...) must be a tree of arrays (or jax.ShapeDtypeStruct); the "
+          f"leaf {jax.tree_util.keystr(path) or '(root)'} is {leaf!r}"
+      )
+
+
+def observations(owner: str, name: str, value: Any, *, norms: bool = False) -> jax.Array:
+  """A 1-D float32 array of logged observations (losses; with ``norms``, norms).
+
+  Norms cannot be negative: with ``norms`` a finite negative entry raises a
+  ``ValueError`` when the values are concrete (not under ``jit``). NaN and
+  ``+-inf`` pass: the caller says what they mean.
+  """
+  if isinstance(value, (bool, np.bool_, str, bytes)):
+    raise TypeError(f"{owner}({name}=...) must be a 1-D array of numbers, got {value!r}")
+  try:
+    arr = jnp.asarray(value)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f"{owner}({name}=...) must be a 1-D array of numbers, got {value!r}"
+    ) from None
+  if arr.dtype == jnp.bool_ or not (
+      jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)
+  ):
+    raise TypeError(f"{owner}({name}=...) must hold real numbers, got dtype {arr.dtype}")
+  if arr.ndim != 1:
+    raise ValueError(f"{owner}({name}=...) must be 1-D (oldest first), got shape {arr.shape}")
+  arr = arr.astype(jnp.float32)
+  if norms and not isinstance(arr, jax.core.Tracer):
+    host = np.asarray(arr)
+    (negative,) = np.nonzero(np.isfinite(host) & (host < 0))
+    if negative.size:
+      i = int(negative[0])
+      raise ValueError(
+          f"{owner}({name}=...) must hold norms >= 0 (NaN and inf are not recorded), got "
+          f"{float(host[i])!r} at index {i}"
+      )
+  return arr
+
+
+def step_ranges(owner: str, value: Any) -> tuple[tuple[int, int], ...]:
+  """Half-open ``(start, stop)`` ranges of update-call indices, as Python ints.
+
+  A sequence of pairs of ints (Python or NumPy), or of ``range`` objects with
+  step 1 (``range(45, 50)`` is ``(45, 50)``), ``0 <= start < stop <= 2**31 -
+  1``; a 2-D NumPy array of pairs too. A JAX array is rejected with the hint
+  to pass ``static_args`` (``optax.inject_hyperparams`` makes one of a list).
+  """
+  if is_jax(value):
+    raise TypeError(
+        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs of Python ints, "
+        f"got a JAX array {value!r}; optax.inject_hyperparams turns arrays into "
+        f"tracers: pass a list of tuples, or static_args=('ranges',)"
+    )
+  if isinstance(value, range) or (isinstance(value, (tuple, list)) and len(value) == 2
+                                  and all(_is_int(x) for x in value)):
+    one = (value.start, value.stop) if isinstance(value, range) else tuple(value)
+    raise TypeError(
+        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs; one range is "
+        f"written [{one!r}], got {value!r}"
+    )
+  if (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray))
+      or (isinstance(value, np.ndarray) and value.ndim != 2)):
+    raise TypeError(
+        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs, got {value!r}"
+    )
+  return tuple(_step_range(owner, pair, value) for pair in value)
+
+
+def _step_range(owner: str, pair: Any, ranges: Any) -> tuple[int, int]:
+  """One entry of :func:`step_ranges` as ``(start, stop)``."""
+  if isinstance(pair, range):
+    if pair.step != 1:
+      raise ValueError(f"{owner}(ranges=...) takes ranges of step 1, got {pair!r}")
+    start, stop = pair.start, pair.stop
+  elif (isinstance(pair, (str, bytes)) or not isinstance(pair, (Sequence, np.ndarray))
+        or len(pair) != 2):
+    raise TypeError(
+        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs, got the "
+        f"entry {pair!r} in {ranges!r}"
+    )
+  else:
+    start, stop = pair
+  for x in (start, stop):
+    if not _is_int(x):
+      raise TypeError(
+          f"{owner}(ranges=...) must hold ints (update-call indices), got {x!r} in {pair!r}"
+      )
+  start, stop = int(start), int(stop)
+  if not 0 <= start < stop <= INT32_MAX:
+    raise ValueError(
+        f"{owner}(ranges=...) needs 0 <= start < stop <= 2**31 - 1 for every half-open "
+        f"range (start, stop), got {pair!r}"
+    )
+  return start, stop
 
 
 def history_window(owner: str, window: Any, min_history: Any, *, smallest: int) -> None:

@@ -89,7 +89,7 @@ TRANSFORMS: dict[str, Transform] = {
     "adagc": Transform(
         og.adagc, dict(warmup_steps=2),
         bad=(dict(lambda_rel=0.5), dict(lambda_abs=0.0), dict(beta=2.0), dict(warmup_steps=-1),
-             dict(stacked="layers")),
+             dict(stacked="layers"), dict(warmup_steps=2**31)),
     ),
     # --- _adaptive.py ---
     "adaptive_grad_clip": Transform(
@@ -195,14 +195,15 @@ TRANSFORMS: dict[str, Transform] = {
     "scale_by_spam": Transform(
         og.scale_by_spam, dict(threshold=4.0, reset_interval=4, warmup_steps=2, clip_delay=2),
         bad=(dict(threshold=-1.0), dict(threshold=NAN), dict(reset_interval=-1),
-             dict(clip_delay=0), dict(warmup_steps=1.5)),
+             dict(clip_delay=0), dict(warmup_steps=1.5), dict(clip_delay=4),
+             dict(warmup_steps=5), dict(reset_interval=2)),
     ),
     "spam": Transform(
         og.spam, dict(learning_rate=0.1, threshold=4.0, reset_interval=4, warmup_steps=2,
                       clip_delay=2),
         needs_params=True,
         bad=(dict(learning_rate=NAN), dict(weight_decay=-1.0), dict(threshold=-1.0),
-             dict(clip_delay=0), dict(mask=3)),
+             dict(clip_delay=0), dict(mask=3), dict(clip_delay=4), dict(warmup_steps=4)),
     ),
     # --- _historical.py ---
     "clip_by_historical_norm": Transform(
@@ -566,6 +567,9 @@ _RULE_BAD = {
     "int_pos": (("zero", 0), ("negative", -1)),
     "int_nonneg": (("negative", -1),),
     "int_window": (("zero", 0), ("one", 1), ("negative", -1)),
+    # step counts compared with an int32 step: at most 2**31 - 1
+    "int_steps_pos": (("zero", 0), ("negative", -1), ("too_big", 2**31)),
+    "int_steps_nonneg": (("negative", -1), ("too_big", 2**31)),
     "at_least_one": (("below_one", 0.5), ("zero", 0.0), ("negative", -1.0)),
     "above_one": (("one", 1.0), ("below_one", 0.5), ("zero", 0.0), ("negative", -1.0)),
 }
@@ -587,6 +591,7 @@ _OTHER_BAD = {
     "mode": (("other", "median"), ("none", None)),
     "threshold_mode": (("other", "relative"), ("none", None)),
     "ranges": (("string", "0:5"), ("none", None), ("pair", (1, 3)), ("unordered", [(5, 2)]),
+               ("range_alone", range(1, 3)), ("range_step", [range(0, 6, 2)]),
                ("empty_range", [(2, 2)]), ("negative", [(-1, 3)]), ("fraction", [(0.5, 3)]),
                ("bool", [(True, 3)]), ("triple", [(1, 2, 3)]), ("too_big", [(0, 2**31)]),
                ("jax_array", "jnp.ones((1, 2), int)")),
@@ -640,16 +645,17 @@ ARGS: dict[str, dict[str, str]] = {
                          weight_decay="rate", mask="mask?", stacked="stacked",
                          axis_name="axis_name"),
     "scale_by_spam": dict(b1="unit_open", b2="unit_open", eps="nonneg_finite",
-                          threshold="nonneg?", reset_interval="int_nonneg?",
-                          warmup_steps="int_nonneg", clip_delay="int_pos"),
+                          threshold="nonneg?", reset_interval="int_steps_nonneg?",
+                          warmup_steps="int_steps_nonneg", clip_delay="int_steps_pos"),
     "adamc": dict(learning_rate="rate", b1="unit_open", b2="unit_open", eps="nonneg_finite",
                   eps_root="nonneg_finite", mu_dtype="dtype?", weight_decay="rate",
                   mask="mask?", nesterov="flag", peak_learning_rate="pos_finite?"),
     "spam": dict(learning_rate="rate", b1="unit_open", b2="unit_open", eps="nonneg_finite",
                  weight_decay="rate", mask="mask?", threshold="nonneg?",
-                 reset_interval="int_nonneg?", warmup_steps="int_nonneg", clip_delay="int_pos"),
+                 reset_interval="int_steps_nonneg?", warmup_steps="int_steps_nonneg",
+                 clip_delay="int_steps_pos"),
     "adagc": dict(lambda_abs="pos", lambda_rel="at_least_one", beta="unit",
-                  warmup_steps="int_nonneg", stacked="stacked", axis_name="axis_name"),
+                  warmup_steps="int_steps_nonneg", stacked="stacked", axis_name="axis_name"),
     "clip_by_historical_norm": dict(sigma="pos", window="int_window", min_history="int_pos?",
                                     axis_name="axis_name"),
     "polynomial_decay": dict(init_value="finite", decay_steps="int_pos", power="nonneg_finite",
@@ -732,6 +738,92 @@ def test_bad_input_is_rejected_at_construction_naming_the_argument(name, arg, va
         jax.make_jaxpr(build)(value)
     message = str(info.value)
     assert f"{name}(" in message and arg in message, (mode, message)
+
+
+# Combinations of arguments, the entry points that are not factories, and
+# trees passed where arrays are expected: each case is
+# (entry point, call, error type, message pattern). Arrays and states are
+# built inside the calls, never at collection.
+def _spike_state(nested=False):
+  inner = og.skip_on_spike(optax.sgd(0.1)) if nested else optax.sgd(0.1)
+  return og.skip_on_spike(inner, window=4, min_history=2).init(jnp.zeros(2))
+
+
+def _nnx_case():
+  """A Flax NNX model's parameters and its ``nnx.Optimizer`` state, as variables."""
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  return nnx, nnx.state(model, nnx.Param), optimizer.opt_state
+
+
+def _add_guard_state_nnx(which):
+  nnx, params, opt_state = _nnx_case()
+  guard = og.skip_on_spike(optax.adam(1e-3))
+  if which == "params":
+    return og.add_guard_state(guard, nnx.as_pure(opt_state), params)
+  return og.add_guard_state(guard, opt_state, nnx.as_pure(params))
+
+
+def _update_once(tx):
+  params = {"w": jnp.ones(3)}
+  return tx.update(params, tx.init(params), params)
+
+
+ENTRY_BAD = [
+    ("spam", lambda: og.spam(0.1, reset_interval=10, warmup_steps=5, clip_delay=10),
+     ValueError, r"spam\(clip_delay=\.\.\.\) must be < reset_interval=10 .*never act.*got 10"),
+    ("spam", lambda: og.spam(0.1, reset_interval=8, warmup_steps=8, clip_delay=2),
+     ValueError, r"spam\(warmup_steps=\.\.\.\) must be < reset_interval=8 .*never end.*got 8"),
+    ("scale_by_spam", lambda: og.scale_by_spam(reset_interval=100),  # warmup_steps=150
+     ValueError, r"scale_by_spam\(warmup_steps=\.\.\.\) must be < reset_interval=100 .*got 150"),
+    ("spam", lambda: _update_once(og.spam(0.1, mask={"b": True})),
+     ValueError, r"spam\(mask=\.\.\.\) must have the tree structure of the params"),
+    ("stable_adamw", lambda: _update_once(og.stable_adamw(0.1, mask={"b": True})),
+     ValueError, r"stable_adamw\(mask=\.\.\.\) must have the tree structure of the params"),
+    ("skip_steps", lambda: og.skip_steps([(1, 3)], optax.sgd(0.1)),
+     TypeError, r"skip_steps\(inner=\.\.\.\) must be an optax\.GradientTransformation"),
+    ("skip_steps", lambda: og.skip_steps(optax.sgd(0.1), range(45, 50)),
+     TypeError, r"skip_steps\(ranges=\.\.\.\).*one range is written \[\(45, 50\)\]"),
+    ("qk_separate", lambda: og.qk_separate("attn", "attn/key", head_axis=-2),
+     ValueError, r"qk_separate\(query=\.\.\., key=\.\.\.\) must not both name the leaves "
+                 r"of 'attn/key' \(below 'attn'\)"),
+    ("qk_fused", lambda: og.qk_fused(("blocks", "blocks/0/qkv")),
+     ValueError, r"qk_fused\(qkv=\.\.\.\) must be free of repeats \('blocks/0/qkv' and "
+                 r"'blocks', one below the other\)"),
+    ("seed_spike_history", lambda: og.seed_spike_history(_spike_state(), [1.0, -2.0]),
+     ValueError, r"seed_spike_history\(norms=\.\.\.\) must hold norms >= 0 .*-2\.0 at index 1"),
+    ("seed_spike_history", lambda: og.seed_spike_history(_spike_state(nested=True), [1.0]),
+     ValueError, r"seed_spike_history\(state=\.\.\.\) must hold exactly one skip_on_spike "
+                 r"state, found 2 .*inner_state"),
+    ("seed_spike_history", lambda: og.seed_spike_history(og.skip_on_spike(optax.sgd(0.1)), [1.0]),
+     ValueError, r"seed_spike_history\(state=\.\.\.\).*found 0: pass the optimizer state"),
+    ("add_guard_state",
+     lambda: og.add_guard_state(og.skip_on_spike(optax.sgd(0.1)), optax.sgd(0.1).init({}), None),
+     TypeError, r"add_guard_state\(params=\.\.\.\) must be a tree of arrays .*got None"),
+    ("add_guard_state",
+     lambda: og.add_guard_state(og.skip_on_spike(optax.sgd(0.1)), optax.sgd(0.1).init({}),
+                                {"w": "weights"}),
+     TypeError, r"add_guard_state\(params=\.\.\.\) must be a tree of arrays.*\['w'\] is 'weights'"),
+    ("add_guard_state", lambda: _add_guard_state_nnx("params"),
+     TypeError, r"add_guard_state\(params=\.\.\.\) holds variables \(Param at .*\) where "
+                r"arrays are expected: for Flax NNX pass nnx\.as_pure"),
+    ("add_guard_state", lambda: _add_guard_state_nnx("inner_state"),
+     TypeError, r"add_guard_state\(inner_state=\.\.\.\) holds variables .*nnx\.as_pure"),
+]
+
+
+@pytest.mark.parametrize("name, call, error, match", ENTRY_BAD,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(ENTRY_BAD)])
+def test_bad_combination_or_entry_point_input_names_the_argument(name, call, error, match):
+  with pytest.raises(error, match=match):
+    call()
+
+
+def test_entry_points_with_arguments_have_bad_input_cases():
+  covered = {name for name, *_ in ENTRY_BAD}
+  for name in ("add_guard_state", "seed_spike_history", "qk_fused", "qk_separate"):
+    assert name in covered, name
 
 
 # ---------------------------------------------------------------------------

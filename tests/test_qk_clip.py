@@ -652,8 +652,6 @@ def _update(tx, params, grads=None, **extra):
      jnp.ones(3), ValueError, r"qk_clip: the leaf 'k' of shape \(4, 2\)"),
     (og.qk_separate("q", "k", head_axis=2), {"q": jnp.ones((4, 3)), "k": jnp.ones((4, 3))},
      jnp.ones(3), ValueError, r"has no head_axis=2"),
-    (og.qk_separate("q", "q/kernel", head_axis=-1), {"q": {"kernel": jnp.ones((4, 3))}},
-     jnp.ones(3), ValueError, r"'q/kernel' is named twice"),
     (og.qk_fused("qkv"), {"qkv": jnp.ones((2, 6), jnp.int32)}, jnp.ones(2), TypeError,
      r"qk_clip needs floating-point .*'qkv' has dtype int32"),
     (og.qk_fused("qkv"), {"qkv": jnp.ones((2, 6))}, jnp.ones(2, jnp.int32), TypeError,
@@ -821,6 +819,14 @@ def test_qk_user_layout_with_per_leaf_multipliers_matches_the_built_in():
     (lambda: og.qk_fused(("a", "a/")), r"qk_fused\(qkv=...\) must be free of repeats"),
     (lambda: og.qk_separate("q", ("k", "q"), head_axis=-1),
      r"qk_separate\(query=..., key=...\) must not both name 'q'"),
+    # a path below another names its leaves twice: caught when the layout is built
+    (lambda: og.qk_separate("q", "q/kernel", head_axis=-1),
+     r"qk_separate\(query=..., key=...\) must not both name the leaves of 'q/kernel' "
+     r"\(below 'q'\)"),
+    (lambda: og.qk_fused(("blocks/0", "blocks")),
+     r"qk_fused\(qkv=...\) must be free of repeats \('blocks' and 'blocks/0', one below"),
+    (lambda: og.qk_separate(("q", "q/bias"), "k", head_axis=-1),
+     r"qk_separate\(query=...\) must be free of repeats"),
 ])
 def test_qk_layouts_reject_a_path_named_twice(call, match):
   with pytest.raises(ValueError, match=match):

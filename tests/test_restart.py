@@ -183,6 +183,35 @@ def test_skip_steps_rejects_invalid_ranges(ranges, message):
     og.skip_steps(optax.sgd(0.1), ranges)
 
 
+def test_skip_steps_takes_range_objects_as_half_open_ranges():
+  """``range(1, 3)`` skips the calls 1 and 2, as ``(1, 3)`` does (not ``1`` alone)."""
+  skipped = []
+  for ranges in ([range(1, 3), range(5, 6)], [(1, 3), (5, 6)]):
+    tx = og.skip_steps(optax.sgd(1.0), ranges)
+    state, flags = tx.init(jnp.zeros(1)), []
+    for _ in range(7):
+      _, state = tx.update(jnp.ones(1), state)
+      flags.append(bool(state.last_skipped))
+    skipped.append(flags)
+  assert skipped[0] == skipped[1] == [False, True, True, False, False, True, False]
+
+
+@pytest.mark.parametrize("ranges, message", [
+    ((1, 3), r"one range is written \[\(1, 3\)\], got \(1, 3\)"),
+    (range(45, 50), r"one range is written \[\(45, 50\)\], got range\(45, 50\)"),
+    ([range(0, 6, 2)], r"takes ranges of step 1, got range\(0, 6, 2\)"),
+    ([range(4, 4)], r"needs 0 <= start < stop"),
+])
+def test_skip_steps_ranges_messages_say_how_to_write_them(ranges, message):
+  with pytest.raises((TypeError, ValueError), match=r"skip_steps\(ranges=\.\.\.\) .*" + message):
+    og.skip_steps(optax.sgd(0.1), ranges)
+
+
+def test_skip_steps_with_its_arguments_swapped_names_inner():
+  with pytest.raises(TypeError, match=r"skip_steps\(inner=\.\.\.\) .*got \[\(1, 3\)\]"):
+    og.skip_steps([(1, 3)], optax.sgd(0.1))
+
+
 def test_skip_steps_accepts_numpy_ranges_and_rejects_traced_ones():
   tx = og.skip_steps(optax.sgd(1.0), np.array([[0, 1]]))
   u, _ = tx.update(jnp.ones(1), tx.init(jnp.zeros(1)))
@@ -379,6 +408,67 @@ def test_seed_spike_history_rejects_bad_input():
     og.seed_spike_history(state, "1.0")
   with pytest.raises(TypeError, match=r"seed_spike_history\(values=...\)"):
     og.seed_spike_history(state, [1.0], values=[True, False])
+
+
+def test_seed_spike_history_rejects_negative_norms_and_skips_non_finite_ones():
+  tx = og.skip_on_spike(optax.sgd(0.1), window=4, min_history=2)
+  state = tx.init(jnp.zeros(1))
+  for norms in ([1.0, -0.5], np.array([2.0, -1e-8]), jnp.array([-3.0])):
+    with pytest.raises(ValueError, match=r"seed_spike_history\(norms=\.\.\.\) must hold "
+                                         r"norms >= 0 \(NaN and inf are not recorded\)"):
+      og.seed_spike_history(state, norms)
+  # NaN and +-inf are not recorded (as the guard does not record them); losses may be negative
+  seeded = og.seed_spike_history(state, [1.0, np.nan, -np.inf, np.inf, 2.0], values=[-1.5, 0.5])
+  np.testing.assert_array_equal(seeded.norm.history, np.float32([0, 0, 1.0, 2.0]))
+  assert int(seeded.norm.count) == 2 and float(seeded.value.history[-2]) == -1.5
+  # under jit the values are not known: only shapes and dtypes are checked
+  traced = jax.jit(og.seed_spike_history)(state, jnp.array([1.0, -2.0]))
+  assert int(traced.norm.count) == 2
+
+
+def test_seed_spike_history_counts_a_nested_spike_guard():
+  """A skip_on_spike inside another's inner_state is a second one: which to seed is ambiguous."""
+  inner = og.skip_on_spike(optax.sgd(0.1), window=4, min_history=2)
+  state = og.skip_on_spike(inner, window=4, min_history=2).init(jnp.zeros(1))
+  with pytest.raises(ValueError, match=r"found 2 \(a skip_on_spike inside another's "
+                                       r"inner_state counts too\)"):
+    og.seed_spike_history(state, [1.0])
+  # the suggested way: seed the one meant
+  seeded = state._replace(inner_state=og.seed_spike_history(state.inner_state, [1.0, 1.2]))
+  assert int(seeded.inner_state.norm.count) == 2 and int(seeded.norm.count) == 0
+  with pytest.raises(ValueError, match=r"found 0: pass the optimizer state"):
+    og.seed_spike_history(inner, [1.0])
+
+
+def test_add_guard_state_checks_params_before_matching_the_inner_state():
+  """``params=None`` used to be reported as an ``inner_state`` that does not match."""
+  guard = og.skip_on_spike(optax.adam(1e-3))
+  inner_state = optax.adam(1e-3).init(jnp.zeros(3))
+  with pytest.raises(TypeError, match=r"add_guard_state\(params=\.\.\.\) must be a tree of "
+                                      r"arrays \(or jax\.ShapeDtypeStruct\), got None"):
+    og.add_guard_state(guard, inner_state, None)
+  with pytest.raises(TypeError, match=r"add_guard_state\(params=\.\.\.\).*the leaf \[0\] is 'w'"):
+    og.add_guard_state(guard, inner_state, ["w"])
+  # Python numbers and abstract shapes are fine
+  state = og.add_guard_state(guard, inner_state, jax.ShapeDtypeStruct((3,), jnp.float32))
+  assert state.inner_state is inner_state
+
+
+def test_add_guard_state_with_flax_nnx_variables_says_to_pass_arrays():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  guard = og.skip_on_spike(optax.adam(1e-3))
+  params = nnx.state(model, nnx.Param)
+  for inner_state, p, arg in ((nnx.as_pure(optimizer.opt_state), params, "params"),
+                              (optimizer.opt_state, nnx.as_pure(params), "inner_state")):
+    with pytest.raises(TypeError) as info:
+      og.add_guard_state(guard, inner_state, p)
+    message = str(info.value)
+    assert message.startswith(f"add_guard_state({arg}=...) holds variables")
+    assert "nnx.as_pure" in message and len(message) < 300  # not a dump of tree structures
+  state = og.add_guard_state(guard, nnx.as_pure(optimizer.opt_state), nnx.as_pure(params))
+  assert int(state.num_skipped) == 0
 
 
 def test_add_guard_state_and_seeded_history_with_orbax(tmp_path):

@@ -6,7 +6,8 @@ the rate and the weight decay divided by ``max(1, RMS)``), SPAM structured
 like the authors' ``SPAM.py`` (its step counters, its reset condition, its
 ``CosineDecay(0.99, W)`` ramp) with the differences our docstrings state.
 Properties: StableAdamW is ``optax.adamw`` bitwise while no rate is cut, SPAM
-is ``optax.adamw`` bitwise with its defences off, SPAM clips exactly the
+is ``optax.adamw`` bitwise with its defences off (given the same ``eps`` and
+weight decay, whose defaults differ), SPAM clips exactly the
 spiked elements to exactly ``sign(g) sqrt(theta v)``, a scanned tree and its
 unrolled twin get the same updates.
 """
@@ -358,9 +359,9 @@ def _spam_grads(rng, params, steps):
 
 @pytest.mark.parametrize("kwargs", [
     dict(threshold=4.0, reset_interval=6, warmup_steps=3, clip_delay=2),
-    dict(threshold=50.0, reset_interval=5, warmup_steps=7, clip_delay=1, weight_decay=0.1),
+    dict(threshold=50.0, reset_interval=5, warmup_steps=4, clip_delay=1, weight_decay=0.1),
     dict(threshold=4.0, reset_interval=None, clip_delay=3),
-], ids=["reset6", "ramp_longer_than_period", "no_reset"])
+], ids=["reset6", "ramp_fills_the_period", "no_reset"])
 def test_spam_matches_numpy_reference(kwargs):
   rng = np.random.default_rng(21)
   params = _flat_params(rng)
@@ -381,7 +382,7 @@ def test_spam_matches_numpy_reference(kwargs):
 
 def test_spam_ramp_is_the_reference_cosine_decay():
   """``1 - CosineDecay(0.99, W).get_dr(r)`` after each reset, written out for W = 3."""
-  tx = og.scale_by_spam(reset_interval=5, warmup_steps=3)
+  tx = og.scale_by_spam(reset_interval=5, warmup_steps=3, clip_delay=2)
   g = jnp.ones(2)
   state = tx.init(g)
   scales = []
@@ -395,7 +396,7 @@ def test_spam_ramp_is_the_reference_cosine_decay():
 
 
 def test_spam_reset_zeroes_both_moments_but_not_the_count():
-  tx = og.scale_by_spam(b1=0.5, b2=0.5, reset_interval=3, threshold=None)
+  tx = og.scale_by_spam(b1=0.5, b2=0.5, reset_interval=3, warmup_steps=2, threshold=None)
   g = jnp.array([2.0, -4.0])
   state = tx.init(g)
   for _ in range(2):
@@ -481,6 +482,63 @@ def test_spam_with_its_defences_off_is_optax_adamw(off):
     assert_bitwise_equal(got_p, ref_p)
 
 
+def test_spam_defences_off_with_its_defaults_is_adamw_with_spams_eps_and_decay():
+  """What the docstring states: ``spam(lr, threshold=None, reset_interval=None)`` is
+  ``optax.adamw(lr, eps=1e-6, weight_decay=0.0)`` bitwise; with ``optax.adamw``'s own
+  defaults (``eps=1e-8``, ``weight_decay=1e-4``) it is not."""
+  rng = np.random.default_rng(9)
+  params = _flat_params(rng)
+  grads = _spam_grads(rng, params, 6)
+  got, got_p, _ = _run(og.spam(0.05, threshold=None, reset_interval=None), grads, params)
+  ref, ref_p, _ = _run(optax.adamw(0.05, eps=1e-6, weight_decay=0.0), grads, params)
+  assert_bitwise_equal((got, got_p), (ref, ref_p))
+  plain, _, _ = _run(optax.adamw(0.05), grads, params)
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got),
+                                                      jax.tree.leaves(plain), strict=True))
+
+
+def test_spam_reset_interval_must_leave_room_for_the_ramp_and_the_clipping():
+  with pytest.raises(ValueError, match=r"spam\(warmup_steps=\.\.\.\) must be < "
+                                       r"reset_interval=100 \(.*never end.*\), got 150"):
+    og.spam(0.1, reset_interval=100)  # the default warmup_steps=150
+  with pytest.raises(ValueError, match=r"scale_by_spam\(clip_delay=\.\.\.\) must be < "
+                                       r"reset_interval=20 \(.*never act\), got 20"):
+    og.scale_by_spam(reset_interval=20, warmup_steps=5, clip_delay=20)
+  # one step of full rate (or of clipping) per period is allowed
+  og.spam(0.1, reset_interval=20, warmup_steps=19, clip_delay=19)
+  # with clipping off the clip delay does not matter; with resets off neither does the ramp
+  for off in (None, 0.0, float("inf")):
+    og.spam(0.1, reset_interval=20, warmup_steps=5, clip_delay=50, threshold=off)
+  og.spam(0.1, reset_interval=None, warmup_steps=1000, clip_delay=1000)
+  og.spam(0.1, reset_interval=0, warmup_steps=1000, clip_delay=1000)
+  # values traced by optax.inject_hyperparams are not compared (as every value check)
+  tx = optax.inject_hyperparams(og.spam)(0.1, reset_interval=10, clip_delay=20)
+  params = _flat_params(np.random.default_rng(0))
+  tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+
+
+def test_spam_step_counts_are_whole_numbers_up_to_int32():
+  tx = og.spam(0.1, reset_interval=1e3, warmup_steps=1e2, clip_delay=2e1)  # integral floats
+  params = _flat_params(np.random.default_rng(1))
+  tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  with pytest.raises(ValueError, match=r"spam\(reset_interval=\.\.\.\) must be <= 2\*\*31 - 1"):
+    og.spam(0.1, reset_interval=2**31)
+  with pytest.raises(ValueError, match=r"adagc\(warmup_steps=\.\.\.\) must be <= 2\*\*31 - 1"):
+    og.adagc(warmup_steps=2**31)
+
+
+@pytest.mark.parametrize("name", ["stable_adamw", "spam"])
+def test_a_mask_that_does_not_fit_the_params_names_the_optimizer_and_mask(name):
+  factory = og.stable_adamw if name == "stable_adamw" else og.spam
+  params = _flat_params(np.random.default_rng(0))
+  grads = jax.tree.map(jnp.ones_like, params)
+  for mask in ({"w": True}, lambda p: [True]):
+    tx = factory(0.1, weight_decay=0.1, mask=mask)
+    with pytest.raises(ValueError, match=rf"{name}\(mask=\.\.\.\) must have the tree "
+                                         r"structure of the params or a prefix of it"):
+      tx.update(grads, tx.init(params), params)
+
+
 def test_spam_defaults_follow_the_reference():
   import inspect
   sig = inspect.signature(og.spam).parameters
@@ -512,7 +570,8 @@ FACTORIES = {
     "scale_by_stable_adam": lambda: og.scale_by_stable_adam(),
     "spam": lambda: og.spam(0.05, threshold=4.0, reset_interval=5, warmup_steps=2,
                             clip_delay=2),
-    "scale_by_spam": lambda: og.scale_by_spam(threshold=4.0, reset_interval=5, clip_delay=2),
+    "scale_by_spam": lambda: og.scale_by_spam(threshold=4.0, reset_interval=5, warmup_steps=2,
+                                              clip_delay=2),
 }
 
 

@@ -84,9 +84,11 @@ def add_guard_state(
 
   Args:
     guard: the guarded optimizer.
-    inner_state: the state of the optimizer that ``guard`` wraps.
+    inner_state: the state of the optimizer that ``guard`` wraps (arrays:
+      for a Flax NNX optimizer, ``nnx.as_pure(optimizer.opt_state)``).
     params: the parameters, or a tree of ``jax.ShapeDtypeStruct`` of their
-      shapes and dtypes (only those are read).
+      shapes and dtypes (only those are read); arrays, not Flax NNX
+      variables (``nnx.as_pure(nnx.state(model, nnx.Param))``).
     step: for a :func:`skip_steps` level of ``guard``, the index of the next
       update call (for example the number of steps the restored run has
       made, so that its ranges count from the start of the run); None keeps
@@ -98,6 +100,8 @@ def add_guard_state(
   Raises:
     ValueError: no state inside ``guard``'s state matches ``inner_state``, or
       ``step`` is given and ``guard`` adds no :func:`skip_steps` level.
+    TypeError: ``params`` is not a tree of arrays, or ``params`` or
+      ``inner_state`` holds variables (``nnx.Param``...) instead of arrays.
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_guard as og
@@ -116,6 +120,8 @@ def add_guard_state(
     raise TypeError(
         f"{owner}(guard=...) must be an optax.GradientTransformation, got {guard!r}"
     )
+  val.plain_tree(owner, "inner_state", inner_state)
+  val.array_tree(owner, "params", params)
   abstract_params = jax.tree.map(_abstract, params)
   shapes = jax.eval_shape(guard.init, abstract_params)
   want = _signature(inner_state)
@@ -198,23 +204,6 @@ def strip_guard_state(state: optax.OptState) -> optax.OptState:
   return state
 
 
-def _observations(owner: str, name: str, x: Any) -> jax.Array:
-  """A 1-D float32 array of logged observations."""
-  if isinstance(x, (bool, np.bool_, str, bytes)):
-    raise TypeError(f"{owner}({name}=...) must be a 1-D array of numbers, got {x!r}")
-  try:
-    arr = jnp.asarray(x)
-  except (TypeError, ValueError):
-    raise TypeError(f"{owner}({name}=...) must be a 1-D array of numbers, got {x!r}") from None
-  if arr.dtype == jnp.bool_ or not (
-      jnp.issubdtype(arr.dtype, jnp.integer) or jnp.issubdtype(arr.dtype, jnp.floating)
-  ):
-    raise TypeError(f"{owner}({name}=...) must hold real numbers, got dtype {arr.dtype}")
-  if arr.ndim != 1:
-    raise ValueError(f"{owner}({name}=...) must be 1-D (oldest first), got shape {arr.shape}")
-  return arr.astype(jnp.float32)
-
-
 def _seed(tracker: SpikeTracker, xs: jax.Array) -> SpikeTracker:
   """``tracker`` after recording every finite entry of ``xs`` in order.
 
@@ -233,10 +222,36 @@ def _seed(tracker: SpikeTracker, xs: jax.Array) -> SpikeTracker:
   history = jnp.zeros_like(tracker.history).at[jnp.where(keep, slot, window)].set(
       values, mode="drop"
   )
-  added = jnp.sum(jnp.isfinite(xs).astype(jnp.int32))
-  count = jnp.where(tracker.count > INT32_MAX - added, jnp.int32(INT32_MAX),
-                    tracker.count + added).astype(jnp.int32)
+  count = num.saturating_add(tracker.count, jnp.sum(jnp.isfinite(xs).astype(jnp.int32)))
   return tracker._replace(history=history, count=count, last=xs[-1])
+
+
+def _spike_states(state: Any) -> list[SkipOnSpikeState]:
+  """Every :class:`SkipOnSpikeState` in ``state``, those inside another's ``inner_state`` too."""
+  is_spike = lambda x: isinstance(x, SkipOnSpikeState)
+  found = []
+  for node in jax.tree.leaves(state, is_leaf=is_spike):
+    if is_spike(node):
+      found += [node, *_spike_states(node.inner_state)]
+  return found
+
+
+def _one_spike_state(owner: str, state: Any) -> None:
+  """Raises unless ``state`` holds exactly one :class:`SkipOnSpikeState`."""
+  found = _spike_states(state)
+  if len(found) == 1:
+    return
+  if isinstance(state, optax.GradientTransformation):
+    hint = ": pass the optimizer state (tx.init(params) or a restored one), not the optimizer"
+  elif found:
+    hint = (" (a skip_on_spike inside another's inner_state counts too): seed the one you "
+            "mean, e.g. state._replace(inner_state=seed_spike_history(state.inner_state, "
+            "norms))")
+  else:
+    hint = ""
+  raise ValueError(
+      f"{owner}(state=...) must hold exactly one skip_on_spike state, found {len(found)}{hint}"
+  )
 
 
 def seed_spike_history(
@@ -254,7 +269,8 @@ def seed_spike_history(
 
   The result is what the guard would hold had it observed ``norms`` one step
   at a time: the finite entries are recorded in order (NaN and ``inf`` are
-  not, as in the guard), the history keeps the last ``window`` of them (after
+  not, as in the guard; a negative norm is a mistake and raises a
+  ``ValueError`` when the norms are concrete), the history keeps the last ``window`` of them (after
   what it held before), the count grows by their number (saturating) and
   ``last`` is the last entry. The threshold a step was compared with is not
   recomputed (it is reported for logging only, and the next step sets it).
@@ -264,7 +280,8 @@ def seed_spike_history(
 
   Args:
     state: an optimizer state holding exactly one
-      :class:`~optax_guard.SkipOnSpikeState` (anywhere in the tree).
+      :class:`~optax_guard.SkipOnSpikeState` (anywhere in the tree; a
+      ``skip_on_spike`` nested in another's ``inner_state`` counts too).
     norms: 1-D array of global gradient norms, oldest first.
     values: optionally, a 1-D array of the losses passed as ``value=``,
       oldest first, for the history of ``value``.
@@ -284,14 +301,10 @@ def seed_spike_history(
     True
   """
   owner = "seed_spike_history"
-  norms = _observations(owner, "norms", norms)
-  seeded_values = None if values is None else _observations(owner, "values", values)
+  _one_spike_state(owner, state)
+  norms = val.observations(owner, "norms", norms, norms=True)
+  seeded_values = None if values is None else val.observations(owner, "values", values)
   is_spike = lambda x: isinstance(x, SkipOnSpikeState)
-  found = [x for x in jax.tree.leaves(state, is_leaf=is_spike) if is_spike(x)]
-  if len(found) != 1:
-    raise ValueError(
-        f"{owner}(state=...) must hold exactly one skip_on_spike state, found {len(found)}"
-    )
 
   def seed(node):
     if not is_spike(node):

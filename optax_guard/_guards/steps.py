@@ -10,7 +10,7 @@ falls in given ranges, exactly as a guard skips a bad step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,44 +41,6 @@ class SkipStepsState(NamedTuple):
   step: jax.Array
   num_skipped: jax.Array
   last_skipped: jax.Array
-
-
-def _ranges(owner: str, ranges: Any) -> tuple[tuple[int, int], ...]:
-  """``ranges`` as a tuple of ``(start, stop)`` Python ints, checked."""
-  if val.is_jax(ranges):
-    raise TypeError(
-        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs of Python ints, "
-        f"got a JAX array {ranges!r}; optax.inject_hyperparams turns arrays into "
-        f"tracers: pass a list of tuples, or static_args=('ranges',)"
-    )
-  if (isinstance(ranges, (str, bytes, dict)) or not isinstance(ranges, (Sequence, np.ndarray))
-      or (isinstance(ranges, np.ndarray) and ranges.ndim != 2)):
-    raise TypeError(
-        f"{owner}(ranges=...) must be a sequence of (start, stop) pairs, got {ranges!r}"
-    )
-  out = []
-  for pair in ranges:
-    if (isinstance(pair, (str, bytes)) or not isinstance(pair, (Sequence, np.ndarray))
-        or len(pair) != 2):
-      raise TypeError(
-          f"{owner}(ranges=...) must be a sequence of (start, stop) pairs, got the "
-          f"entry {pair!r} in {ranges!r}"
-      )
-    start, stop = pair
-    for x in (start, stop):
-      if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-        raise TypeError(
-            f"{owner}(ranges=...) must hold ints (update-call indices), got {x!r} "
-            f"in {pair!r}"
-        )
-    start, stop = int(start), int(stop)
-    if not 0 <= start < stop <= INT32_MAX:
-      raise ValueError(
-          f"{owner}(ranges=...) needs 0 <= start < stop <= 2**31 - 1 for every half-open "
-          f"range (start, stop), got {pair!r}"
-      )
-    out.append((start, stop))
-  return tuple(out)
 
 
 def _in_ranges(step: jax.Array, bounds: tuple[tuple[int, int], ...]) -> jax.Array:
@@ -129,8 +91,10 @@ def skip_steps(
     inner: the transformation to wrap (usually the whole optimizer, or a
       guard around it).
     ranges: a sequence of half-open ``(start, stop)`` pairs of update-call
-      indices, ``0 <= start < stop <= 2**31 - 1`` (Python or NumPy ints); they
-      may overlap and come in any order. An empty sequence skips nothing.
+      indices, ``0 <= start < stop <= 2**31 - 1`` (Python or NumPy ints), or
+      of ``range`` objects of step 1 (``range(45, 50)`` is ``(45, 50)``);
+      they may overlap and come in any order. An empty sequence skips
+      nothing. One range alone is written ``[(45, 50)]``.
       The ranges are static: they are not part of the state, so a restored
       run may be given other ranges.
 
@@ -155,7 +119,7 @@ def skip_steps(
     and skipping batches).
   """
   owner = "skip_steps"
-  bounds = _ranges(owner, ranges)
+  bounds: tuple[tuple[int, int], ...] = ()
 
   def init_fields(params):
     del params
@@ -168,4 +132,7 @@ def skip_steps(
     num_skipped = jnp.where(skip, optax.safe_increment(state.num_skipped), state.num_skipped)
     return Decision(skip, (optax.safe_increment(state.step), num_skipped, skip))
 
-  return guard(owner, inner, state_type=SkipStepsState, init=init_fields, decide=decide)
+  # inner first (guard checks it), so that skip_steps(ranges, inner) blames inner
+  tx = guard(owner, inner, state_type=SkipStepsState, init=init_fields, decide=decide)
+  bounds = val.step_ranges(owner, ranges)
+  return tx
