@@ -24,4 +24,4 @@ if (
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=8").strip()
 
 EXPERIMENTS = ("adding_problem", "transformer_lr_sweep", "deep_mlp", "transformer_injected",
-               "transformer_localized_spike", "data_parallel")
+               "transformer_localized_spike", "float16_loss_scale", "data_parallel")

@@ -47,6 +47,10 @@ what happens).
                         INJECTED x1e3 gradient spikes in one embedding row: global
                         clipping shrinks every other tensor's update, AdaGC and SPAM
                         cut the spike alone, skip_on_spike drops the step.
+  float16_loss_scale    float16 computation with float32 master weights: a loss averaged
+                        over 65,536 outputs gives gradients that underflow float16 and
+                        training stalls; dynamic_loss_scale (PyTorch GradScaler's rule)
+                        trains to the float16 rounding floor.
   data_parallel         the guarded step under jax.pmap and jit + NamedSharding over
                         every device (and every process with --coordinator), asserted
                         to match one device.

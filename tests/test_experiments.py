@@ -35,6 +35,7 @@ from experiments import (
     adding_problem,
     data_parallel,
     deep_mlp,
+    float16_loss_scale,
     transformer_injected,
     transformer_localized_spike,
     transformer_lr_sweep,
@@ -421,7 +422,7 @@ def test_main_cli_lists_and_rejects_bad_arguments(capsys):
   assert main(["--list"]) == 0
   text = capsys.readouterr().out
   for name in ("adding_problem", "transformer_lr_sweep", "deep_mlp", "transformer_injected",
-               "transformer_localized_spike", "data_parallel"):
+               "transformer_localized_spike", "float16_loss_scale", "data_parallel"):
     assert name in text
   with pytest.raises(SystemExit):
     main(["--help"])
@@ -436,7 +437,7 @@ def test_main_cli_lists_and_rejects_bad_arguments(capsys):
 
 def test_every_experiment_documents_claim_paper_and_changes():
   for module in (adding_problem, transformer_lr_sweep, deep_mlp, transformer_injected,
-                 transformer_localized_spike, data_parallel):
+                 transformer_localized_spike, float16_loss_scale, data_parallel):
     doc = module.__doc__
     assert "Claim tested" in doc, module.__name__
     assert "changed" in doc, module.__name__
@@ -516,6 +517,28 @@ def test_deep_mlp_tiny_run_explodes_without_defences(tmp_path):
     keys = og.guard_stats(deep_mlp.DEFENCES[name].make_tx(config).init(params))
     assert keys
     _assert_guard_columns(rows, _run(result, name), keys)
+
+
+@pytest.mark.slow
+def test_float16_loss_scale_tiny_run(tmp_path):
+  config = float16_loss_scale.Config(steps=150, seeds=1, val_size=64)  # the --quick run
+  result = float16_loss_scale.run(config, progress=False)
+  _, rows = _check_outputs(result, tmp_path)
+  by = {r.defence: r for r in result.runs}
+  assert list(by) == list(config.defences)
+  # float16 without a scale: most gradient entries underflow to 0 by the end, and the loss
+  # stalls far above the scaled run's, which stays with float32 while float16 can follow it
+  assert by["none"].extra["zero_gradients"][0, -1] > 0.5
+  assert by["dynamic_loss_scale"].extra["zero_gradients"].max() < 0.01
+  none, scaled = (float(by[n].metrics["val_loss"][0]) for n in ("none", "dynamic_loss_scale"))
+  assert none > 30 * scaled
+  assert by["dynamic_loss_scale_high_init"].skipped[0] > 0  # 2**30 overflows float16 first
+  np.testing.assert_allclose(by["dynamic_loss_scale"].loss[0, :20], by["float32"].loss[0, :20],
+                             rtol=0.05)
+  tx = float16_loss_scale.DEFENCES["dynamic_loss_scale"].make_tx(config, 1e-3)
+  keys = og.guard_stats(tx.init(jnp.zeros((32, 256))))
+  assert "dynamic_loss_scale/scale" in keys
+  _assert_guard_columns(rows, by["dynamic_loss_scale"], keys)
 
 
 @pytest.mark.slow
