@@ -25,6 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import optax
 
+from optax_guard import _validation as val
+
 
 @runtime_checkable
 class FusedUpdate(Protocol):
@@ -116,16 +118,12 @@ def update_and_apply(
     (https://optax.readthedocs.io/en/latest/api/apply_updates.html); buffer
     donation: https://docs.jax.dev/en/latest/buffer_donation.html
   """
-  if not isinstance(tx, optax.GradientTransformation):
-    raise TypeError(
-        f"update_and_apply(tx=...) must be an optax.GradientTransformation, got {tx!r}"
-    )
+  tx = val.transformation("update_and_apply", "tx", tx)
   if params is None:
     raise ValueError(
         "update_and_apply(params=...) must be the current parameters, got None"
     )
   if isinstance(tx.update, FusedUpdate):
     return tx.update.update_and_apply(grads, opt_state, params, **extra)
-  tx = optax.with_extra_args_support(tx)
   updates, new_opt_state = tx.update(grads, opt_state, params, **extra)
   return optax.apply_updates(params, updates), new_opt_state

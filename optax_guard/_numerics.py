@@ -9,7 +9,9 @@ how partial results are combined across devices.
   ``|x| > 256``; squaring it in float32 after a fused convert does not.
 * Reductions produce *partials* (a sum of squares, a sum of absolute values or
   a maximum absolute value). Partials are combined across leaves, then across
-  devices with a single collective, and only then turned into a norm.
+  devices with a single collective, and only then turned into a norm. Under
+  ``shard_map`` a leaf's partial counts once along the axes the leaf is
+  replicated over (:func:`device_shares`), as JAX types it.
 * The scale factor is ``min(1, c / max(norm, tiny))``: a multiply by one
   scalar (or per-unit) factor fuses into its consumer, a zero norm gives 1,
   an infinite norm gives 0 and a NaN norm gives NaN. Whether a norm is at or
@@ -25,6 +27,7 @@ how partial results are combined across devices.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -119,18 +122,119 @@ def finish_norm(partial: jax.Array, ord: NormOrd = 2) -> jax.Array:  # noqa: A00
   return jnp.sqrt(partial) if canonical_ord(ord) == 2 else partial
 
 
+def axes_of(axis_name: AxisName) -> tuple[str, ...]:
+  """The mesh axes named by ``axis_name`` as a tuple (``()`` for None)."""
+  if axis_name is None:
+    return ()
+  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+
+
+def varying_axes(x: Any) -> frozenset[str]:
+  """The manual mesh axes ``x`` varies over inside ``shard_map`` (else empty).
+
+  Read from the type that the public ``jax.typeof`` gives (an array, a tracer
+  or a ``jax.ShapeDtypeStruct``): its ``vma`` where JAX calls it so, else its
+  ``manual_axis_type.varying`` (the spelling of JAX 0.10).
+  """
+  aval = jax.typeof(x)
+  if hasattr(aval, "vma"):
+    return frozenset(aval.vma)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying) if manual is not None else frozenset()
+
+
+def tracked_axes(axis_name: AxisName) -> tuple[str, ...]:
+  """The axes of ``axis_name`` along which JAX types each value as varying or not.
+
+  Those of a ``jax.shard_map`` with ``check_vma=True`` (the default), where
+  ``lax.axis_index`` itself is typed as varying. Under ``jax.pmap``,
+  ``shard_map(check_vma=False)``, ``vmap`` or ``make_jaxpr(axis_env=...)``
+  nothing is tracked (every value looks replicated), and outside any mapping
+  the name is unbound: none of those axes is returned, so that the
+  collective treats every device's partial as its own (and raises JAX's
+  error for an unbound name).
+  """
+  tracked = []
+  for a in axes_of(axis_name):
+    try:
+      index = jax.eval_shape(lambda a=a: jax.lax.axis_index(a))
+    except NameError:  # unbound: the collective raises JAX's own error
+      continue
+    if a in varying_axes(index):
+      tracked.append(a)
+  return tuple(tracked)
+
+
+def _share(partial: Any, tracked: tuple[str, ...], ord: NormOrd, like: Any) -> jax.Array:  # noqa: A002
+  partial = jnp.asarray(partial)
+  if not tracked:
+    return partial
+  own = varying_axes(partial)
+  cast = tuple(a for a in tracked if a not in own)
+  if cast:
+    partial = jax.lax.pcast(partial, cast, to="varying")
+  if canonical_ord(ord) == math.inf:  # a maximum: a copy changes nothing
+    return partial
+  source = own if like is None else varying_axes(like)
+  copies = [a for a in tracked if a not in source]
+  if not copies:
+    return partial
+  first = functools.reduce(jnp.logical_and, [jax.lax.axis_index(a) == 0 for a in copies])
+  return jnp.where(first, partial, jnp.zeros_like(partial))
+
+
+def device_shares(partials: Any, axis_name: AxisName, ord: NormOrd = 2, like: Any = None) -> Any:  # noqa: A002
+  """Each partial of the tree ``partials`` as this device's share of its total.
+
+  Inside ``shard_map`` (with ``check_vma``), a partial of a leaf that is
+  replicated along some axes of ``axis_name`` (JAX's type says it does not
+  vary there) is kept on the device at index 0 of those axes and replaced by
+  0 on the others (a select: exact), so that a ``psum`` over ``axis_name``
+  counts it once, as Megatron counts a replicated parameter once. Maxima are
+  kept everywhere (a maximum of copies is the value). Either way the result
+  is typed as varying over every tracked axis, as a collective over several
+  axes requires. Elsewhere (``pmap``, ``check_vma=False``; see
+  :func:`tracked_axes`) nothing is typed, and every device's partial is its
+  own, unchanged.
+
+  ``like``: a tree with the structure of ``partials`` whose leaves' varying
+  axes decide instead of the partials' own (an element count, a constant,
+  belongs to the leaf it counts). Applying this twice changes nothing.
+  """
+  tracked = tracked_axes(axis_name)
+  if like is None:
+    return jax.tree.map(lambda p: _share(p, tracked, ord, None), partials)
+  return jax.tree.map(lambda p, x: _share(p, tracked, ord, x), partials, like)
+
+
 def cross_device(partials: Any, ord: NormOrd = 2, axis_name: AxisName = None) -> Any:  # noqa: A002
   """Combines a tree of partials across devices with one collective.
 
-  ``lax.psum`` for sums (``ord`` 1 and 2), ``lax.pmax`` for ``inf``; the
-  identity when ``axis_name`` is None (plain ``jit`` on sharded arrays already
-  reduces globally).
+  ``lax.psum`` for sums (``ord`` 1 and 2), ``lax.pmax`` for ``inf``, over one
+  axis name or a tuple of them; the identity when ``axis_name`` is None
+  (plain ``jit`` on sharded arrays already reduces globally). Each partial
+  first becomes this device's share (:func:`device_shares`: under
+  ``shard_map`` a partial replicated along an axis counts once), then all go
+  through one flat vector per dtype: a collective of a tree of device-varying
+  values binds one collective per leaf.
   """
   if axis_name is None:
     return partials
-  if canonical_ord(ord) == math.inf:
-    return jax.lax.pmax(partials, axis_name)
-  return jax.lax.psum(partials, axis_name)
+  collective = jax.lax.pmax if canonical_ord(ord) == math.inf else jax.lax.psum
+  leaves, treedef = jax.tree.flatten(device_shares(partials, axis_name, ord))
+  out = list(leaves)
+  for dtype in dict.fromkeys(x.dtype for x in leaves):
+    group = [i for i, x in enumerate(leaves) if x.dtype == dtype]
+    if len(group) == 1:
+      out[group[0]] = collective(leaves[group[0]], axis_name)
+      continue
+    flat = collective(jnp.concatenate([jnp.ravel(leaves[i]) for i in group]), axis_name)
+    start = 0
+    for i in group:
+      size = leaves[i].size
+      out[i] = flat[start:start + size].reshape(leaves[i].shape)
+      start += size
+  return jax.tree.unflatten(treedef, out)
 
 
 # The keyword extra through which a guard hands its measured sum of squares
@@ -167,7 +271,7 @@ class SharedNorm(NamedTuple):
   def partial_of(self, tree: Any, ord: NormOrd, axis_name: AxisName) -> jax.Array | None:  # noqa: A002
     """The partial if ``tree`` has these very leaves, ``ord`` is 2 and the axes agree."""
     leaves = jax.tree.leaves(tree)
-    same = (canonical_ord(ord) == 2 and self.axis_name == axis_name
+    same = (canonical_ord(ord) == 2 and set(axes_of(self.axis_name)) == set(axes_of(axis_name))
             and len(self.leaves) == len(leaves)
             and all(a is b for a, b in zip(self.leaves, leaves, strict=True)))
     return self.partial if same else None
@@ -190,8 +294,18 @@ def global_partial(
   known = None if shared is None else shared.partial_of(tree, ord, axis_name)
   if known is not None:
     return known
-  partial = combine_partials([partial_norm(x, ord) for x in jax.tree.leaves(tree)], ord)
-  return cross_device(partial, ord, axis_name)
+  return cross_device(local_partial(tree, ord, axis_name), ord, axis_name)
+
+
+def local_partial(tree: Any, ord: NormOrd = None, axis_name: AxisName = None) -> jax.Array:  # noqa: A002
+  """This device's share of the partial of a whole tree, before the collective.
+
+  The leaves' partials each become this device's share (see
+  :func:`device_shares`) before they are combined: a replicated leaf must
+  count once even where its partial is added to a sharded leaf's.
+  """
+  partials = [partial_norm(x, ord) for x in jax.tree.leaves(tree)]
+  return combine_partials(device_shares(partials, axis_name, ord), ord)
 
 
 def global_norm(
@@ -262,14 +376,37 @@ def unit_norm(
   return finish_norm(cross_device(partial, ord, axis_name), ord)
 
 
+def _axes_at(owner: str, path: Any, ndim: int, axis: UnitAxis, lead: int) -> tuple[int, ...]:
+  """:func:`resolve_unit_axes` for the leaf at ``path``; an error names ``owner`` and the path."""
+  try:
+    return resolve_unit_axes(ndim, axis, lead)
+  except ValueError as e:
+    raise ValueError(f"{owner}: leaf {jax.tree_util.keystr(path) or '(root)'}: {e}") from None
+
+
 def unit_norm_at(
     owner: str, path: Any, x: jax.Array, axis: UnitAxis, **kwargs: Any
 ) -> jax.Array:
   """:func:`unit_norm` of the leaf at ``path``; an axis error names ``owner`` and the path."""
-  try:
-    return unit_norm(x, axis, **kwargs)
-  except ValueError as e:
-    raise ValueError(f"{owner}: leaf {jax.tree_util.keystr(path) or '(root)'}: {e}") from None
+  _axes_at(owner, path, np.ndim(x), axis, kwargs.get("lead", 0))
+  return unit_norm(x, axis, **kwargs)
+
+
+def unit_norms(
+    owner: str, tree: Any, axis: UnitAxis, leads: Sequence[int], ord: NormOrd = None,  # noqa: A002
+    axis_name: AxisName = None,
+) -> list[jax.Array]:
+  """:func:`unit_norm` of every leaf of ``tree``, with one collective for all.
+
+  ``leads`` comes from :func:`stacked_counts`; an axis error names ``owner``
+  and the leaf path.
+  """
+  partials = []
+  for (path, x), lead in zip(jax.tree.flatten_with_path(tree)[0], leads, strict=True):
+    x = jnp.asarray(x)
+    axes = _axes_at(owner, path, x.ndim, axis, lead)
+    partials.append(partial_norm(x, ord, axis=axes, keepdims=True))
+  return [finish_norm(p, ord) for p in cross_device(partials, ord, axis_name)]
 
 
 def safe_factor(bound: Any, norm: jax.Array, *, zero_infinite: bool = False) -> jax.Array:

@@ -46,13 +46,18 @@ def declare(kind: str, fields: tuple[str, ...], *, guard: bool = False) -> Calla
   """Class decorator: the state type reports ``fields`` under ``kind``.
 
   Sets the class attribute ``__reports__`` to ``Reports(kind, fields,
-  guard)``; every field named must be a field of the state.
+  guard)``; every field named must be a field of the state, and a guard's
+  state has the fields ``inner_state`` and ``last_skipped`` (a bool scalar:
+  whether the step that produced the state was skipped).
   """
 
   def decorate(cls: _T) -> _T:
-    missing = [f for f in fields if f not in getattr(cls, "_fields", ())]
-    if missing or (guard and "inner_state" not in getattr(cls, "_fields", ())):
-      raise TypeError(f"{cls.__name__} cannot report {missing or 'inner_state'}: not a field")
+    have = getattr(cls, "_fields", ())
+    missing = [f for f in fields if f not in have]
+    if guard:  # what wraps the inner state, and whether the last step was skipped
+      missing += [f for f in ("inner_state", "last_skipped") if f not in have]
+    if missing:
+      raise TypeError(f"{cls.__name__} cannot report {missing}: not a field")
     cls.__reports__ = Reports(kind, tuple(fields), guard)  # type: ignore[attr-defined]
     return cls
 

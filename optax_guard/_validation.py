@@ -266,15 +266,20 @@ def unit_axis(owner: str, value: Any) -> UnitAxis:
 
 
 def axis_name(owner: str, value: Any) -> AxisName:
-  """``axis_name`` is None, a string or a non-empty tuple of strings."""
+  """``axis_name`` is None, a string or a non-empty tuple of distinct strings.
+
+  A list is taken as a tuple. Returns the string or the tuple.
+  """
   if value is None or isinstance(value, str):
     return value
-  if isinstance(value, (tuple, list)) and value and all(isinstance(a, str) for a in value):
-    return tuple(value)
-  raise TypeError(
-      f"{owner}(axis_name=...) must be None, a string or a tuple of strings (the "
-      f"mapped axis of pmap/shard_map), got {value!r}"
-  )
+  if not isinstance(value, (tuple, list)) or not all(isinstance(a, str) for a in value):
+    raise TypeError(
+        f"{owner}(axis_name=...) must be None, a string or a tuple of strings (the "
+        f"mapped axes of pmap/shard_map), got {value!r}"
+    )
+  if not value or len(set(value)) != len(value):
+    raise _fail(owner, "axis_name", value, "a non-empty tuple of distinct axis names")
+  return tuple(value)
 
 
 def stacked(owner: str, value: Any) -> Any:
@@ -730,3 +735,22 @@ def history_window(owner: str, window: Any, min_history: Any, *, smallest: int) 
   if min_history is not None:
     integer(owner, "min_history", min_history, minimum=1)
     ordered(owner, "min_history", min_history, "window", window)
+
+
+def transformation(owner: str, name: str, value: Any) -> Any:
+  """``value`` as an ``optax.GradientTransformationExtraArgs``, or a ``TypeError``.
+
+  Takes any ``optax.GradientTransformation`` and an ``optax.MultiSteps``
+  (whose ``update`` forwards keyword extras to the optimizer it wraps); a
+  plain transformation ignores keyword extras, as inside ``optax.chain``.
+  """
+  import optax  # the validators above need only jax
+
+  if isinstance(value, optax.MultiSteps):
+    return optax.GradientTransformationExtraArgs(value.init, value.update)
+  if not isinstance(value, optax.GradientTransformation):
+    raise TypeError(
+        f"{owner}({name}=...) must be an optax.GradientTransformation or an "
+        f"optax.MultiSteps, got {value!r}"
+    )
+  return optax.with_extra_args_support(value)

@@ -56,6 +56,11 @@ def _snapshot(tree):
   return jax.tree.map(jnp.copy, nnx.as_pure(tree))
 
 
+def _without_kept(optimizer):
+  """An ``Optimizer``'s state without the ``keep_on_skip`` copy (``nnx.Optimizer``'s layout)."""
+  return nnx.state(optimizer, nnx.Not(nnx.PathContains("kept")))
+
+
 def _assert_same(a, b, *, exact=False):
   """Same structure; float leaves close (or bitwise equal), other leaves identical."""
   assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -147,11 +152,25 @@ def _nnx_step(model, optimizer, x, y):
   return loss
 
 
-def _train_nnx(cls, model_name, tx_name, batches):
+@functools.partial(nnx.jit, donate_argnums=(0, 1))
+def _nnx_ref_step(model, optimizer, x, y):
+  """``nnx.Optimizer``'s step, the statistics of a skipped step put back by hand."""
+  before = nnx.as_pure(nnx.state(model, nnx.BatchStat))  # arrays: a snapshot
+  loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+  optimizer.update(model, grads, value=loss)
+  skipped = getattr(optimizer.opt_state, "last_skipped", None)
+  if skipped is not None:
+    after = nnx.as_pure(nnx.state(model, nnx.BatchStat))
+    nnx.update(model, jax.tree.map(lambda b, a: jnp.where(skipped[...], b, a), before, after))
+  return loss
+
+
+def _train_nnx(cls, model_name, tx_name, batches, **kwargs):
   model = _model(model_name)
-  optimizer = cls(model, TXS[tx_name](), wrt=nnx.Param)
+  optimizer = cls(model, TXS[tx_name](), wrt=nnx.Param, **kwargs)
+  step = _nnx_ref_step if cls is nnx.Optimizer else _nnx_step
   for x, y in batches:
-    _nnx_step(model, optimizer, x, y)
+    step(model, optimizer, x, y)
   return model, optimizer
 
 
@@ -189,7 +208,7 @@ def test_nnx_optimizer_equals_nnx_optimizer(model_name, tx_name):
   ours = _train_nnx(ogf.Optimizer, model_name, tx_name, batches)
   ref = _train_nnx(nnx.Optimizer, model_name, tx_name, batches)
   _assert_same(nnx.state(ours[0]), nnx.state(ref[0]))
-  _assert_same(nnx.state(ours[1]), nnx.state(ref[1]))
+  _assert_same(_without_kept(ours[1]), nnx.state(ref[1]))
   assert int(ours[1].step[...]) == 8
   if nan_at:
     stats = og.guard_stats(ours[1].opt_state)
@@ -200,7 +219,7 @@ def test_nnx_optimizer_equals_nnx_optimizer(model_name, tx_name):
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))
-def test_nnx_skipped_step_keeps_parameters_and_takes_the_forward_pass_statistics(model_name):
+def test_nnx_skipped_step_keeps_parameters_and_batch_statistics(model_name):
   batches = _batches(5, nan_at=(4,))
   model, optimizer = _train_nnx(ogf.Optimizer, model_name, "skip_on_spike", batches[:4])
   params = _snapshot(nnx.state(model, nnx.Param))
@@ -211,46 +230,79 @@ def test_nnx_skipped_step_keeps_parameters_and_takes_the_forward_pass_statistics
   assert bool(optimizer.opt_state.last_skipped[...])
   _assert_same(nnx.as_pure(nnx.state(model, nnx.Param)), params, exact=True)
   _assert_same(nnx.as_pure(optimizer.opt_state.inner_state), opt_inner, exact=True)
-  # the forward pass of the skipped batch updated the statistics (finite
-  # here: the NaN is in the targets) and drew its dropout mask, as with
-  # nnx.Optimizer
-  new_stats = _arrays(nnx.state(model, nnx.BatchStat))
-  assert all(np.all(np.isfinite(s)) for s in new_stats)
-  assert any(not np.array_equal(a, b) for a, b in zip(new_stats, _arrays(stats), strict=True))
+  # the batch never happened for the statistics (keep_on_skip=nnx.BatchStat by
+  # default); the dropout RNG count, not selected, moved on
+  _assert_same(nnx.as_pure(nnx.state(model, nnx.BatchStat)), stats, exact=True)
   assert any(not np.array_equal(a, b) for a, b in zip(
       _arrays(nnx.state(model, nnx.RngCount)), _arrays(counts), strict=True))
   assert int(optimizer.step[...]) == 5
-  ref_model, _ = _train_nnx(nnx.Optimizer, model_name, "skip_on_spike", batches)
-  _assert_same(nnx.state(model, nnx.BatchStat), nnx.state(ref_model, nnx.BatchStat))
+  # and the next applied step continues from there
+  _nnx_step(model, optimizer, *batches[0])
+  assert not bool(optimizer.opt_state.last_skipped[...])
+  assert any(not np.array_equal(a, b) for a, b in zip(
+      _arrays(nnx.state(model, nnx.BatchStat)), _arrays(stats), strict=True))
 
 
-def test_nnx_batch_statistics_of_a_skipped_step_can_be_kept_out():
-  """The pattern of the docs: restore the statistics when the guard skipped."""
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_nnx_keep_on_skip_none_takes_the_forward_pass_statistics_as_nnx_optimizer(model_name):
+  batches = _batches(5, nan_at=(4,))
+  model, optimizer = _train_nnx(ogf.Optimizer, model_name, "skip_on_spike", batches,
+                                keep_on_skip=None)
+  assert bool(optimizer.opt_state.last_skipped[...])
+  ref_model = _model(model_name)
+  ref = nnx.Optimizer(ref_model, _guard(), wrt=nnx.Param)
+  for x, y in batches:
+    _nnx_step(ref_model, ref, x, y)  # no restoring: nnx.Optimizer as it is
+  _assert_same(nnx.state(model), nnx.state(ref_model))
+  _assert_same(nnx.state(optimizer), nnx.state(ref))
 
-  @nnx.jit
-  def step(model, optimizer, x, y):
-    before = nnx.as_pure(nnx.state(model, nnx.BatchStat))  # arrays: a snapshot
-    loss, grads = nnx.value_and_grad(_loss)(model, x, y)
-    optimizer.update(model, grads, value=loss)
-    skipped = optimizer.opt_state.last_skipped[...]
-    after = nnx.as_pure(nnx.state(model, nnx.BatchStat))
-    nnx.update(model, jax.tree.map(lambda b, a: jnp.where(skipped, b, a), before, after))
-    return loss
 
+def test_nnx_a_nan_input_batch_leaves_the_batch_statistics_finite():
   model = _model("bn_dropout")
   optimizer = ogf.Optimizer(model, _guard(), wrt=nnx.Param)
   x, y = _batches(1)[0]
-  step(model, optimizer, x, y)
+  _nnx_step(model, optimizer, x, y)
   stats = _snapshot(nnx.state(model, nnx.BatchStat))
-  step(model, optimizer, x.at[0, 0].set(jnp.nan), y)  # a NaN input: NaN statistics
+  _nnx_step(model, optimizer, x.at[0, 0].set(jnp.nan), y)  # a NaN input: NaN statistics
   assert bool(optimizer.opt_state.last_skipped[...])
   _assert_same(nnx.as_pure(nnx.state(model, nnx.BatchStat)), stats, exact=True)
+
+
+@pytest.mark.parametrize("tx", [
+    lambda: optax.chain(og.skip_nonfinite(optax.adam(1e-2))),
+    lambda: optax.MultiSteps(og.skip_nonfinite(optax.adam(1e-2)), 2),
+], ids=["chain(guard)", "MultiSteps(guard)"])
+def test_nnx_keep_on_skip_needs_the_guard_outermost(tx):
+  model = _model("bn_dropout")
+  optimizer = ogf.Optimizer(model, tx(), wrt=nnx.Param)
+  with pytest.raises(ValueError, match=r"keep_on_skip.*outermost"):
+    _nnx_step(model, optimizer, *_batches(1)[0])
+  # keep_on_skip=None: the step runs as with nnx.Optimizer
+  optimizer = ogf.Optimizer(model, tx(), wrt=nnx.Param, keep_on_skip=None)
+  _nnx_step(model, optimizer, *_batches(1)[0])
+
+
+def test_nnx_accepts_multisteps_with_the_guard_outside():
+  batches = _batches(4, nan_at=(1,))
+  tx = lambda: og.skip_nonfinite(optax.MultiSteps(optax.adam(1e-2), 2))
+  model = nnx.Linear(8, 1, rngs=nnx.Rngs(0))  # no dropout: the same forward passes
+  optimizer = ogf.Optimizer(model, tx(), wrt=nnx.Param)
+  for x, y in batches:
+    _nnx_step(model, optimizer, x, y)
+  # micro-batches 0, (NaN: skipped), 2, 3 give what 0, 2, 3 give unguarded
+  ref_model = nnx.Linear(8, 1, rngs=nnx.Rngs(0))
+  ref = nnx.Optimizer(ref_model, optax.MultiSteps(optax.adam(1e-2), 2), wrt=nnx.Param)
+  for i in (0, 2, 3):
+    loss, grads = nnx.value_and_grad(_loss)(ref_model, *batches[i])
+    ref.update(ref_model, grads)
+  _assert_same(nnx.state(model, nnx.Param), nnx.state(ref_model, nnx.Param))
+  assert int(og.guard_stats(optimizer.opt_state)["skip_nonfinite/num_skipped"]) == 1
 
 
 def test_nnx_jax_jit_on_split_state_with_donation():
   batches = _batches(6, nan_at=(3,))
   model = _model("bn_dropout")
-  optimizer = ogf.Optimizer(model, _guard(), wrt=nnx.Param)
+  optimizer = ogf.Optimizer(model, _guard(), wrt=nnx.Param, keep_on_skip=None)
   graphdef, state = nnx.split((model, optimizer))
 
   @functools.partial(jax.jit, donate_argnums=0)
@@ -263,9 +315,12 @@ def test_nnx_jax_jit_on_split_state_with_donation():
   for x, y in batches:
     state, _ = step(state, x, y)
   model, optimizer = nnx.merge(graphdef, state)
-  ref = _train_nnx(nnx.Optimizer, "bn_dropout", "skip_on_spike", batches)
-  _assert_same(nnx.state(model), nnx.state(ref[0]))
-  _assert_same(nnx.state(optimizer), nnx.state(ref[1]))
+  ref_model = _model("bn_dropout")
+  ref = nnx.Optimizer(ref_model, _guard(), wrt=nnx.Param)
+  for x, y in batches:
+    _nnx_step(ref_model, ref, x, y)
+  _assert_same(nnx.state(model), nnx.state(ref_model))
+  _assert_same(nnx.state(optimizer), nnx.state(ref))
 
 
 def test_nnx_optimizer_eager_update_and_keyword_extras():
@@ -297,9 +352,12 @@ def test_nnx_optimizer_with_a_filter_updates_only_the_selected_variables():
   _assert_same(nnx.as_pure(nnx.state(model, nnx.PathContains("hidden"))), frozen, exact=True)
 
 
-def test_nnx_checkpoint_layout_is_that_of_nnx_optimizer():
+def test_nnx_checkpoint_layout_is_that_of_nnx_optimizer_without_keep_on_skip():
   model = _model("bn_dropout")
-  ours = ogf.Optimizer(model, _guard(), wrt=nnx.Param)
+  # the default keeps a copy of the batch statistics: one more entry, "kept"
+  default = ogf.Optimizer(model, _guard(), wrt=nnx.Param)
+  assert sorted(nnx.state(default)) == ["kept", "opt_state", "step"]
+  ours = ogf.Optimizer(model, _guard(), wrt=nnx.Param, keep_on_skip=None)
   ref = nnx.Optimizer(model, _guard(), wrt=nnx.Param)
   assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(ref))
   # a state written by one restores into the other
@@ -381,6 +439,18 @@ def _linen_step(state, x, y, key):
 
 
 @functools.partial(jax.jit, donate_argnums=0)
+def _linen_ref_step(state, x, y, key):
+  """Flax's ``apply_gradients``, the statistics of a skipped step put back by hand."""
+  loss, batch_stats, grads = _linen_grads(state, x, y, key)
+  new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  skipped = getattr(new.opt_state, "last_skipped", None)
+  if skipped is not None:
+    kept = jax.tree.map(lambda o, n: jnp.where(skipped, o, n), state.batch_stats, batch_stats)
+    new = new.replace(batch_stats=kept)
+  return new, loss
+
+
+@functools.partial(jax.jit, donate_argnums=0)
 def _linen_step_with_value(state, x, y, key):
   loss, batch_stats, grads = _linen_grads(state, x, y, key)
   return state.apply_gradients(grads=grads, batch_stats=batch_stats, value=loss), loss
@@ -398,7 +468,7 @@ def test_linen_train_state_equals_flax_train_state(tx_name):
   nan_at = () if tx_name == "adamw" else (5,)
   batches = _batches(8, nan_at=nan_at)
   ours = _train_linen(OursWithStats, tx_name, batches)
-  ref = _train_linen(FlaxWithStats, tx_name, batches)
+  ref = _train_linen(FlaxWithStats, tx_name, batches, step=_linen_ref_step)
   assert type(ours) is OursWithStats
   _assert_same(ours.params, ref.params)
   _assert_same(ours.batch_stats, ref.batch_stats)
@@ -409,7 +479,7 @@ def test_linen_train_state_equals_flax_train_state(tx_name):
     assert any(int(v) > 0 for v in skipped)
 
 
-def test_linen_skipped_step_keeps_params_and_takes_the_new_batch_stats():
+def test_linen_skipped_step_keeps_params_and_the_fields_passed_as_keywords():
   batches = _batches(5, nan_at=(4,))
   state = _train_linen(OursWithStats, "skip_nonfinite", batches[:4])
   params = jax.tree.map(jnp.copy, state.params)
@@ -419,10 +489,13 @@ def test_linen_skipped_step_keeps_params_and_takes_the_new_batch_stats():
   assert not bool(jnp.isfinite(loss)) and bool(state.opt_state.last_skipped)
   _assert_same(state.params, params, exact=True)
   _assert_same(state.opt_state.inner_state, opt_inner, exact=True)
-  # batch_stats come from the forward pass and are replaced as asked
+  # the batch never happened: batch_stats keep their old values
+  _assert_same(state.batch_stats, stats, exact=True)
+  assert int(state.step) == 5
+  # an applied step takes the new ones
+  state, _ = _linen_step(state, *batches[0], jax.random.key(105))
   assert any(not np.array_equal(a, b)
              for a, b in zip(_arrays(state.batch_stats), _arrays(stats), strict=True))
-  assert int(state.step) == 5
 
 
 def test_linen_value_is_forwarded_and_fields_are_replaced():

@@ -130,10 +130,11 @@ def test_every_guard_carries_its_fused_step_on_its_update(make):
 # ---------------------------------------------------------------------------
 
 
-@_stats.declare("skip_after", ("count",), guard=True)
+@_stats.declare("skip_after", ("count", "last_skipped"), guard=True)
 class SkipAfterState(NamedTuple):
   inner_state: optax.OptState
   count: jax.Array
+  last_skipped: jax.Array
 
 
 def skip_after(inner, limit):
@@ -141,10 +142,12 @@ def skip_after(inner, limit):
 
   def decide(updates, state, extra):
     del updates, extra
-    return Decision(state.count >= limit, (optax.safe_increment(state.count),))
+    skip = state.count >= limit
+    return Decision(skip, (optax.safe_increment(state.count), skip))
 
   return guard("skip_after", inner, state_type=SkipAfterState,
-               init=lambda params: (jnp.zeros((), jnp.int32),), decide=decide)
+               init=lambda params: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.bool_)),
+               decide=decide)
 
 
 def test_a_guard_written_as_a_decision_and_a_state_gets_everything_else():
@@ -169,7 +172,8 @@ def test_a_guard_written_as_a_decision_and_a_state_gets_everything_else():
     u, ref_s = inner.update(grads, ref_s, ref_p)
     ref_p = optax.apply_updates(ref_p, u)
   np.testing.assert_allclose(p["w"], ref_p["w"], rtol=1e-6)
-  assert og.guard_stats(s) == {"skip_after/count": s.count}
+  assert og.guard_stats(s) == {"skip_after/count": s.count,
+                               "skip_after/last_skipped": s.last_skipped}
   assert int(s.count) == 4
   stripped = og.strip_guard_state(s)
   assert jax.tree.structure(stripped) == jax.tree.structure(ref_s)

@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_guard import _apply
+from optax_guard import _apply, _stats
 from optax_guard import _numerics as num
+from optax_guard import _validation as val
 
 
 class Decision(NamedTuple):
@@ -68,29 +69,6 @@ class Decision(NamedTuple):
 DecideFn = Callable[[optax.Updates, Any, dict[str, Any]], Decision]
 
 
-def check_inner(owner: str, inner: Any) -> optax.GradientTransformationExtraArgs:
-  """``inner`` with keyword-extra support, or a ``TypeError`` naming ``owner``."""
-  if not isinstance(inner, optax.GradientTransformation):
-    raise TypeError(
-        f"{owner}(inner=...) must be an optax.GradientTransformation, got {inner!r}"
-    )
-  return optax.with_extra_args_support(inner)
-
-
-def _varying(x: Any) -> frozenset:
-  """The manual mesh axes ``x`` varies over inside ``shard_map`` (else empty).
-
-  Read from the type that the public ``jax.typeof`` gives (an array, a tracer
-  or a ``jax.ShapeDtypeStruct``): its ``vma`` where JAX calls it so, else its
-  ``manual_axis_type.varying`` (the spelling of JAX 0.10).
-  """
-  aval = jax.typeof(x)
-  if hasattr(aval, "vma"):
-    return frozenset(aval.vma)
-  manual = getattr(aval, "manual_axis_type", None)
-  return frozenset(manual.varying) if manual is not None else frozenset()
-
-
 def like(x: jax.Array, spec: Any) -> jax.Array:
   """``x`` with the dtype and the ``shard_map`` varying axes of ``spec``.
 
@@ -99,7 +77,7 @@ def like(x: jax.Array, spec: Any) -> jax.Array:
   branch of the ``cond`` produces it.
   """
   x = jnp.asarray(x, spec.dtype)
-  missing = _varying(spec) - _varying(x)
+  missing = num.varying_axes(spec) - num.varying_axes(x)
   if missing:
     x = jax.lax.pcast(x, tuple(sorted(missing)), to="varying")
   return x
@@ -205,7 +183,7 @@ def guard(
     An ``optax.GradientTransformationExtraArgs``; keyword extras reach
     ``inner``.
   """
-  inner = check_inner(owner, inner)
+  inner = val.transformation(owner, "inner", inner)
 
   def init_fn(params):
     return state_type(inner.init(params), *init(params))
@@ -227,3 +205,29 @@ def counters(state: Any, skip: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
       skip, optax.safe_increment(state.consecutive_skipped), jnp.zeros((), jnp.int32)
   )
   return num_skipped, consecutive, jnp.asarray(skip, jnp.bool_)
+
+
+def last_step_skipped(opt_state: Any) -> jax.Array | None:
+  """Whether the step that produced ``opt_state`` was skipped by an outermost guard.
+
+  Follows the guard levels from the outside in (through
+  ``optax.inject_hyperparams`` states too): the step was skipped when any of
+  them skipped it. An inner guard's flag is stale after an outer guard
+  skipped, but the outer flag already decides then. None when
+  ``opt_state`` does not start with a guard (a guard inside ``optax.chain``
+  or ``optax.MultiSteps`` skips only part of the step).
+  """
+  flags = []
+  node = opt_state
+  while True:
+    if _stats.is_guard_state(node):
+      flags.append(jnp.asarray(node.last_skipped, jnp.bool_))
+    elif not isinstance(node, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)):
+      break
+    node = node.inner_state
+  if not flags:
+    return None
+  skipped = flags[0]
+  for flag in flags[1:]:
+    skipped = skipped | flag
+  return skipped

@@ -116,10 +116,7 @@ def add_guard_state(
     True
   """
   owner = "add_guard_state"
-  if not isinstance(guard, optax.GradientTransformation):
-    raise TypeError(
-        f"{owner}(guard=...) must be an optax.GradientTransformation, got {guard!r}"
-    )
+  guard = val.transformation(owner, "guard", guard)
   val.plain_tree(owner, "inner_state", inner_state)
   val.array_tree(owner, "params", params)
   abstract_params = jax.tree.map(_abstract, params)
