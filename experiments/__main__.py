@@ -66,6 +66,14 @@ DOCS_FIGURES = os.path.join("docs", "_static", "experiments")
 DOCS_PAGE = os.path.join("docs", "experiments.md")
 MARK_START = "<!-- results: start (written by python -m experiments --update-docs) -->"
 MARK_END = "<!-- results: end -->"
+# What the page says under the run's header about the tables in its sections.
+DOCS_LEGEND = (
+    "Each experiment's section shows its table from this run. Unless a table says "
+    "otherwise: a value is the mean over seeds, with the smallest and largest seed in "
+    "brackets; *diverged*: seeds whose loss became non-finite or ended 10x above its start; "
+    "*skipped steps*: steps a guard skipped, mean per seed; *final training loss*: the mean "
+    "over the last 5% of steps, NaN if a seed diverged. The run's `summary.md` and "
+    "`summary.json` hold every row in one table, with wall times.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -156,8 +164,30 @@ def _check_args(args) -> str | None:
   return None
 
 
+def marks(name: str) -> tuple[str, str]:
+  """The comments around experiment ``name``'s own table in the documentation page."""
+  return (f"<!-- results: {name} (written by python -m experiments --update-docs) -->",
+          f"<!-- results: {name} end -->")
+
+
+def _between(text: str, start: str, end: str, body: str) -> str | None:
+  """``text`` with what lies between ``start`` and ``end`` replaced by ``body``."""
+  if start not in text or end not in text:
+    return None
+  before, rest = text.split(start, 1)
+  _, after = rest.split(end, 1)
+  return f"{before}{start}\n{body}\n{end}{after}"
+
+
 def update_docs(results, table_md: str, header: str, root: str = ".") -> list[str]:
-  """Copies the figures into the docs and rewrites the marked table in the page."""
+  """Copies the figures into the docs and rewrites the marked tables in the page.
+
+  ``header`` and ``table_md`` go between :data:`MARK_START` and :data:`MARK_END`;
+  each experiment's own table (:func:`experiments._common.docs_table`) between
+  its :func:`marks`, in the page's section about it.
+  """
+  from experiments import _common as C
+
   written = []
   figures = os.path.join(root, DOCS_FIGURES)
   os.makedirs(figures, exist_ok=True)
@@ -171,12 +201,12 @@ def update_docs(results, table_md: str, header: str, root: str = ".") -> list[st
   if os.path.exists(page):
     with open(page) as f:
       text = f.read()
-    if MARK_START in text and MARK_END in text:
-      before, rest = text.split(MARK_START, 1)
-      _, after = rest.split(MARK_END, 1)
-      text = f"{before}{MARK_START}\n{header}\n\n{table_md}\n{MARK_END}{after}"
+    new = _between(text, MARK_START, MARK_END, f"{header}\n\n{table_md}") or text
+    for res in results:
+      new = _between(new, *marks(res.name), f"\n{C.docs_table(res)}\n") or new
+    if new != text:
       with open(page, "w") as f:
-        f.write(text)
+        f.write(new)
       written.append(page)
   return written
 
@@ -291,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     json.dump(info, f, indent=1)
   print(f"wrote {os.path.join(out, 'summary.md')}, summary.json, run.json")
   if args.update_docs:
-    table = C.summary_table(results, markdown=True)
-    written = update_docs(results, table, header)
+    written = update_docs(results, DOCS_LEGEND, header)
     print(f"updated the docs: {', '.join(written) or 'nothing'}")
   return 1 if failed else 0
 

@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -153,7 +154,9 @@ class ExperimentResult:
   ``metric`` names the per-seed metric of the summary (``"test_error"``,
   ``"test_accuracy"``, ``"val_loss"``); ``data`` is ``"synthetic"`` or the
   dataset's name; ``plot`` (optional) draws the experiment's own figure
-  instead of the per-step curves of :func:`plot_runs`.
+  instead of the per-step curves of :func:`plot_runs`, and ``table``
+  (optional) writes its own Markdown table for the documentation instead of
+  :func:`results_table`.
   """
 
   name: str
@@ -168,6 +171,7 @@ class ExperimentResult:
   wall_s: float = 0.0
   files: list[str] = dataclasses.field(default_factory=list)
   plot: Callable[[ExperimentResult, str], str | None] | None = None
+  table: Callable[[ExperimentResult], str] | None = None
 
 
 def _json_float(x: Any) -> float | str | None:
@@ -612,8 +616,90 @@ def pyplot():
   return plt
 
 
-def save_figure(fig: Any, path: str, dpi: int = 64) -> str:
-  """Saves ``fig`` as a small palette PNG (about 3x smaller than matplotlib's RGBA)."""
+# Figures are drawn for the documentation column: FIG_WIDTH inches at FIG_DPI
+# (1920 px wide). Shown about 900 px wide on a 1400 px screen, 13 pt text
+# reads as about 11 pt. Colours: the Okabe-Ito palette (told apart with the
+# common colour-vision deficiencies) plus brown and grey; the undefended
+# baseline ``none`` is always black and dashed.
+FIG_WIDTH = 12.0
+FIG_DPI = 160
+STYLE = {
+    "font.size": 13, "axes.titlesize": 14, "axes.labelsize": 13, "xtick.labelsize": 12,
+    "ytick.labelsize": 12, "legend.fontsize": 12, "figure.titlesize": 15,
+    "lines.linewidth": 2.0, "axes.spines.top": False, "axes.spines.right": False,
+    "axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False,
+}
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#8C510A",
+           "#7F7F7F")
+LINESTYLES = ("-", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+BASELINE = "none"
+METRIC_LABELS = {
+    "test_error": "test error",
+    "test_accuracy": "test accuracy",
+    "val_loss": "held-out loss (nats)",
+}
+
+
+def series_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """A colour, line style and marker per name, no two alike within ``names``.
+
+  ``none`` is black and dashed; the others take the palette's colours in
+  order, solid, dash-dotted and dotted by turns (so that curves that
+  coincide still show), each with its own marker.
+  """
+  styles = {}
+  i = 0
+  for name in names:
+    if name == BASELINE:
+      styles[name] = {"color": "black", "ls": "--", "marker": "o", "zorder": 3}
+      continue
+    styles[name] = {"color": PALETTE[i % len(PALETTE)],
+                    "ls": LINESTYLES[(i + i // len(PALETTE)) % len(LINESTYLES)],
+                    "marker": MARKERS[i % len(MARKERS)], "zorder": 2}
+    i += 1
+  return styles
+
+
+def figure(rows: int, cols: int, *, row_height: float = 4.0, **kwargs: Any):
+  """``(fig, axes[rows, cols])`` in :data:`STYLE`, FIG_WIDTH wide, constrained layout."""
+  plt = pyplot()
+  with plt.rc_context(STYLE):
+    fig, axes = plt.subplots(rows, cols, figsize=(FIG_WIDTH, row_height * rows + 1.2),
+                             squeeze=False, layout="constrained", **kwargs)
+  return fig, axes
+
+
+def styled(draw: Callable[..., Any]) -> Callable[..., Any]:
+  """Runs a figure-drawing function inside :data:`STYLE` (None without matplotlib)."""
+
+  @functools.wraps(draw)
+  def wrapped(*args: Any, **kwargs: Any) -> Any:
+    plt = pyplot()
+    if plt is None:
+      return None
+    with plt.rc_context(STYLE):
+      return draw(*args, **kwargs)
+
+  return wrapped
+
+
+def title(fig: Any, text: str, width: int = 95) -> None:
+  """The figure's title, wrapped to the figure's width."""
+  import textwrap
+
+  fig.suptitle("\n".join(textwrap.wrap(text, width)), fontsize=STYLE["figure.titlesize"])
+
+
+def legend_below(fig: Any, handles: Sequence[Any], labels: Sequence[str],
+                 per_row: int = 6) -> None:
+  """The figure's legend under its panels, in rows of about equal length."""
+  rows = math.ceil(len(labels) / per_row)
+  fig.legend(handles, labels, loc="outside lower center", ncol=math.ceil(len(labels) / rows))
+
+
+def save_figure(fig: Any, path: str, dpi: int = FIG_DPI) -> str:
+  """Saves ``fig`` as a palette PNG (about 3x smaller than matplotlib's RGBA)."""
   plt = pyplot()
   fig.savefig(path, dpi=dpi)
   plt.close(fig)
@@ -628,64 +714,162 @@ def save_figure(fig: Any, path: str, dpi: int = 64) -> str:
   return path
 
 
-def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 500,
-              clip_factor: float = 1e4) -> str | None:
-  """Loss and raw gradient norm per step, one line per defence, log scale.
+def moving_average(y: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(x, mean of y over window consecutive steps)``, x at the window's centre.
 
-  One row of two panels per setting. Curves are the median over seeds; a run
-  that became non-finite ends in an ``x`` at its last finite value. A panel's
-  y axis stops at ``clip_factor`` times the median (over its curves) of each
-  curve's median level, so one run going to 1e30 does not flatten the others:
-  such a curve leaves through the top edge (the title then says "clipped").
+  A non-finite value makes every later mean NaN (a run that diverged stays
+  diverged); ``window=1`` returns ``y`` as it is.
   """
-  plt = pyplot()
+  y = np.asarray(y, np.float64)
+  if window <= 1 or window >= y.size:
+    return np.arange(y.size, dtype=np.float64), y
+  with np.errstate(invalid="ignore", over="ignore"):
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    return np.arange(y.size - window + 1) + (window - 1) / 2, (c[window:] - c[:-window]) / window
+
+
+def smoothing_window(steps: int) -> int:
+  """Steps averaged per plotted point: 1 up to 500 steps, then steps / 250."""
+  return 1 if steps <= 500 else steps // 250
+
+
+def dot_panel(ax: Any, runs: Sequence[Run], key: str, styles: dict[str, dict[str, Any]], *,
+              label: str, reference: float | None = None, log: bool | None = None,
+              percent: bool = False, names: bool = True) -> None:
+  """One row per run: each seed's ``run.metrics[key]`` as a tick, the mean as a marker.
+
+  A run without training (a reference row such as "predict the mean") is a
+  grey dotted vertical line instead, named in the axis label; so is
+  ``reference``. A run with diverged seeds says how many above its marker. ``log=None`` takes a log
+  axis when the positive values span more than a factor 30. Runs whose
+  values are all non-finite say "NaN" on their row.
+  """
+  trained = [r for r in runs if r.trained]
+  n = len(trained)
+  finite_all = []
+  for i, r in enumerate(trained):
+    y = n - 1 - i
+    v = np.asarray(r.metrics.get(key, []), np.float64)
+    s = styles[r.defence]
+    ok = v[np.isfinite(v)]
+    finite_all.extend(ok.tolist())
+    if ok.size == 0:
+      ax.text(0.02, y, "NaN (diverged)", transform=ax.get_yaxis_transform(), va="center",
+              color=s["color"], fontsize=STYLE["ytick.labelsize"])
+      continue
+    ax.hlines(y, ok.min(), ok.max(), color=s["color"], lw=3, alpha=0.45)
+    ax.plot(ok, np.full(ok.size, y), "|", color=s["color"], ms=14, mew=2)
+    ax.plot([ok.mean()], [y], s["marker"], color=s["color"], ms=10, mec="white", mew=0.8)
+    diverged = int(r.diverged().sum())
+    if diverged:
+      ax.annotate(f"{diverged} of {r.seeds} diverged", (ok.mean(), y), xytext=(0, 9),
+                  textcoords="offset points", ha="center", va="bottom", color=s["color"],
+                  fontsize=STYLE["xtick.labelsize"] - 1)
+  references = []
+  for r in runs:
+    if not r.trained and np.isfinite(r.metrics.get(key, [np.nan])).all():
+      value = float(np.mean(r.metrics[key]))
+      ax.axvline(value, color="0.45", lw=1.5, ls=":")
+      references.append(r.defence)
+      finite_all.append(value)
+  if references:
+    label = f"{label}\n(dotted: {', '.join(references)})"
+  if reference is not None:
+    ax.axvline(reference, color="0.45", lw=1.5, ls=":")
+  positive = [x for x in finite_all if x > 0]
+  if log is None:
+    log = bool(positive) and len(positive) == len(finite_all) and (
+        max(positive) > 30 * min(positive))
+  if log:
+    ax.set_xscale("log")
+  if percent:
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:.3g}%"))
+  ax.margins(x=0.08)
+  ax.set_yticks(range(n))
+  if names:  # (a panel that shares the y axis of one with names shows none)
+    ax.set_yticklabels([r.defence for r in reversed(trained)])
+  ax.set_ylim(-0.6, n - 0.1)
+  ax.tick_params(axis="y", length=0)
+  ax.grid(False, axis="y")
+  ax.set_xlabel(label)
+
+
+def _curve_panel(ax: Any, runs: Sequence[Run], which: str, styles: dict[str, dict[str, Any]],
+                 max_points: int, clip_factor: float) -> bool:
+  """Median over seeds of the loss or raw gradient norm per step; True if clipped at the top."""
+  curves = []
+  for run in runs:
+    x, y = moving_average(_nanmedian(run.loss if which == "loss" else run.grad_norm),
+                          smoothing_window(run.steps))
+    idx, _ = _downsample(y, max_points)
+    curves.append((run.defence, x[idx], np.where(y[idx] > 0, y[idx], np.nan)))
+  levels = [np.nanmedian(y) for _, _, y in curves if np.isfinite(y).any()]
+  top = clip_factor * float(np.median(levels)) if levels else None
+  lows = [np.nanmin(y) for _, _, y in curves if np.isfinite(y).any()]
+  clipped = False
+  for name, x, y in curves:
+    s = styles[name]
+    ax.plot(x, y, ls=s["ls"], color=s["color"], zorder=s["zorder"], label=name,
+            lw=2.4 if name == BASELINE else 1.8)
+    finite = np.flatnonzero(np.isfinite(y))
+    if top is not None and finite.size and np.nanmax(y) > top:
+      clipped = True
+    if np.isnan(y).any() and finite.size:
+      last = y[finite[-1]] if top is None else min(y[finite[-1]], top)
+      ax.plot(x[finite[-1]], last, "X", color=s["color"], ms=13, mec="white", mew=1,
+              clip_on=False, zorder=4)
+  ax.set_yscale("log")
+  if clipped and lows:
+    ax.set_ylim(min(lows) / 1.5, top)
+  return clipped
+
+
+@styled
+def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 600,
+              clip_factor: float = 1e4) -> str | None:
+  """Per setting, a row of three panels: training loss, raw gradient norm, final metric.
+
+  The curves are the median over seeds, log scale, one line per defence
+  (colour and line style from :func:`series_styles`); runs longer than 500
+  steps are shown as a moving average (the axis label says over how many
+  steps). A run that became non-finite ends in an ``X`` at its last finite
+  value. A panel's y axis stops at ``clip_factor`` times the median (over its
+  curves) of each curve's median level, so one run going to 1e30 does not
+  flatten the others: such a curve leaves through the top edge (the title
+  then says "cut"). The third panel (when the result has a ``metric``) shows
+  each seed's final metric and their mean per defence.
+  """
   runs = [r for r in result.runs if r.steps > 1]
-  if plt is None or not runs:
+  if not runs:
     return None
   settings = list(dict.fromkeys(r.setting for r in runs))
   defences = list(dict.fromkeys(r.defence for r in runs))
-  cmap = plt.get_cmap("tab10" if len(defences) <= 10 else "tab20")
-  colour = {d: cmap(i % cmap.N) for i, d in enumerate(defences)}
-  height = max(4.0, 2.4 * len(settings) + 1.4)
-  fig, axes = plt.subplots(len(settings), 2, figsize=(10, height), squeeze=False)
-  handles = {}
+  styles = series_styles(defences)
+  cols = 3 if result.metric else 2
+  fig, axes = figure(len(settings), cols, row_height=4.2,
+                     gridspec_kw={"width_ratios": [1.2, 1.2, 1.1][:cols]})
   for row, setting in enumerate(settings):
-    for col, label in enumerate(("training loss", "raw gradient norm")):
+    mine = [r for r in runs if r.setting == setting]
+    window = smoothing_window(mine[0].steps)
+    average = f", mean of {window} steps" if window > 1 else ""
+    prefix = f"{setting}: " if len(settings) > 1 else ""
+    for col, which in enumerate(("loss", "grad_norm")):
       ax = axes[row, col]
-      curves = []
-      for run in (r for r in runs if r.setting == setting):
-        idx, y = _downsample(run.loss if col == 0 else run.grad_norm, max_points)
-        y = _nanmedian(y)
-        curves.append((run.defence, idx, np.where(y > 0, y, np.nan)))
-      levels = [np.nanmedian(y) for _, _, y in curves if np.isfinite(y).any()]
-      top = clip_factor * float(np.median(levels)) if levels else None
-      lows = [np.nanmin(y) for _, _, y in curves if np.isfinite(y).any()]
-      clipped = False
-      for name, idx, y in curves:
-        style = "--" if name == "none" else "-"
-        (line,) = ax.plot(idx, y, style, color=colour[name], lw=0.9, label=name)
-        handles.setdefault(name, line)
-        finite = np.flatnonzero(np.isfinite(y))
-        if top is not None and finite.size and np.nanmax(y) > top:
-          clipped = True
-        if np.isnan(y).any() and finite.size:
-          last = y[finite[-1]] if top is None else min(y[finite[-1]], top)
-          ax.plot(idx[finite[-1]], last, "x", color=colour[name], ms=8, mew=2, clip_on=False)
-      ax.set_yscale("log")
-      if clipped and lows:
-        ax.set_ylim(min(lows) / 1.5, top)
-      title = f"{setting}: {label}" if setting else label
-      ax.set_title(title + (" (clipped)" if clipped else ""), fontsize=9)
-      ax.grid(True, which="major", alpha=0.3)
-      ax.tick_params(labelsize=8)
-      if row == len(settings) - 1:
-        ax.set_xlabel("step", fontsize=8)
-  fig.suptitle(result.title, fontsize=10, y=1 - 0.08 / height, va="top")
-  ncol = min(len(handles), 7)
-  nrows = math.ceil(len(handles) / ncol)
-  fig.legend(handles.values(), handles.keys(), loc="upper center",
-             bbox_to_anchor=(0.5, 1 - 0.32 / height), ncol=ncol, fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0, 1, 1 - (0.45 + 0.2 * nrows) / height))
+      clipped = _curve_panel(ax, mine, which, styles, max_points, clip_factor)
+      label = "training loss" if which == "loss" else "raw gradient norm"
+      ax.set_title(f"{prefix}{label}{' (cut at the top)' if clipped else ''}")
+      ax.set_xlabel(f"step{average}")
+    if result.metric:
+      extra = [r for r in result.runs if not r.trained]  # reference rows (no curve)
+      dot_panel(axes[row, 2], mine + extra, result.metric, styles,
+                label=METRIC_LABELS.get(result.metric, result.metric_label or result.metric),
+                percent=result.metric in ("test_error", "test_accuracy"))
+      axes[row, 2].set_title(f"{prefix}at the end (ticks: seeds)")
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  legend_below(fig, handles, labels)
+  title(fig, result.title)
   return save_figure(fig, path)
 
 
@@ -754,6 +938,95 @@ def summary_table(results: Sequence[ExperimentResult], markdown: bool = False) -
   lines = [fmt_.format(*COLUMNS), "  ".join("-" * w for w in widths)]
   lines += [fmt_.format(*r) for r in rows]
   return "\n".join(lines)
+
+
+# The documentation's tables: one compact table per experiment, in the page's
+# section about it (``python -m experiments --update-docs``).
+
+METRIC_COLUMNS = {
+    "test_error": ("test error, % wrong", True),
+    "test_accuracy": ("test accuracy, %", True),
+    "val_loss": ("held-out loss", False),
+}
+
+
+def short(x: float | None, digits: int = 3, percent: bool = False) -> str:
+  """``x`` to ``digits`` significant digits (in % with ``percent``); NaN as "NaN"."""
+  if x is None or math.isnan(x):
+    return "NaN"
+  if math.isinf(x):
+    return "inf" if x > 0 else "-inf"
+  if percent:
+    x = 100 * x
+  if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+    return f"{x:.2g}"
+  if abs(x) >= 10 ** digits:
+    return f"{x:.0f}"
+  return f"{x:.{digits}g}"
+
+
+def spread(values: Sequence[float], digits: int = 3, percent: bool = False,
+           decimals: int | None = None) -> str:
+  """``"mean (min-max)"`` over seeds, to ``digits`` significant digits (or ``decimals``
+  places); "NaN" if any value is."""
+  v = np.asarray(values, np.float64)
+  if v.size == 0:
+    return "-"
+  if not np.isfinite(v).all():
+    return "NaN"
+  one = (lambda x: f"{x:.{decimals}f}") if decimals is not None else (
+      lambda x: short(x, digits, percent))
+  mean = one(float(v.mean()))
+  if v.size == 1 or v.min() == v.max():
+    return mean
+  return f"{mean} ({one(float(v.min()))}-{one(float(v.max()))})"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """A Markdown table; ``|`` inside a cell becomes ``/``."""
+  cell = lambda c: str(c).replace("|", "/")
+  lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def results_table(result: ExperimentResult) -> str:
+  """The experiment's runs as a compact Markdown table for the documentation.
+
+  Columns: (the setting, when there are several), the defence, the metric
+  (mean and min-max over seeds), diverged seeds, steps skipped per seed, and
+  the final training loss (mean over seeds). A reference row without
+  training fills the metric alone.
+  """
+  metric = result.metric
+  name, percent = METRIC_COLUMNS.get(metric, (result.metric_label or metric, False))
+  settings = list(dict.fromkeys(r.setting for r in result.runs if r.trained))
+  header = ["defence", f"{name} (min-max)", "diverged", "skipped steps", "final training loss"]
+  if len(settings) > 1:
+    header.insert(0, "setting")
+  rows = []
+  for run in result.runs:
+    value = ("-" if metric not in run.metrics else spread(run.metrics[metric], 3, percent)
+             if percent else spread(run.metrics[metric], decimals=3))
+    if run.trained:
+      diverged = int(run.diverged().sum())
+      skipped = float(np.mean(run.skipped)) if run.skipped.size else 0.0
+      final = run.final_losses()
+      row = [f"`{run.defence}`", value,
+             f"{diverged} of {run.seeds}" if diverged else "-",
+             f"{skipped:g}" if skipped else "-",
+             short(float(np.mean(final))) if np.isfinite(final).all() else "NaN"]
+    else:
+      row = [run.defence, value, "-", "-", "-"]
+    if len(settings) > 1:
+      row.insert(0, run.setting)
+    rows.append(row)
+  return markdown_table(header, rows)
+
+
+def docs_table(result: ExperimentResult) -> str:
+  """The experiment's table for the documentation (``result.table`` or :func:`results_table`)."""
+  return (result.table or results_table)(result)
 
 
 def summary_records(results: Sequence[ExperimentResult]) -> list[dict[str, Any]]:

@@ -106,6 +106,19 @@ DEFENCES: dict[str, Callable[[Config], Any]] = {
 }
 
 
+# How the documentation's table names each defence.
+LABELS = {
+    "no_spikes": "no spikes (reference)",
+    "none": "`none`",
+    "clip_global": "`clip_by_global_norm(1)`",
+    "adagc": "`adagc()`",
+    "spam": "`spam(...)`",
+    "skip_on_spike": "`skip_on_spike(adam)`",
+    "stable_adamw": "`stable_adamw(...)`",
+    "zclip": "`zclip()`",
+}
+
+
 def spike_steps(config: Config) -> np.ndarray:
   """Steps whose gradient is spiked (none in the last 10% of training)."""
   steps = np.arange(config.first_spike, config.steps, max(config.spike_every, 1))
@@ -227,4 +240,42 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
       config, runs,
       notes=["unspiked_ratio: on spike steps, the update norm of every tensor but the spiked "
              "one over the step before (1: untouched, 0: skipped)"],
-      checks=checks, wall_s=total.s)
+      checks=checks, wall_s=total.s, plot=plot, table=table)
+
+
+@C.styled
+def plot(result: C.ExperimentResult, path: str) -> str | None:
+  """Per defence, three panels: the other tensors' update on a spike step, the spiked
+  row's update after it (both relative to the step before; 1: as before), held-out loss."""
+  runs = result.runs
+  if not runs:
+    return None
+  styles = C.series_styles([r.defence for r in runs])
+  fig, axes = C.figure(1, 3, row_height=4.2, sharey=True)
+  panels = (
+      ("unspiked_ratio", "other tensors on a spike step", "update / the step before", 1.0),
+      ("rare_row_after", "spiked row, next 10 steps", "update / the step before", 1.0),
+      ("val_loss", "held-out loss at the end", C.METRIC_LABELS["val_loss"], None),
+  )
+  for col, (key, panel_title, label, ref) in enumerate(panels):
+    ax = axes[0, col]
+    C.dot_panel(ax, runs, key, styles, label=label, reference=ref, log=False, names=col == 0)
+    ax.set_title(panel_title)
+  C.title(fig, result.title + "; ticks: seeds, markers: mean; dotted: 1 = as before")
+  return C.save_figure(fig, path)
+
+
+def table(result: C.ExperimentResult) -> str:
+  """For the documentation: per defence the held-out loss, the other tensors' update on
+  a spike step and the spiked row's over the next 10 (relative to the step before; 1:
+  as before, 0: skipped), and the steps skipped per seed."""
+  rows = []
+  for r in result.runs:
+    m = r.metrics
+    skipped = float(np.mean(r.skipped)) if r.skipped.size else 0.0
+    rows.append([LABELS.get(r.defence, f"`{r.defence}`"), C.spread(m["val_loss"], decimals=3),
+                 f"{np.mean(m['unspiked_ratio']):.2f}", f"{np.mean(m['rare_row_after']):.2f}",
+                 f"{skipped:g}" if skipped else "-"])
+  return C.markdown_table(["defence", "held-out loss (min-max)",
+                           "other tensors' update on a spike step",
+                           "spiked row, next 10 steps", "skipped steps"], rows)

@@ -61,6 +61,8 @@ above are chaotic: the same seeds of ``none`` at 0.1 end anywhere between
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -214,12 +216,17 @@ def failing_lr(runs: Sequence[C.Run], defence: str, margin: float) -> float | No
   """
   best = reference_loss(runs)
   rows = sorted((lr_of(r), r) for r in runs if r.defence == defence)
-  fails = [bool(r.diverged().any()) or not np.isfinite(r.metrics["val_loss"]).all()
-           or float(np.mean(r.metrics["val_loss"])) > (1 + margin) * best for _, r in rows]
+  fails = [run_fails(r, best, margin) for _, r in rows]
   for i, (lr, _) in enumerate(rows):
     if all(fails[i:]):
       return lr
   return None
+
+
+def run_fails(run: C.Run, best: float, margin: float) -> bool:
+  """A seed diverged, or the mean validation loss is more than ``margin`` above ``best``."""
+  return (bool(run.diverged().any()) or not np.isfinite(run.metrics["val_loss"]).all()
+          or float(np.mean(run.metrics["val_loss"])) > (1 + margin) * best)
 
 
 def lr_of(run: C.Run) -> float:
@@ -262,40 +269,156 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
       config, runs,
       notes=[f"fails: a seed diverged or the mean val loss is > {config.fail_margin:.0%} above "
              "the best of none and qk_layernorm, at this and every higher learning rate"],
-      checks=checks, wall_s=total.s, plot=plot)
+      checks=checks, wall_s=total.s, plot=plot, table=table)
 
 
+def _logit(x: float) -> str:
+  """``727``, ``1.3k``, ``140k``, ``9.9M``."""
+  if not np.isfinite(x):
+    return "NaN"
+  for scale, suffix in ((1e6, "M"), (1e3, "k")):
+    if x >= scale:
+      return f"{x / scale:.2g}{suffix}" if x < 10 * scale else f"{x / scale:.0f}{suffix}"
+  return f"{x:.2g}" if x < 10 else f"{x:.0f}"
+
+
+def table(result: C.ExperimentResult) -> str:
+  """Two tables for the documentation, a row per defence and a column per learning rate:
+  the mean held-out loss over seeds (a failing run marked "x"; "-": not run) and the
+  largest attention logit during training (mean over seeds)."""
+  runs = result.runs
+  margin = result.config.get("fail_margin", 0.1)
+  best = reference_loss(runs)
+  defences = list(dict.fromkeys(r.defence for r in runs))
+  lrs = sorted({lr_of(r) for r in runs})
+  cell = {(r.defence, lr_of(r)): r for r in runs}
+  loss_rows, logit_rows = [], []
+  for name in defences:
+    losses, logits = [f"`{name}`"], [f"`{name}`"]
+    for lr in lrs:
+      r = cell.get((name, lr))
+      if r is None:
+        losses.append("-")
+        logits.append("-")
+        continue
+      v = np.asarray(r.metrics["val_loss"], np.float64)
+      text = f"{np.mean(v):.3f}" if np.isfinite(v).all() else "NaN"
+      losses.append(text + (" x" if run_fails(r, best, margin) else ""))
+      logits.append(_logit(float(np.mean(r.metrics["max_attn_logit"]))))
+    fail = failing_lr(runs, name, margin)
+    losses.append("never" if fail is None else f"{fail:g}")
+    loss_rows.append(losses)
+    logit_rows.append(logits)
+  head = [f"lr {lr:g}" for lr in lrs]
+  return "\n\n".join([
+      f"Held-out loss, mean over seeds; x: the run fails (a seed diverged or the loss is "
+      f"more than {margin:.0%} above {best:.3f}, the best of `none` and `qk_layernorm`):",
+      C.markdown_table(["defence", *head, "fails from"], loss_rows),
+      "Largest attention logit during training, mean over seeds:",
+      C.markdown_table(["defence", *head], logit_rows),
+  ])
+
+
+# The figure's panels: final loss against the learning rate, a few defences
+# each with `none` as the reference in every one; a defence in no group here
+# gets a panel of its own kind ("other defences").
+PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("gradient-side defences", ("clip_global", "zclip", "autoclip", "skip_on_spike")),
+    ("attention-side defences and a longer warm-up",
+     ("qk_layernorm", "qk_clip", "qk_layernorm+qk_clip", "warmup_100")),
+    ("optimizers of large-scale training", ("stable_adamw", "spam", "adagc")),
+)
+# The defences whose largest attention logit the last panel shows.
+LOGIT_PANEL = ("qk_layernorm", "qk_clip", "qk_layernorm+qk_clip", "warmup_100")
+
+
+def _panels(defences: Sequence[str]) -> list[tuple[str, list[str]]]:
+  """``(title, defences)`` per loss panel, each without ``none`` and not empty."""
+  panels, placed = [], {"none"}
+  for title, group in PANELS:
+    members = [d for d in group if d in defences]
+    placed.update(members)
+    if members:
+      panels.append((title, members))
+  rest = [d for d in defences if d not in placed]
+  if rest:
+    panels.append(("other defences", rest))
+  return panels
+
+
+def _sweep_line(ax, rows: Sequence[tuple[float, C.Run]], key: str, style: dict, label: str):
+  """Mean over seeds against the learning rate, with a band from the seeds' min to max."""
+  lrs = np.asarray([lr for lr, _ in rows])
+  vals = np.asarray([r.metrics[key] for _, r in rows], np.float64)  # [lrs, seeds]
+  vals = np.where(np.isfinite(vals), vals, np.nan)
+  with np.errstate(invalid="ignore"), warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # a learning rate whose seeds are all NaN
+    mid, lo, hi = np.nanmean(vals, axis=1), np.nanmin(vals, axis=1), np.nanmax(vals, axis=1)
+  ax.plot(lrs, mid, ls=style["ls"], marker=style["marker"], ms=8, color=style["color"],
+          zorder=style["zorder"], lw=2.4 if label.startswith("none") else 2.0, label=label)
+  ax.fill_between(lrs, lo, hi, color=style["color"], alpha=0.12, lw=0)
+
+
+@C.styled
 def plot(result: C.ExperimentResult, path: str) -> str | None:
-  """Final validation loss and largest attention logit against the learning rate."""
-  plt = C.pyplot()
-  if plt is None or not result.runs:
+  """Small multiples: final held-out loss against the learning rate, a few defences a panel.
+
+  Every panel repeats ``none`` (black, dashed) and the failure line (10% above
+  the reference loss); each defence's legend entry says from which learning
+  rate it fails. The last panel is the largest attention logit of
+  ``none`` and the attention-side defences, with the QK-clip threshold.
+  """
+  if not result.runs:
     return None
   defences = list(dict.fromkeys(r.defence for r in result.runs))
-  cmap = plt.get_cmap("tab10")
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-  for i, name in enumerate(defences):
-    rows = sorted((lr_of(r), r) for r in result.runs if r.defence == name)
-    lrs = np.asarray([lr for lr, _ in rows])
-    style = "--" if name == "none" else ":" if name.startswith("qk_layernorm") else "-"
-    for ax, key in zip(axes, ("val_loss", "max_attn_logit"), strict=True):
-      vals = np.asarray([r.metrics[key] for _, r in rows], np.float64)  # [lrs, seeds]
-      with np.errstate(invalid="ignore"):
-        mid = np.nanmean(np.where(np.isfinite(vals), vals, np.nan), axis=1)
-      ax.plot(lrs, mid, style, marker="o", ms=3, color=cmap(i), lw=1.2, label=name)
-      ax.fill_between(lrs, np.nanmin(vals, axis=1), np.nanmax(vals, axis=1), color=cmap(i),
-                      alpha=0.12, lw=0)
-  floor = result.checks.get("best_possible_loss_nats")
-  if floor is not None:
-    axes[0].axhline(floor, color="k", lw=0.6, alpha=0.5)
-  axes[0].set_ylabel("final validation loss (nats)", fontsize=8)
-  axes[1].set_ylabel("largest attention logit during training", fontsize=8)
-  axes[1].set_yscale("log")
-  for ax in axes:
+  margin = result.config.get("fail_margin", 0.1)
+  reference = reference_loss(result.runs)
+  panels = _panels(defences)
+  logit_names = [d for d in ("none", *LOGIT_PANEL) if d in defences]
+  count = len(panels) + 1
+  rows = math.ceil(count / 2)
+  fig, axes = C.figure(rows, 2, row_height=4.6)
+  flat = list(axes.flat)
+
+  def rows_of(name):
+    return sorted((lr_of(r), r) for r in result.runs if r.defence == name)
+
+  def label(name):
+    lr = failing_lr(result.runs, name, margin)
+    return f"{name} (fails from {lr:g})" if lr is not None else f"{name} (never fails)"
+
+  loss_axes = flat[:len(panels)]
+  for ax, (title, members) in zip(loss_axes, panels, strict=True):
+    styles = C.series_styles(["none", *members])
+    for name in [d for d in ("none", *members) if d in defences]:
+      _sweep_line(ax, rows_of(name), "val_loss", styles[name], label(name))
+    ax.axhline((1 + margin) * reference, color="0.4", lw=1.5, ls=":")
+    ax.annotate(f"fails above ({1 + margin:g} x best)", (1.0, (1 + margin) * reference),
+                xycoords=("axes fraction", "data"), xytext=(-4, 4),
+                textcoords="offset points", ha="right", va="bottom", color="0.3")
+    ax.set_title(title)
+    ax.set_ylabel("final held-out loss (nats)")
+    ax.legend(loc="upper left")
+  for ax in loss_axes[1:]:
+    ax.sharey(loss_axes[0])
+  ax = flat[len(panels)]
+  styles = C.series_styles(logit_names)
+  for name in logit_names:
+    _sweep_line(ax, rows_of(name), "max_attn_logit", styles[name], name)
+  if "qk_clip" in defences or "qk_layernorm+qk_clip" in defences:
+    tau = result.config.get("qk_clip_threshold")
+    ax.axhline(tau, color="0.4", lw=1.5, ls=":")
+    ax.annotate(f"QK-clip threshold {tau:g}", (1.0, tau), xycoords=("axes fraction", "data"),
+                xytext=(-4, 4), textcoords="offset points", ha="right", va="bottom",
+                color="0.3")
+  ax.set_yscale("log")
+  ax.set_title("largest attention logit during training")
+  ax.set_ylabel("largest attention logit")
+  ax.legend(loc="upper left")
+  for ax in flat[:count]:
     ax.set_xscale("log")
-    ax.set_xlabel("peak learning rate", fontsize=8)
-    ax.grid(True, which="major", alpha=0.3)
-    ax.tick_params(labelsize=8)
-  axes[0].legend(fontsize=7, frameon=False)
-  fig.suptitle(result.title + "; band: min-max over seeds; line: best possible loss", fontsize=9)
-  fig.tight_layout()
+    ax.set_xlabel("peak learning rate")
+  for ax in flat[count:]:
+    ax.set_visible(False)
+  C.title(fig, result.title + "; bands: min-max over seeds")
   return C.save_figure(fig, path)

@@ -40,7 +40,14 @@ from experiments import (
     transformer_localized_spike,
     transformer_lr_sweep,
 )
-from experiments.__main__ import MARK_END, MARK_START, _default_out, main, update_docs
+from experiments.__main__ import (
+    MARK_END,
+    MARK_START,
+    _default_out,
+    main,
+    marks,
+    update_docs,
+)
 
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -416,6 +423,36 @@ def test_update_docs_rewrites_only_the_marked_table(tmp_path):
   assert text.startswith("# Experiments\n\nintro\n") and text.endswith("\nafter\n")
   assert (tmp_path / "docs" / "_static" / "experiments" / "toy.png").read_bytes() == b"\x89PNG"
   assert len(written) == 2
+
+
+def test_update_docs_writes_each_experiments_table_into_its_section(tmp_path):
+  page = tmp_path / "docs" / "experiments.md"
+  page.parent.mkdir()
+  start, end = marks("toy")
+  page.write_text(f"# Experiments\n\n## Toy\n\n{start}\nold\n{end}\n\nprose\n\n"
+                  f"{MARK_START}\nold header\n{MARK_END}\n")
+  res = _fake_result()
+  update_docs([res], "legend", "header", root=str(tmp_path))
+  text = page.read_text()
+  assert "old" not in text and text.endswith("header\n\nlegend\n" + MARK_END + "\n")
+  table = text.split(start)[1].split(end)[0]
+  lines = table.strip().splitlines()
+  assert lines[0].startswith("| defence | test error, % wrong (min-max) | diverged |")
+  assert lines[2] == "| `clip` | 4 (2-6) | - | 1.5 | 0.375 |"
+  assert lines[3] == "| `none` | 65 (30-100) | 1 of 2 | - | NaN |"
+  assert lines[4] == "| baseline | 36 | - | - | - |"
+  assert "prose" in text
+
+
+def test_figures_are_wide_enough_for_the_docs(tmp_path):
+  if not HAVE_MPL:
+    pytest.skip("matplotlib is not installed")
+  from PIL import Image
+
+  res = _fake_result()
+  path = C.plot_runs(res, str(tmp_path / "toy.png"))
+  with Image.open(path) as im:
+    assert im.size[0] >= 1600
 
 
 def test_main_cli_lists_and_rejects_bad_arguments(capsys):
