@@ -191,7 +191,7 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
     outs = C.train_all(lambda name: _train(config, DEFENCES[name], bar), names, bar)
     for name, (out, wall) in zip(names, outs, strict=True):
       r = C.Run(setting=setting, defence=name, loss=out["loss"], grad_norm=out["grad_norm"],
-                skipped=out["skipped"], metrics={"val_loss": out["val"].tolist()},
+                skipped=out["skipped"], metrics={"val_mse": out["val"].tolist()},
                 wall_s=wall, extra=out["curves"], note=_note(config, name, out))
       r.note = r.nan_note() or r.note
       runs.append(r)
@@ -202,7 +202,7 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
       title=(f"float16 linear model ({config.inputs} -> {config.outputs}, float32 master "
              f"weights), MSE over {config.batch * config.outputs:,} outputs per step, "
              f"{config.steps} steps, median of {config.seeds} seeds"),
-      config=dataclasses.asdict(config), runs=runs, metric="val_loss",
+      config=dataclasses.asdict(config), runs=runs, metric="val_mse",
       metric_label="held-out MSE",
       checks={"float16_rounding_floor": floor,
               "outputs_per_loss": config.batch * config.outputs,

@@ -139,8 +139,8 @@ def guard_stats(opt_state: optax.OptState) -> dict[str, jax.Array]:
   scalar in a declared field becomes an entry ``"<kind>/<field>"``. The kinds
   are the factory names: ``zclip``, ``autoclip``, ``adagc``,
   ``clip_by_historical_norm``, ``skip_nonfinite``, ``skip_on_spike``,
-  ``skip_steps``, ``reduce_on_plateau``, ``monitor``, ``qk_clip``,
-  ``scale_by_stable_adam``, ``scale_by_spam``. Arrays with dimensions
+  ``skip_steps``, ``dynamic_loss_scale``, ``reduce_on_plateau``, ``monitor``,
+  ``qk_clip``, ``scale_by_stable_adam``, ``scale_by_spam``. Arrays with dimensions
   (history buffers) and the moments of our optimizers (``mu``, ``nu``) are
   not reported; a field holding a tree of scalars
   (``monitor(per_leaf=True)``'s ``leaf_norms``) gives one entry per leaf,

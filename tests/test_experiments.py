@@ -567,7 +567,7 @@ def test_float16_loss_scale_tiny_run(tmp_path):
   # stalls far above the scaled run's, which stays with float32 while float16 can follow it
   assert by["none"].extra["zero_gradients"][0, -1] > 0.5
   assert by["dynamic_loss_scale"].extra["zero_gradients"].max() < 0.01
-  none, scaled = (float(by[n].metrics["val_loss"][0]) for n in ("none", "dynamic_loss_scale"))
+  none, scaled = (float(by[n].metrics["val_mse"][0]) for n in ("none", "dynamic_loss_scale"))
   assert none > 30 * scaled
   assert by["dynamic_loss_scale_high_init"].skipped[0] > 0  # 2**30 overflows float16 first
   np.testing.assert_allclose(by["dynamic_loss_scale"].loss[0, :20], by["float32"].loss[0, :20],
