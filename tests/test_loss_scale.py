@@ -72,6 +72,12 @@ def _true_gradient(rng):
   return g
 
 
+def _powers_of_two(kwargs):
+  """Whether every scale of the run is a power of two (its inverse exact on any backend)."""
+  return all(np.frexp(kwargs[k])[0] == 0.5
+             for k in ("init_scale", "growth_factor", "backoff_factor"))
+
+
 CONFIGS = [
     dict(init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5, growth_interval=3),
     dict(init_scale=1000.0, growth_factor=2.0, backoff_factor=0.5, growth_interval=1),
@@ -108,7 +114,11 @@ def test_dynamic_loss_scale_matches_a_reference_of_grad_scaler(seed, config, dty
       enumerate(zip(got, ref, strict=True)):
     assert (skipped, tracker) == (ref_skipped, ref_tracker), i
     assert np.float32(scale).tobytes() == np.float32(ref_scale).tobytes(), (i, scale, ref_scale)
-    assert_bitwise_equal(p, {k: jnp.asarray(v) for k, v in ref_p.items()})
+    want = {k: jnp.asarray(v) for k, v in ref_p.items()}
+    if jax.default_backend() == "cpu" or _powers_of_two(kwargs):
+      assert_bitwise_equal(p, want)
+    else:  # XLA:GPU's float32 1/scale is not correctly rounded: an ulp of the inverse
+      chex.assert_trees_all_close(p, want, rtol=1e-6, atol=1e-7)
   assert 0 < int(state.num_skipped) < 40  # both branches were taken
 
 
