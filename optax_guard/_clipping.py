@@ -327,11 +327,12 @@ def clip_by_axis_norm(
     del params
     val.float_leaves(owner, updates)
 
-    def leaf(path, lead, g):
-      n = num.unit_norm_at(owner, path, g, axis, axis_name=axis_name, lead=lead)
-      return num.scale_leaf(g, num.safe_factor(max_norm, n))
-
-    return num.map_tensors(owner, stacked, leaf, updates), state
+    leads = num.stacked_counts(owner, updates, stacked)
+    norms = num.unit_norms(owner, updates, axis, leads, axis_name=axis_name)  # one collective
+    leaves, treedef = jax.tree.flatten(updates)
+    out = [num.scale_leaf(g, num.safe_factor(max_norm, n))
+           for g, n in zip(leaves, norms, strict=True)]
+    return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 

@@ -120,7 +120,12 @@ def monitor(
     stats = [num.partial_stats(x) for x in leaves]  # one read of each leaf
     ssq = [s[0] for s in stats]
     max_abs = f32(num.combine_partials([s[1] for s in stats], "inf"))
-    bad = sum((s[2] for s in stats), jnp.zeros((), jnp.int32))
+    # a leaf replicated along an axis of axis_name counts once (device_shares);
+    # with axis_name the counts join the sums' psum as float32 (exact below 2**24)
+    counts = num.device_shares([s[2] for s in stats], axis_name)
+    if axis_name is not None:
+      counts = [f32(c) for c in counts]
+    bad = sum(counts, jnp.zeros((), counts[0].dtype if counts else jnp.int32))
     if per_leaf:
       leads = num.stacked_counts("monitor", updates, stacked)
       # a stacked leaf: one sum of squares per layer slice replaces the whole
@@ -136,9 +141,11 @@ def monitor(
           for p, x, n in zip(ssq, leaves, leads, strict=True)
       ])
     else:
-      total, bad = num.cross_device((num.combine_partials(ssq), bad), 2, axis_name)
+      total = num.combine_partials(num.device_shares(ssq, axis_name))
+      total, bad = num.cross_device((total, bad), 2, axis_name)
       leaf_norms = None
     max_abs = num.cross_device(max_abs, "inf", axis_name)
+    bad = bad.astype(jnp.int32)
     steps = jnp.where(bad > 0, optax.safe_increment(state.nonfinite_steps), state.nonfinite_steps)
     return updates, MonitorState(f32(num.finish_norm(total)), max_abs, bad, steps, leaf_norms)
 

@@ -73,6 +73,8 @@ def _tensor_rms(
     ratio = a * a / jnp.maximum(v_hat, e.astype(acc) * e.astype(acc))
     sums.append(jnp.sum(ratio, axis=tuple(range(lead, g.ndim)), keepdims=lead > 0))
     sizes.append(jnp.asarray(math.prod(g.shape[lead:]), acc))
+  # an element count belongs to its tensor: counted once where the tensor is replicated
+  sizes = num.device_shares(sizes, axis_name, like=jax.tree.leaves(updates))
   sums, sizes = num.cross_device((sums, sizes), 2, axis_name)
   return [jnp.sqrt(s / jnp.maximum(n, 1)) for s, n in zip(sums, sizes, strict=True)]
 

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 # ---------------------------------------------------------------------------
 # Trees
@@ -161,3 +162,38 @@ def restack(unrolled: dict) -> dict:
   """The inverse of :func:`unroll` (also for trees of statistics shaped like it)."""
   layers = [unrolled["blocks"][str(i)] for i in range(len(unrolled["blocks"]))]
   return {"blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *layers), "head": unrolled["head"]}
+
+
+# ---------------------------------------------------------------------------
+# Runs and programs
+# ---------------------------------------------------------------------------
+
+
+def scan_steps(tx: Any, params: Any, grads: Any, values: Any) -> tuple[Any, Any]:
+  """``init`` + one update per step under ``lax.scan``: ``(final state, stacked updates)``.
+
+  ``grads`` holds one gradient tree per step along a leading axis and
+  ``values`` one ``value=`` per step; each update is applied to the params.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def step(carry, xs):
+    params, state = carry
+    g, value = xs
+    u, state = tx.update(g, state, params, value=value)
+    return (optax.apply_updates(params, u), state), u
+
+  (_, state), updates = jax.lax.scan(step, (params, tx.init(params)), (grads, values))
+  return state, updates
+
+
+def all_eqns(jaxpr: Any) -> Any:
+  """Every equation of ``jaxpr`` and of the jaxprs nested in its equations."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns"):
+          yield from all_eqns(sub)
+        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          yield from all_eqns(sub.jaxpr)

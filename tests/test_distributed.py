@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import scan_steps
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -150,15 +151,7 @@ def _inputs(steps):
 
 def _run_steps(tx, params, grads, values):
   """init + len(values) updates under lax.scan; returns the stacked updates."""
-  tx = optax.with_extra_args_support(tx)
-
-  def step(carry, xs):
-    params, state = carry
-    g, value = xs
-    u, state = tx.update(g, state, params, value=value)
-    return (optax.apply_updates(params, u), state), u
-
-  return jax.lax.scan(step, (params, tx.init(params)), (grads, values))[1]
+  return scan_steps(tx, params, grads, values)[1]
 
 
 def _case(name):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import all_eqns
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -177,23 +178,12 @@ def test_skip_nonfinite_with_reduce_on_plateau_matches_unguarded_on_finite_steps
   assert float(og.guard_stats(s)["reduce_on_plateau/scale"]) < 1.0  # the plateau was seen
 
 
-def _all_eqns(jaxpr):
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if hasattr(sub, "eqns"):
-          yield from _all_eqns(sub)
-        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
-          yield from _all_eqns(sub.jaxpr)
-
-
 def _largest_select(tx, params):
   state = jax.eval_shape(tx.init, params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
   prims = [e.primitive.name for e in jaxpr.eqns]
   sizes = [
-      math.prod(v.aval.shape) for e in _all_eqns(jaxpr) if e.primitive.name == "select_n"
+      math.prod(v.aval.shape) for e in all_eqns(jaxpr) if e.primitive.name == "select_n"
       for v in e.outvars
   ]
   return prims, max(sizes, default=0)

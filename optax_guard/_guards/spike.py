@@ -138,9 +138,10 @@ def _spike_decision(updates, state, value, *, sigma, min_history, min_ratio, axi
     val.scalar("skip_on_spike", "value", value)  # a scalar loss (NaN allowed: it skips)
     value = jnp.asarray(value).astype(jnp.float32)
   if value is not None and axis_name is not None:
-    # one collective for the norm partial, the values and the device count
+    # one collective for the norm partial, the values and the device count (a
+    # value replicated along an axis counts once there, and so does its 1)
     partial, value_sum, ndev = num.cross_device(
-        (num.global_partial(updates, 2), value, jnp.ones((), jnp.float32)), 2, axis_name
+        (num.local_partial(updates, 2, axis_name), value, jnp.ones_like(value)), 2, axis_name
     )
     value = value_sum / ndev
   else:
