@@ -55,14 +55,17 @@ class Decision(NamedTuple):
       ``inner_state``.
     shared: the sum of squares of the updates handed to ``inner`` that the
       decision measured (None if it measured none).
-    updates: the updates to hand to ``inner`` when they are not the incoming
-      ones (a loss-scale guard unscales them); None hands them on as they are.
+    updates: when ``inner`` is not to receive the incoming updates, a
+      function of no arguments returning what it receives instead (a
+      loss-scale guard unscales them). It runs inside the apply branch, so
+      the new updates fuse into the inner step and no update-sized buffer
+      is formed before the ``cond``. None hands the incoming updates on.
   """
 
   skip: jax.Array
   fields: tuple
   shared: num.SharedNorm | None = None
-  updates: optax.Updates | None = None
+  updates: Callable[[], optax.Updates] | None = None
 
 
 # decide(updates, state, extra) -> Decision
@@ -114,20 +117,23 @@ class GuardUpdate:
 
   def _decision(
       self, updates: Any, state: Any, extra: dict[str, Any]
-  ) -> tuple[Decision, Any, dict[str, Any]]:
-    """``(decision, updates for inner, extras for inner)``."""
+  ) -> tuple[Decision, Callable[[], Any], dict[str, Any]]:
+    """``(decision, updates for inner, extras for inner)``.
+
+    The updates for ``inner`` are a function of no arguments, called inside
+    the apply branch.
+    """
     decision = self.decide(updates, state, extra)
     if decision.shared is not None:
       extra = {**extra, num.SHARED_NORM: decision.shared}
-    if decision.updates is not None:
-      updates = decision.updates
-    return decision, updates, extra
+    handed = decision.updates if decision.updates is not None else lambda: updates
+    return decision, handed, extra
 
   def __call__(self, updates, state, params=None, **extra):
-    decision, updates, extra = self._decision(updates, state, extra)
+    decision, handed, extra = self._decision(updates, state, extra)
 
     def apply():
-      return self.inner.update(updates, state.inner_state, params, **extra)
+      return self.inner.update(handed(), state.inner_state, params, **extra)
 
     def kept(out):
       out_updates, out_state = out
@@ -146,10 +152,10 @@ class GuardUpdate:
     update: no update-sized buffer crosses the conditional. The skip branch
     returns ``params`` and the inner state as they are.
     """
-    decision, grads, extra = self._decision(grads, state, extra)
+    decision, handed, extra = self._decision(grads, state, extra)
 
     def apply():
-      return _apply.update_and_apply(self.inner, grads, state.inner_state, params, **extra)
+      return _apply.update_and_apply(self.inner, handed(), state.inner_state, params, **extra)
 
     def kept(out):
       out_params, out_state = out

@@ -211,7 +211,8 @@ def dynamic_loss_scale(
     skip = jnp.logical_not(num.is_finite_scalar(partial) & jnp.isfinite(inverse))
     scale, tracker = _next_scale(state, skip, growth_factor=growth_factor,
                                  backoff_factor=backoff_factor, growth_interval=growth_interval)
-    unscaled = num.scale_tree(updates, inverse)
+    # unscaled inside the apply branch, where it fuses into the inner update
+    unscaled = lambda: num.scale_tree(updates, inverse)
     return Decision(skip, (scale, tracker, *counters(state, skip)), updates=unscaled)
 
   return guard(owner, inner, state_type=DynamicLossScaleState, init=init_fields, decide=decide)
