@@ -308,12 +308,8 @@ def local_partial(tree: Any, ord: NormOrd = None, axis_name: AxisName = None) ->
   return combine_partials(device_shares(partials, axis_name, ord), ord)
 
 
-def global_norm(
-    tree: Any,
-    ord: NormOrd = None,  # noqa: A002
-    axis_name: AxisName = None,
-    shared: SharedNorm | None = None,
-) -> jax.Array:
+def global_norm(tree: Any, ord: NormOrd = None, axis_name: AxisName = None,  # noqa: A002
+                shared: SharedNorm | None = None) -> jax.Array:
   """The norm of a whole tree, float32-accumulated, across devices if asked.
 
   Returns a float32 scalar (float64 if a leaf is float64); 0 for an empty tree.
