@@ -41,8 +41,9 @@ what happens).
   deep_mlp              real data (scikit-learn's bundled digits): a 32-layer ReLU MLP
                         with a too-large init is NaN at step 2; clipping, AGC, warm-up,
                         He init, BatchNorm...; test accuracy.
-  transformer_injected  INJECTED faults: corrupted batches spike a transformer LM's loss;
-                        global clipping, ZClip, AutoClip, skip_on_spike.
+  transformer_injected  INJECTED faults: corrupted batches spike a transformer LM's loss
+                        (global clipping, ZClip, AutoClip bound them), x1e4 gradients that
+                        clipping cannot repair (skip_on_spike skips them).
   transformer_localized_spike
                         INJECTED x1e3 gradient spikes in one embedding row: global
                         clipping shrinks every other tensor's update, AdaGC and SPAM

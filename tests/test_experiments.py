@@ -199,6 +199,21 @@ def test_injected_glitch_steps():
   assert transformer_injected.glitch_steps(dataclasses.replace(config, glitch_every=0)).size == 0
 
 
+def test_injected_fault_steps_and_gradient_factors():
+  config = transformer_injected.Config(steps=100, glitch_every=20, fault_every=30)
+  # every 30 steps from 30, before the last 10% (not 90), never on a glitch step (not 30)
+  np.testing.assert_array_equal(transformer_injected.fault_steps(config), [60])
+  config = dataclasses.replace(config, fault_every=25)  # 50 is a glitch step
+  np.testing.assert_array_equal(transformer_injected.fault_steps(config), [25, 75])
+  factors = transformer_injected.grad_factors(config)
+  assert factors.dtype == np.float32 and factors.shape == (100,)
+  assert set(np.flatnonzero(factors != 1)) == {25, 75} and factors[25] == 1e4
+  for off in (dict(fault_every=0), dict(fault_scale=1.0)):
+    assert transformer_injected.fault_steps(dataclasses.replace(config, **off)).size == 0
+  assert transformer_injected.setting(transformer_injected.Config()) == (
+      "INJECTED: 5 corrupted batches + 2 x1e4, peak lr 0.03")
+
+
 def _sweep_run(lr, defence, val, diverged=False):
   loss = np.ones((2, 10))
   if diverged:
@@ -581,15 +596,23 @@ def test_float16_loss_scale_tiny_run(tmp_path):
 @pytest.mark.slow
 def test_transformer_injected_tiny_run_is_labelled_injected(tmp_path):
   config = transformer_injected.Config(
-      steps=20, seeds=1, vocab=8, length=8, batch=4, width=16, heads=2, layers=1,
-      warmup_steps=4, glitch_every=6, val_size=16, defences=("none", "skip_on_spike"))
+      steps=40, seeds=1, vocab=8, length=8, batch=4, width=16, heads=2, layers=1,
+      warmup_steps=4, glitch_every=6, fault_every=35, val_size=16,
+      defences=("none", "skip_on_spike"))
   result = transformer_injected.run(config, progress=False)
   _, rows = _check_outputs(result, tmp_path)
-  assert result.checks["glitch_steps"] == [3, 9, 15]
+  assert result.checks["glitch_steps"] == [3, 9, 15, 21, 27, 33]
+  assert result.checks["fault_steps"] == [35]
   for r in result.runs:
-    assert "INJECTED" in r.setting and r.injected_faults == 3
+    assert "INJECTED" in r.setting and r.injected_faults == 7
     assert np.isfinite(r.loss).all(), r.defence
     np.testing.assert_allclose(r.grad_norm, r.extra["monitor/global_norm"])
+  # the x1e4 fault reaches the gradient norm, and the guard skips it (and nothing else)
+  by = {r.defence: r for r in result.runs}
+  assert by["none"].grad_norm[0, 35] > 1e3 * np.median(by["none"].grad_norm[0, :35])
+  assert by["skip_on_spike"].metrics["faults_skipped"] == [1]
+  assert by["skip_on_spike"].metrics["other_skipped"] == [0]
+  assert "skipped 1 of 1 x1e4 faults, 0 other steps" in by["skip_on_spike"].note
   _, params = T.init_params(8, 8, 16, 2, 1, False, 0)
   keys = og.guard_stats(transformer_injected.DEFENCES["skip_on_spike"](config).init(params))
   _assert_guard_columns(rows, _run(result, "skip_on_spike"), keys)
