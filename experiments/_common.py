@@ -637,7 +637,7 @@ BASELINE = "none"
 METRIC_LABELS = {
     "test_error": "test error",
     "test_accuracy": "test accuracy",
-    "val_loss": "held-out loss (nats)",
+    "val_loss": "held-out loss",
 }
 
 
@@ -811,12 +811,13 @@ def _curve_panel(ax: Any, runs: Sequence[Run], which: str, styles: dict[str, dic
   clipped = False
   for name, x, y in curves:
     s = styles[name]
-    ax.plot(x, y, ls=s["ls"], color=s["color"], zorder=s["zorder"], label=name,
-            lw=2.4 if name == BASELINE else 1.8)
+    # the baseline under the others: a defence that changes nothing hides it, not the reverse
+    ax.plot(x, y, ls=s["ls"], color=s["color"], zorder=1.5 if name == BASELINE else 2,
+            label=name, lw=2.2 if name == BASELINE else 1.8)
     finite = np.flatnonzero(np.isfinite(y))
     if top is not None and finite.size and np.nanmax(y) > top:
       clipped = True
-    if np.isnan(y).any() and finite.size:
+    if not np.isfinite(y[-1]) and finite.size:  # it ends non-finite: diverged
       last = y[finite[-1]] if top is None else min(y[finite[-1]], top)
       ax.plot(x[finite[-1]], last, "X", color=s["color"], ms=13, mec="white", mew=1,
               clip_on=False, zorder=4)
@@ -835,7 +836,8 @@ def plot_runs(result: ExperimentResult, path: str, *, max_points: int = 600,
   (colour and line style from :func:`series_styles`); runs longer than 500
   steps are shown as a moving average (the axis label says over how many
   steps). A run that became non-finite ends in an ``X`` at its last finite
-  value. A panel's y axis stops at ``clip_factor`` times the median (over its
+  value (a non-finite step in between, such as a skipped overflow, only
+  breaks the line). A panel's y axis stops at ``clip_factor`` times the median (over its
   curves) of each curve's median level, so one run going to 1e30 does not
   flatten the others: such a curve leaves through the top edge (the title
   then says "cut"). The third panel (when the result has a ``metric``) shows
@@ -976,10 +978,8 @@ def spread(values: Sequence[float], digits: int = 3, percent: bool = False,
     return "NaN"
   one = (lambda x: f"{x:.{decimals}f}") if decimals is not None else (
       lambda x: short(x, digits, percent))
-  mean = one(float(v.mean()))
-  if v.size == 1 or v.min() == v.max():
-    return mean
-  return f"{mean} ({one(float(v.min()))}-{one(float(v.max()))})"
+  mean, lo, hi = one(float(v.mean())), one(float(v.min())), one(float(v.max()))
+  return mean if lo == hi else f"{mean} ({lo}-{hi})"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -1006,15 +1006,17 @@ def results_table(result: ExperimentResult) -> str:
     header.insert(0, "setting")
   rows = []
   for run in result.runs:
+    values = np.abs(np.asarray(run.metrics.get(metric, []), np.float64))
+    small = bool(((values > 0) & (values < 0.1)).any())  # e.g. an MSE of 5e-8: 3 digits
     value = ("-" if metric not in run.metrics else spread(run.metrics[metric], 3, percent)
-             if percent else spread(run.metrics[metric], decimals=3))
+             if percent or small else spread(run.metrics[metric], decimals=3))
     if run.trained:
       diverged = int(run.diverged().sum())
       skipped = float(np.mean(run.skipped)) if run.skipped.size else 0.0
       final = run.final_losses()
       row = [f"`{run.defence}`", value,
              f"{diverged} of {run.seeds}" if diverged else "-",
-             f"{skipped:g}" if skipped else "-",
+             f"{skipped:.3g}" if skipped else "-",
              short(float(np.mean(final))) if np.isfinite(final).all() else "NaN"]
     else:
       row = [run.defence, value, "-", "-", "-"]

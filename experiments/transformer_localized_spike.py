@@ -255,7 +255,7 @@ def plot(result: C.ExperimentResult, path: str) -> str | None:
   panels = (
       ("unspiked_ratio", "other tensors on a spike step", "update / the step before", 1.0),
       ("rare_row_after", "spiked row, next 10 steps", "update / the step before", 1.0),
-      ("val_loss", "held-out loss at the end", C.METRIC_LABELS["val_loss"], None),
+      ("val_loss", "held-out loss at the end", "held-out loss (nats)", None),
   )
   for col, (key, panel_title, label, ref) in enumerate(panels):
     ax = axes[0, col]
