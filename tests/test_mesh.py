@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -373,3 +374,28 @@ def test_qk_clip_maxima_over_both_axes(devices):
 def test_axis_name_validation(bad, error):
   with pytest.raises(error, match=r"clip_by_global_norm\(axis_name=\.\.\.\)"):
     og.clip_by_global_norm(1.0, axis_name=bad)
+
+
+# ---------------------------------------------------------------------------
+# Sharded jit: what python -m benchmarks.collectives reports
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["og.skip_on_spike", "chain(og.monitor(), adam)"])
+def test_sharded_jit_step_adds_one_all_reduce_and_keeps_shardings(variant, devices):
+  """FSDP over 8 devices, axis_name=None: one all-reduce of scalars, no parameter resharded."""
+  from benchmarks import cases, collectives
+
+  chosen = next(v for v in cases.step_variants() if variant in (v.name, v.code))
+  mesh = Mesh(np.array(devices), ("fsdp",))
+  shapes = {"w": (64, 32), "b": (32,), "odd": (3, 5), "conv": (3, 3, 16, 8)}
+  params = collectives.fsdp(
+      {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}, mesh)
+  assert [x.sharding.spec for x in jax.tree.leaves(params)] == [
+      P("fsdp"), P(None, None, "fsdp"), P(), P("fsdp")]
+  row = collectives.measure(chosen, params, mesh)
+  assert row["keeps_sharding"]
+  assert len(row["all_reduces"]) == 1, row["all_reduces"]
+  if "monitor" not in variant:  # its one-pass max-and-count reduction is gathered
+    assert not row["others"]
+  assert re.fullmatch(r"\(\d+ x f32\[\]\)", collectives.summary(row["all_reduces"][0]))
