@@ -152,16 +152,22 @@ def _nnx_step(model, optimizer, x, y):
   return loss
 
 
+def _any_skipped(opt_state):
+  """Whether a guard (any of nested ones) skipped the step; None without a guard."""
+  flags = [v for k, v in og.guard_stats(opt_state).items() if k.endswith("/last_skipped")]
+  return functools.reduce(jnp.logical_or, flags) if flags else None
+
+
 @functools.partial(nnx.jit, donate_argnums=(0, 1))
 def _nnx_ref_step(model, optimizer, x, y):
   """``nnx.Optimizer``'s step, the statistics of a skipped step put back by hand."""
   before = nnx.as_pure(nnx.state(model, nnx.BatchStat))  # arrays: a snapshot
   loss, grads = nnx.value_and_grad(_loss)(model, x, y)
   optimizer.update(model, grads, value=loss)
-  skipped = getattr(optimizer.opt_state, "last_skipped", None)
+  skipped = _any_skipped(nnx.as_pure(optimizer.opt_state))
   if skipped is not None:
     after = nnx.as_pure(nnx.state(model, nnx.BatchStat))
-    nnx.update(model, jax.tree.map(lambda b, a: jnp.where(skipped[...], b, a), before, after))
+    nnx.update(model, jax.tree.map(lambda b, a: jnp.where(skipped, b, a), before, after))
   return loss
 
 
@@ -443,7 +449,7 @@ def _linen_ref_step(state, x, y, key):
   """Flax's ``apply_gradients``, the statistics of a skipped step put back by hand."""
   loss, batch_stats, grads = _linen_grads(state, x, y, key)
   new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  skipped = getattr(new.opt_state, "last_skipped", None)
+  skipped = _any_skipped(new.opt_state)
   if skipped is not None:
     kept = jax.tree.map(lambda o, n: jnp.where(skipped, o, n), state.batch_stats, batch_stats)
     new = new.replace(batch_stats=kept)
