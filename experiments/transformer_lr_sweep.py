@@ -35,7 +35,11 @@ Adam: Kimi K2's QK-clip of the fused q|k|v kernels, fed every head's largest
 logit of the step as ``attn_max_logits=``), ``qk_layernorm+qk_clip`` (the
 clip on the qk-LayerNorms' scales and biases, which the heads share) and
 ``warmup_100`` (no defence, a 100-step warm-up instead of 30: the
-schedule-side reference), and the optimizers of large-scale training at the
+schedule-side reference), ``per_tensor_rates`` (learning rates per tensor:
+the embeddings at the peak rate, every other tensor at ``other_rate_factor``
+(0.1) of it, a masked ``optax.scale`` between ``optax.scale_by_adam`` and the
+learning rate), ``per_tensor_rates+qk_clip`` (the same with ``og.qk_clip(tau)``
+after it, wired as in ``qk_clip``), and the optimizers of large-scale training at the
 same ``b1, b2, eps`` and schedule, without weight decay: ``stable_adamw``
 (``og.stable_adamw``), ``spam`` (``og.spam``, defaults: threshold 5000, no
 reset within 300 steps) and ``adagc`` (``og.adagc()`` in front of Adam, its
@@ -45,7 +49,16 @@ trains for every defence and the two where they start to fail), to keep the
 default run in its time budget. ``tau = 10`` (``Config.qk_clip_threshold``) sits
 under the largest logits of the healthy runs without qk-layernorm (15-27 at
 learning rates up to 0.03) and above those of qk-layernorm (5-8), so the clip
-binds as soon as the logits start to grow. The table's metric is the loss
+binds as soon as the logits start to grow. The per-tensor rows come from a
+diagnosis of the failure per tensor, which the experiment measures itself:
+for ``diagnosed`` defences every step logs, per tensor kind (embeddings, the
+qkv layers, the other linear layers, the head, the LayerNorms), the norm of
+the parameters and the update's norm relative to it (CSV columns
+``tensor_norm/<kind>`` and ``update_ratio/<kind>``); :func:`diagnose` sums
+them up (the checks, and a third table). The embeddings start at ``N(0, 1)``,
+the kernels at ``N(0, 1/fan_in)``, so Adam's steps of about the learning rate
+per element are several times smaller relative to the embeddings than to the
+kernels. The table's metric is the loss
 of the final weights on 256 held-out sequences; one row per (learning rate,
 defence). All learning rates and seeds of a defence train together in one
 compiled, ``vmap``-ed ``lax.scan``.
@@ -67,6 +80,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -87,10 +101,16 @@ class Config(T.LMConfig):
   fail_margin: float = 0.1
   qk_clip_threshold: float = 10.0
   long_warmup_steps: int = 100
+  # the per-tensor rows: every tensor but the embeddings at this fraction of the peak rate
+  other_rate_factor: float = 0.1
   # the rows of the table; add a defence to DEFENCES and its name here
   defences: tuple[str, ...] = ("none", "clip_global", "zclip", "autoclip", "skip_on_spike",
                                "qk_layernorm", "qk_clip", "qk_layernorm+qk_clip", "warmup_100",
+                               "per_tensor_rates", "per_tensor_rates+qk_clip",
                                "stable_adamw", "spam", "adagc")
+  # defences whose parameter norm and update size per tensor kind are logged every step
+  diagnosed: tuple[str, ...] = ("none", "qk_clip", "per_tensor_rates",
+                                "per_tensor_rates+qk_clip")
   # defences trained at ``short_rates`` only (fewer learning rates, a shorter run)
   short_defences: tuple[str, ...] = ("stable_adamw", "spam", "adagc")
   short_rates: tuple[float, ...] = (3e-2, 0.1, 0.3)
@@ -119,6 +139,62 @@ def _rate(config: Config, lr) -> optax.Schedule:
 
 def _adam(config: Config, lr) -> optax.GradientTransformation:
   return optax.adam(_rate(config, lr), b1=0.9, b2=0.95, eps=1e-8)
+
+
+def is_embedding(path: Sequence[Any]) -> bool:
+  """Whether a ``jax.tree.map_with_path`` key path names an embedding table."""
+  return "embedding" in C.path_name(path)
+
+
+def _per_tensor_adam(config: Config, lr) -> optax.GradientTransformation:
+  """Adam whose step is ``other_rate_factor`` times smaller on every tensor but the embeddings.
+
+  The factor sits between ``scale_by_adam`` and the learning rate, so it scales
+  the schedule per tensor: the embeddings at the peak rate, the rest at a tenth.
+  """
+  return optax.chain(optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8),
+                     optax.masked(optax.scale(config.other_rate_factor), _not_embeddings),
+                     optax.scale_by_learning_rate(_rate(config, lr)))
+
+
+def _not_embeddings(params: Any) -> Any:
+  """True for every leaf but the embedding tables (the mask of the smaller rate)."""
+  return jax.tree.map_with_path(lambda path, _: not is_embedding(path), params)
+
+
+# The tensor kinds of the per-tensor diagnosis, in its table's order: key -> label.
+KINDS = {"embeddings": "embeddings (token, position)", "qkv": "qkv (kernels, biases)",
+         "linear": "proj, fc1, fc2 (kernels, biases)", "head": "head (kernel, bias)",
+         "layernorm": "LayerNorm (scales, biases)"}
+
+
+def tensor_kind(path: Sequence[Any]) -> str:
+  """The :data:`KINDS` key of a parameter's key path (a linear layer's bias goes with it)."""
+  parts = C.path_name(path).removesuffix("/value").split("/")
+  if parts[-1] == "embedding":
+    return "embeddings"
+  module = parts[-2] if len(parts) > 1 else ""
+  if parts[0] == "head":
+    return "head"
+  if module.startswith("ln") or module.endswith("_norm"):
+    return "layernorm"
+  return "qkv" if module == "qkv" else "linear"
+
+
+def tensor_stats(params: Any, updates: Any) -> dict[str, jax.Array]:
+  """Per tensor kind: ``tensor_norm/<kind>``, the parameters' norm before the step, and
+  ``update_ratio/<kind>``, the update's norm over it (every tensor of the kind as one vector)."""
+  squares: dict[str, list[jax.Array]] = {}
+  for (path, p), u in zip(jax.tree.leaves_with_path(params), jax.tree.leaves(updates),
+                          strict=True):
+    sums = squares.setdefault(tensor_kind(path), [jnp.float32(0), jnp.float32(0)])
+    sums[0] = sums[0] + jnp.sum(jnp.square(p.astype(jnp.float32)))
+    sums[1] = sums[1] + jnp.sum(jnp.square(u.astype(jnp.float32)))
+  out = {}
+  for kind, (p2, u2) in squares.items():
+    out[f"tensor_norm/{kind}"] = jnp.sqrt(p2)
+    out[f"update_ratio/{kind}"] = jnp.sqrt(u2 / p2)
+  return out
 
 
 def rates(config: Config, name: str) -> tuple[float, ...]:
@@ -155,6 +231,9 @@ DEFENCES: dict[str, tuple[bool, Callable[[Config, Any], Any]]] = {
                                                              _qk_clip(c, True))),
     "warmup_100": (False, lambda c, lr: optax.chain(
         og.monitor(), _adam(dataclasses.replace(c, warmup_steps=c.long_warmup_steps), lr))),
+    "per_tensor_rates": (False, lambda c, lr: optax.chain(og.monitor(), _per_tensor_adam(c, lr))),
+    "per_tensor_rates+qk_clip": (False, lambda c, lr: optax.chain(
+        og.monitor(), _per_tensor_adam(c, lr), _qk_clip(c, False))),
     "stable_adamw": (False, lambda c, lr: optax.chain(og.monitor(), og.stable_adamw(
         _rate(c, lr), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0))),
     "spam": (False, lambda c, lr: optax.chain(og.monitor(), og.spam(
@@ -167,6 +246,7 @@ REFERENCE = ("none", "qk_layernorm")
 
 def _train(config: Config, name: str, train, val, bar) -> dict[str, Any]:
   qk_norm, make_tx = DEFENCES[name]
+  diagnosed = name in config.diagnosed
   lrs = np.repeat(np.asarray(rates(config, name), np.float32), config.seeds)
   seeds = np.tile(np.arange(config.seeds), len(rates(config, name)))
   graphdef, params = T.init_models(config, seeds, qk_norm)
@@ -181,6 +261,8 @@ def _train(config: Config, name: str, train, val, bar) -> dict[str, Any]:
     updates, opt_state = tx(lr).update(grads, opt_state, params, value=loss,
                                        attn_max_logits=list(maxima))
     curves = {**C.guard_curves(opt_state), **diag}
+    if diagnosed:
+      curves.update(tensor_stats(params, updates))
     return optax.apply_updates(params, updates), opt_state, loss, curves
 
   def step(carry, inputs):
@@ -233,6 +315,26 @@ def lr_of(run: C.Run) -> float:
   return float(run.setting.split("lr=")[1])
 
 
+def usable_rates(runs: Sequence[C.Run], defence: str, margin: float) -> list[list[float]]:
+  """The learning rates at which ``defence`` trains (no :func:`run_fails`), as runs of
+  neighbouring rates of its sweep: ``[[0.1, 0.3, 1.0]]``, ``[[0.03], [0.3]]``, ``[]``."""
+  best = reference_loss(runs)
+  groups: list[list[float]] = [[]]
+  for lr, r in sorted((lr_of(r), r) for r in runs if r.defence == defence):
+    if run_fails(r, best, margin):
+      groups.append([])
+    else:
+      groups[-1].append(lr)
+  return [g for g in groups if g]
+
+
+def rate_range(runs: Sequence[C.Run], defence: str, margin: float) -> str:
+  """:func:`usable_rates` as text: ``"0.1-1"``, ``"0.03, 0.3"``, ``"no rate"``."""
+  parts = [f"{g[0]:g}" if len(g) == 1 else f"{g[0]:g}-{g[-1]:g}"
+           for g in usable_rates(runs, defence, margin)]
+  return ", ".join(parts) or "no rate"
+
+
 def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
         progress: bool | None = None) -> C.ExperimentResult:
   """Trains every defence at every learning rate; one row per (lr, defence)."""
@@ -262,6 +364,14 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
   for name in names:
     lr = failing_lr(runs, name, config.fail_margin)
     checks[f"{name}: fails from lr"] = "never (in the sweep)" if lr is None else lr
+  d = diagnose(runs, dataclasses.asdict(config))
+  for name, ratio in d["step_per_lr"].items():
+    checks[f"{name}: update/parameter norm per unit lr, steps 1-10"] = _rounded(ratio)
+  for (name, lr), growth in d["growth"].items():
+    checks[f"{name} at lr {lr:g}: norm / initial norm at step {config.warmup_steps}"] = (
+        _rounded(growth))
+    checks[f"{name} at lr {lr:g}: first step with an attention logit > {LOGIT_LIMIT:g}"] = (
+        d["logit_step"][(name, lr)])
   return T.result(
       NAME,
       (f"Transformer LM ({config.layers} layers, width {config.width}), Adam, "
@@ -270,6 +380,84 @@ def run(config: Config = Config(), *, guards: Sequence[str] | None = None,
       notes=[f"fails: a seed diverged or the mean val loss is > {config.fail_margin:.0%} above "
              "the best of none and qk_layernorm, at this and every higher learning rate"],
       checks=checks, wall_s=total.s, plot=plot, table=table)
+
+
+# The runs the per-tensor diagnosis compares, (defence, learning rate), where trained.
+DIAGNOSIS = (("none", 0.03), ("none", 0.3), ("per_tensor_rates", 0.3),
+             ("per_tensor_rates+qk_clip", 1.0))
+LOGIT_LIMIT = 100.0
+
+
+def _cell(runs: Sequence[C.Run], name: str, lr: float) -> C.Run | None:
+  return next((r for r in runs if r.defence == name and math.isclose(lr_of(r), lr)), None)
+
+
+def diagnose(runs: Sequence[C.Run], config: dict[str, Any]) -> dict[str, Any]:
+  """Per tensor kind, from the runs that log ``tensor_norm/*`` and ``update_ratio/*``.
+
+  Returns ``{"initial": {kind: norm}, "step_per_lr": {defence: {kind: x}},
+  "growth": {(defence, lr): {kind: x}}, "logit_step": {(defence, lr): [step per seed]}}``:
+  the parameters' initial norm (mean over seeds); the update's norm relative to
+  the parameters' divided by the learning rate of the step (so a number of the
+  optimizer, not of the schedule), mean over steps 1-10 at the defence's
+  smallest learning rate; the norm at the peak of the schedule over the initial
+  norm, for each run of :data:`DIAGNOSIS`; and the first step whose largest
+  attention logit exceeds :data:`LOGIT_LIMIT` (None: never).
+  """
+  peak = int(config["warmup_steps"])
+  unit = unit_schedule(Config(steps=int(config["steps"]), warmup_steps=peak))
+  logged = [r for r in runs if any(k.startswith("tensor_norm/") for k in r.extra)]
+  out: dict[str, Any] = {"initial": {}, "step_per_lr": {}, "growth": {}, "logit_step": {}}
+  for r in logged:
+    out["initial"] = {k: float(np.mean(r.extra[f"tensor_norm/{k}"][:, 0])) for k in KINDS}
+    break
+  for name in dict.fromkeys(r.defence for r in logged):
+    lr = min(lr_of(r) for r in logged if r.defence == name)
+    r = _cell(logged, name, lr)
+    t = np.arange(1, 11)
+    lr_t = lr * np.asarray([float(unit(int(i))) for i in t])
+    out["step_per_lr"][name] = {
+        k: float(np.mean(r.extra[f"update_ratio/{k}"][:, t] / lr_t)) for k in KINDS}
+  for name, lr in DIAGNOSIS:
+    r = _cell(logged, name, lr)
+    if r is None or r.steps <= peak:
+      continue
+    out["growth"][(name, lr)] = {
+        k: float(np.mean(r.extra[f"tensor_norm/{k}"][:, peak] / r.extra[f"tensor_norm/{k}"][:, 0]))
+        for k in KINDS}
+    above = r.extra["max_attn_logit"] > LOGIT_LIMIT
+    out["logit_step"][(name, lr)] = [int(np.argmax(a)) if a.any() else None for a in above]
+  return out
+
+
+def diagnosis_table(result: C.ExperimentResult) -> str:
+  """The per-tensor diagnosis (:func:`diagnose`) as a Markdown table and a sentence."""
+  d = diagnose(result.runs, result.config)
+  if not d["growth"]:
+    return ""
+  peak = result.config["warmup_steps"]
+  names = [n for n in d["step_per_lr"] if n in ("none", "per_tensor_rates")]
+  head = ["tensor kind", "initial norm", *(f"step / lr, `{n}`" for n in names),
+          *(f"norm x at step {peak}, `{n}` {lr:g}" for n, lr in d["growth"])]
+  rows = [[label, f"{d['initial'][k]:.1f}", *(f"{d['step_per_lr'][n][k]:.2f}" for n in names),
+           *(f"{g[k]:.2f}" for g in d["growth"].values())] for k, label in KINDS.items()]
+
+  def when(steps):
+    return " and ".join("never" if s is None else str(s) for s in steps)
+
+  logits = "; ".join(f"`{n}` at {lr:g}: {when(s)}" for (n, lr), s in d["logit_step"].items())
+  return "\n\n".join([
+      f"Per tensor kind (the kinds' tensors as one vector, mean over seeds): the initial norm; "
+      f"the update's norm relative to the parameters' per unit of learning rate (steps 1-10, "
+      f"at the defence's smallest rate); the norm at the peak of the schedule (step {peak}) "
+      f"over the initial norm:",
+      C.markdown_table(head, rows),
+      f"First step whose largest attention logit exceeds {LOGIT_LIMIT:g}, per seed: {logits}.",
+  ])
+
+
+def _rounded(by_kind: dict[str, float]) -> dict[str, float]:
+  return {k: float(f"{v:.3g}") for k, v in by_kind.items()}
 
 
 def _logit(x: float) -> str:
@@ -283,9 +471,10 @@ def _logit(x: float) -> str:
 
 
 def table(result: C.ExperimentResult) -> str:
-  """Two tables for the documentation, a row per defence and a column per learning rate:
-  the mean held-out loss over seeds (a failing run marked "x"; "-": not run) and the
-  largest attention logit during training (mean over seeds)."""
+  """Tables for the documentation, a row per defence and a column per learning rate:
+  the mean held-out loss over seeds (a failing run marked "x"; "-": not run; the rates
+  at which the defence trains, and from which on it fails) and the largest attention
+  logit during training (mean over seeds); then the per-tensor diagnosis."""
   runs = result.runs
   margin = result.config.get("fail_margin", 0.1)
   best = reference_loss(runs)
@@ -306,16 +495,19 @@ def table(result: C.ExperimentResult) -> str:
       losses.append(text + (" x" if run_fails(r, best, margin) else ""))
       logits.append(_logit(float(np.mean(r.metrics["max_attn_logit"]))))
     fail = failing_lr(runs, name, margin)
+    losses.append(rate_range(runs, name, margin))
     losses.append("never" if fail is None else f"{fail:g}")
     loss_rows.append(losses)
     logit_rows.append(logits)
   head = [f"lr {lr:g}" for lr in lrs]
+  diagnosis = diagnosis_table(result)
   return "\n\n".join([
       f"Held-out loss, mean over seeds; x: the run fails (a seed diverged or the loss is "
       f"more than {margin:.0%} above {best:.3f}, the best of `none` and `qk_layernorm`):",
-      C.markdown_table(["defence", *head, "fails from"], loss_rows),
+      C.markdown_table(["defence", *head, "trains at", "fails from"], loss_rows),
       "Largest attention logit during training, mean over seeds:",
       C.markdown_table(["defence", *head], logit_rows),
+      *([diagnosis] if diagnosis else []),
   ])
 
 
@@ -327,9 +519,13 @@ PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention-side defences and a longer warm-up",
      ("qk_layernorm", "qk_clip", "qk_layernorm+qk_clip", "warmup_100")),
     ("optimizers of large-scale training", ("stable_adamw", "spam", "adagc")),
+    ("learning rates per tensor", ("qk_clip", "per_tensor_rates", "per_tensor_rates+qk_clip")),
 )
-# The defences whose largest attention logit the last panel shows.
-LOGIT_PANEL = ("qk_layernorm", "qk_clip", "qk_layernorm+qk_clip", "warmup_100")
+# The defences whose largest attention logit the logit panel shows.
+LOGIT_PANEL = ("qk_layernorm", "qk_clip", "qk_layernorm+qk_clip", "warmup_100",
+               "per_tensor_rates", "per_tensor_rates+qk_clip")
+# The runs whose parameter norms per tensor kind the last panel shows: (defence, lr, style).
+NORM_PANEL = (("none", 0.3, "-"), ("per_tensor_rates", 0.3, "--"))
 
 
 def _panels(defences: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -359,14 +555,54 @@ def _sweep_line(ax, rows: Sequence[tuple[float, C.Run]], key: str, style: dict, 
   ax.fill_between(lrs, lo, hi, color=style["color"], alpha=0.12, lw=0)
 
 
+def _range_panel(ax, runs: Sequence[C.Run], defences: Sequence[str], margin: float) -> None:
+  """A line per defence over the learning rates at which it trains; x where a run fails."""
+  best = reference_loss(runs)
+  styles = C.series_styles(defences)
+  for y, name in enumerate(defences):
+    rows = sorted((lr_of(r), run_fails(r, best, margin)) for r in runs if r.defence == name)
+    ax.plot([lr for lr, _ in rows], [y] * len(rows), color="0.85", lw=1.0, zorder=1)
+    for group in usable_rates(runs, name, margin):
+      ax.plot(group, [y] * len(group), color=styles[name]["color"], lw=7,
+              solid_capstyle="round", marker="o", ms=9, zorder=2)
+    failed = [lr for lr, fails in rows if fails]
+    ax.plot(failed, [y] * len(failed), ls="none", marker="x", ms=9, mew=2, color="0.35", zorder=2)
+  ax.set_yticks(range(len(defences)), defences)
+  ax.set_ylim(len(defences) - 0.5, -0.5)
+  ax.set_xscale("log")
+  ax.set_xlabel("peak learning rate")
+  ax.set_title("learning rates at which each defence trains (x: it fails there)")
+  ax.grid(axis="y", visible=False)
+
+
+def _norm_panel(ax, runs: Sequence[tuple[C.Run, str]], peak: int) -> None:
+  """Each tensor kind's parameter norm over its initial norm, per step (mean over seeds)."""
+  for i, kind in enumerate(KINDS):
+    for r, ls in runs:
+      norm = r.extra[f"tensor_norm/{kind}"]
+      ax.plot(np.mean(norm / norm[:, :1], axis=0), color=C.PALETTE[i], ls=ls, lw=2.0,
+              label=f"{KINDS[kind]}" if ls == runs[0][1] else None)
+  ax.axvline(peak, color="0.4", lw=1.5, ls=":")
+  ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(lambda v, _: f"{v:g}")
+  ax.yaxis.set_minor_formatter(lambda v, _: f"{v:g}" if f"{v:g}".lstrip("0.")[:1] in "25" else "")
+  ax.set_xlabel("step (dotted: the peak of the schedule)")
+  ax.set_ylabel("parameter norm / initial norm")
+  ax.set_title(f"norm per tensor kind, {runs[0][0].setting.replace('=', ' ')}\n" + ", ".join(
+      f"{'solid' if ls == '-' else 'dashed'}: {r.defence}" for r, ls in runs))
+  ax.legend(loc="upper left", fontsize=10)
+
+
 @C.styled
 def plot(result: C.ExperimentResult, path: str) -> str | None:
   """Small multiples: final held-out loss against the learning rate, a few defences a panel.
 
   Every panel repeats ``none`` (black, dashed) and the failure line (10% above
-  the reference loss); each defence's legend entry says from which learning
-  rate it fails. The last panel is the largest attention logit of
-  ``none`` and the attention-side defences, with the QK-clip threshold.
+  the reference loss); each defence's legend entry says at which learning
+  rates it trains. Then the largest attention logit of ``none`` and the
+  attention-side defences, with the QK-clip threshold; each tensor kind's
+  parameter norm per step (:data:`NORM_PANEL`); and, across the figure, the
+  range of learning rates at which each defence trains.
   """
   if not result.runs:
     return None
@@ -375,17 +611,21 @@ def plot(result: C.ExperimentResult, path: str) -> str | None:
   reference = reference_loss(result.runs)
   panels = _panels(defences)
   logit_names = [d for d in ("none", *LOGIT_PANEL) if d in defences]
-  count = len(panels) + 1
+  norm_runs = [(r, ls) for name, lr, ls in NORM_PANEL
+               if (r := _cell(result.runs, name, lr)) is not None and "tensor_norm/qkv" in r.extra]
+  count = len(panels) + 1 + bool(norm_runs)
   rows = math.ceil(count / 2)
-  fig, axes = C.figure(rows, 2, row_height=4.6)
-  flat = list(axes.flat)
+  fig, axes = C.figure(rows + 1, 2, row_height=4.6)
+  flat = list(axes[:-1].flat)
+  for ax in axes[-1]:
+    ax.remove()
+  _range_panel(fig.add_subplot(axes[0, 0].get_gridspec()[-1, :]), result.runs, defences, margin)
 
   def rows_of(name):
     return sorted((lr_of(r), r) for r in result.runs if r.defence == name)
 
   def label(name):
-    lr = failing_lr(result.runs, name, margin)
-    return f"{name} (fails from {lr:g})" if lr is not None else f"{name} (never fails)"
+    return f"{name} (trains at {rate_range(result.runs, name, margin)})"
 
   loss_axes = flat[:len(panels)]
   for ax, (title, members) in zip(loss_axes, panels, strict=True):
@@ -415,9 +655,11 @@ def plot(result: C.ExperimentResult, path: str) -> str | None:
   ax.set_title("largest attention logit during training")
   ax.set_ylabel("largest attention logit")
   ax.legend(loc="upper left")
-  for ax in flat[:count]:
+  for ax in flat[:len(panels) + 1]:
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
+  if norm_runs:
+    _norm_panel(flat[len(panels) + 1], norm_runs, result.config["warmup_steps"])
   for ax in flat[count:]:
     ax.set_visible(False)
   C.title(fig, result.title + "; bands: min-max over seeds")

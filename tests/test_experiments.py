@@ -244,6 +244,122 @@ def test_failing_lr_compares_with_the_fixed_reference_not_the_best_row():
   assert transformer_lr_sweep.failing_lr(better, "none", 0.1) == 0.1
 
 
+def test_usable_rates_are_the_neighbouring_rates_that_train():
+  runs = [_sweep_run(0.01, "none", [1.0, 1.0]), _sweep_run(0.1, "none", [2.0, 2.0]),
+          _sweep_run(0.01, "pt", [2.0, 2.0]), _sweep_run(0.1, "pt", [1.05, 1.05]),
+          _sweep_run(0.3, "pt", [1.0, 1.0]), _sweep_run(1.0, "pt", [1.0, 1.0], diverged=True),
+          _sweep_run(0.01, "gap", [1.0, 1.0]), _sweep_run(0.1, "gap", [3.0, 3.0]),
+          _sweep_run(0.3, "gap", [1.0, 1.0])]
+  usable = transformer_lr_sweep.usable_rates
+  assert usable(runs, "none", 0.1) == [[0.01]]
+  assert usable(runs, "pt", 0.1) == [[0.1, 0.3]]
+  assert usable(runs, "gap", 0.1) == [[0.01], [0.3]]
+  assert transformer_lr_sweep.rate_range(runs, "pt", 0.1) == "0.1-0.3"
+  assert transformer_lr_sweep.rate_range(runs, "gap", 0.1) == "0.01, 0.3"
+  assert transformer_lr_sweep.rate_range(runs, "pt", 0.01) == "0.3"
+  assert transformer_lr_sweep.rate_range(runs[:2], "none", 0.1) == "0.01"
+  worse = [_sweep_run(0.01, "none", [1.0, 1.0]), _sweep_run(0.1, "x", [5.0, 5.0])]
+  assert transformer_lr_sweep.rate_range(worse, "x", 0.1) == "no rate"
+
+
+def test_sweep_per_tensor_rows_run_at_every_learning_rate_of_the_sweep():
+  config = transformer_lr_sweep.Config()
+  for name in ("per_tensor_rates", "per_tensor_rates+qk_clip"):
+    assert name in config.defences and name in transformer_lr_sweep.DEFENCES
+    assert transformer_lr_sweep.rates(config, name) == config.learning_rates
+  assert 1.0 in config.learning_rates
+  assert set(config.diagnosed) >= {"none", "per_tensor_rates"}
+
+
+def _lm_params(seed=0):
+  _, params = T.init_params(8, 8, 16, 2, 1, False, seed)
+  return jax.tree.map(jnp.asarray, params)
+
+
+def test_sweep_per_tensor_rates_scale_every_tensor_but_the_embeddings():
+  config = transformer_lr_sweep.Config(steps=20, warmup_steps=2)
+  params = _lm_params()
+  grads = jax.tree.map(lambda p: jnp.cos(3.0 * p + 1.0), params)
+  _, adam = transformer_lr_sweep.DEFENCES["none"]
+  _, per_tensor = transformer_lr_sweep.DEFENCES["per_tensor_rates"]
+
+  def two_steps(tx):
+    state = tx.init(params)
+    for _ in range(2):
+      updates, state = tx.update(grads, state, params)
+    return updates
+
+  ref, got = two_steps(adam(config, 0.3)), two_steps(per_tensor(config, 0.3))
+  paths = [C.path_name(p) for p, _ in jax.tree.leaves_with_path(params)]
+  assert sum("embedding" in p for p in paths) == 2  # token and position tables
+  for path, r, g in zip(paths, jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+    factor = 1.0 if "embedding" in path else config.other_rate_factor
+    np.testing.assert_allclose(g, factor * r, rtol=1e-6, err_msg=path)
+  # with a factor of 1 the row is Adam, bitwise
+  same = two_steps(per_tensor(dataclasses.replace(config, other_rate_factor=1.0), 0.3))
+  for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(same), strict=True):
+    np.testing.assert_array_equal(g, r)
+
+
+def test_sweep_tensor_stats_per_kind_match_numpy():
+  params = _lm_params()
+  updates = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+  stats = transformer_lr_sweep.tensor_stats(params, updates)
+  assert set(stats) == {f"{w}/{k}" for w in ("tensor_norm", "update_ratio")
+                        for k in transformer_lr_sweep.KINDS}
+  kinds = {}
+  for path, p in jax.tree.leaves_with_path(params):
+    kinds.setdefault(transformer_lr_sweep.tensor_kind(path), []).append(
+        (C.path_name(path), np.asarray(p, np.float64)))
+  assert [n for n, _ in kinds["embeddings"]] == ["pos/embedding/value", "tok/embedding/value"]
+  assert {n.split("/")[-2] for n, _ in kinds["qkv"]} == {"kernel", "bias"}
+  assert all(n.split("/")[0] == "head" for n, _ in kinds["head"])
+  assert all(n.split("/")[-3].startswith("ln") for n, _ in kinds["layernorm"])
+  for kind, leaves in kinds.items():
+    norm = math.sqrt(sum(float(np.sum(p ** 2)) for _, p in leaves))
+    size = sum(p.size for _, p in leaves)
+    np.testing.assert_allclose(stats[f"tensor_norm/{kind}"], norm, rtol=1e-5)
+    np.testing.assert_allclose(stats[f"update_ratio/{kind}"], 0.01 * math.sqrt(size) / norm,
+                               rtol=1e-5)
+
+
+def _diagnosed_run(defence, lr, steps=40, growth=2.0, logit_from=None):
+  kinds = transformer_lr_sweep.KINDS
+  t = np.arange(steps)
+  extra = {"max_attn_logit": np.tile(np.where(t >= (logit_from or steps), 500.0, 5.0), (2, 1))}
+  for i, kind in enumerate(kinds):
+    extra[f"tensor_norm/{kind}"] = np.tile((i + 1.0) * (1 + (growth - 1) * t / 10), (2, 1))
+    extra[f"update_ratio/{kind}"] = np.full((2, steps), 0.01 * (i + 1))
+  run = _sweep_run(lr, defence, [1.0, 1.0])
+  run.loss = np.ones((2, steps))
+  run.extra = extra
+  return run
+
+
+def test_sweep_diagnose_reads_the_logged_curves():
+  config = {"steps": 40, "warmup_steps": 10}
+  runs = [_diagnosed_run("none", 0.03), _diagnosed_run("none", 0.3, growth=3.0, logit_from=7),
+          _diagnosed_run("per_tensor_rates", 0.3), _sweep_run(0.3, "zclip", [1.0, 1.0])]
+  d = transformer_lr_sweep.diagnose(runs, config)
+  kinds = list(transformer_lr_sweep.KINDS)
+  assert d["initial"] == {k: i + 1.0 for i, k in enumerate(kinds)}
+  assert set(d["growth"]) == {("none", 0.03), ("none", 0.3), ("per_tensor_rates", 0.3)}
+  assert d["growth"][("none", 0.3)]["qkv"] == pytest.approx(3.0)  # at the peak, step 10
+  assert d["growth"][("none", 0.03)]["qkv"] == pytest.approx(2.0)
+  assert d["logit_step"][("none", 0.3)] == [7, 7]
+  assert d["logit_step"][("none", 0.03)] == [None, None]
+  # relative step over steps 1-10 at the smallest rate, per unit of that step's rate
+  unit = transformer_lr_sweep.unit_schedule(transformer_lr_sweep.Config(steps=40,
+                                                                         warmup_steps=10))
+  lr_t = 0.03 * np.asarray([float(unit(i)) for i in range(1, 11)])
+  for i, k in enumerate(kinds):
+    assert d["step_per_lr"]["none"][k] == pytest.approx(np.mean(0.01 * (i + 1) / lr_t))
+  table = transformer_lr_sweep.diagnosis_table(C.ExperimentResult(
+      "sweep", "t", {**config, "fail_margin": 0.1}, runs))
+  assert "| qkv (kernels, biases) | 2.0 |" in table
+  assert "`none` at 0.3: 7 and 7" in table and "`none` at 0.03: never and never" in table
+
+
 def test_digits_are_bundled_and_standardised():
   (x_train, y_train), (x_test, y_test) = deep_mlp.load_digits()
   assert x_train.shape == (1437, 64) and x_test.shape == (360, 64)
@@ -531,10 +647,14 @@ def test_transformer_lr_sweep_tiny_run(tmp_path):
       learning_rates=(1e-3, 1.0), steps=12, seeds=2, vocab=8, length=8, batch=4, width=16,
       heads=2, layers=1, warmup_steps=3, val_size=16,
       defences=("none", "zclip", "skip_on_spike", "qk_layernorm", "qk_clip",
-                "qk_layernorm+qk_clip"))
+                "qk_layernorm+qk_clip", "per_tensor_rates", "per_tensor_rates+qk_clip"))
   result = transformer_lr_sweep.run(config, progress=False)
   _, rows = _check_outputs(result, tmp_path)
-  assert len(result.runs) == 2 * 6
+  assert len(result.runs) == 2 * 8
+  for r in result.runs:  # the per-tensor curves of the diagnosed defences only
+    logged = {k for k in r.extra if k.startswith(("tensor_norm/", "update_ratio/"))}
+    assert len(logged) == (10 if r.defence in config.diagnosed else 0), r.defence
+  assert "Per tensor kind" in transformer_lr_sweep.table(result)  # per_tensor_rates+qk_clip at 1
   assert {r.setting for r in result.runs} == {"lr=0.001", "lr=1"}
   for r in result.runs:
     assert r.injected_faults == 0
