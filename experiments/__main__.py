@@ -36,7 +36,8 @@ what happens).
                         transformer LM without qk-layernorm (a natural instability:
                         attention-logit growth); final loss vs lr for no defence,
                         global clipping, ZClip, AutoClip, skip_on_spike, QK-clip,
-                        a longer warm-up, and qk-layernorm as the architectural
+                        a longer warm-up, learning rates per tensor (embeddings
+                        at the peak rate), and qk-layernorm as the architectural
                         reference.
   deep_mlp              real data (scikit-learn's bundled digits): a 32-layer ReLU MLP
                         with a too-large init is NaN at step 2; clipping, AGC, warm-up,

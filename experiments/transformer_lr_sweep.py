@@ -437,7 +437,7 @@ def diagnosis_table(result: C.ExperimentResult) -> str:
     return ""
   peak = result.config["warmup_steps"]
   names = [n for n in d["step_per_lr"] if n in ("none", "per_tensor_rates")]
-  head = ["tensor kind", "initial norm", *(f"step / lr, `{n}`" for n in names),
+  head = ["tensor kind", "initial norm", *(f"relative step per unit lr, `{n}`" for n in names),
           *(f"norm x at step {peak}, `{n}` {lr:g}" for n, lr in d["growth"])]
   rows = [[label, f"{d['initial'][k]:.1f}", *(f"{d['step_per_lr'][n][k]:.2f}" for n in names),
            *(f"{g[k]:.2f}" for g in d["growth"].values())] for k, label in KINDS.items()]

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import pytest
 
 from experiments import transformer_injected as injected
+from experiments import transformer_lr_sweep as sweep
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "experiments.md"
@@ -204,3 +205,174 @@ def test_table_rows_reads_both_layouts(layout):
     assert_cited("2.36", rows["skip_on_spike"].mean, "skip_on_spike")
   placeholder = _OWN.replace(_OWN.split("\n\n")[1], "(written by the next run)")
   assert table_rows(placeholder, "transformer_injected") == {}
+
+
+# ---------------------------------------------------------------------------
+# The learning-rate sweep: tables with a column per learning rate
+# ---------------------------------------------------------------------------
+
+SWEEP_TITLE = "## Transformer learning-rate sweep: a natural instability"
+PER_TENSOR = ("per_tensor_rates", "per_tensor_rates+qk_clip")
+
+
+def sweep_tables(text: str, name: str = "transformer_lr_sweep") -> list[dict[str, dict[str, str]]]:
+  """Every table between the experiment's own marks: ``{first cell: {column: cell}}``.
+
+  The cells keep the table's text (``"1.583"``, ``"2.138 x"``, ``"1.2k"``); the
+  first column's backquotes are dropped.
+  """
+  start = re.search(rf"<!-- results: {name} \(written by [^>]*-->", text)
+  end = f"<!-- results: {name} end -->"
+  if not start or end not in text:
+    return []
+  tables, lines = [], []
+  for line in text[start.end():text.index(end)].splitlines() + [""]:
+    if line.startswith("|"):
+      lines.append(line)
+      continue
+    if len(lines) >= 3:
+      header = _cells(lines[0])
+      tables.append({_cells(ln)[0].strip("`"): dict(zip(header[1:], _cells(ln)[1:], strict=True))
+                     for ln in lines[2:]})
+    lines = []
+  return tables
+
+
+def _says(section: str, pattern: str) -> tuple[str, ...]:
+  """:func:`_claim` with any line break of the prose where ``pattern`` has a space."""
+  return _claim(section, pattern.replace(" ", r"\s+"))
+
+
+def _value(cell: str) -> float:
+  return float(cell.split()[0])
+
+
+def _sweep_current(text: str) -> tuple[dict, dict, dict]:
+  tables = sweep_tables(text)
+  if len(tables) < 3 or not set(PER_TENSOR) <= set(tables[0]):
+    pytest.skip(f"the transformer_lr_sweep tables in {PAGE.name} predate the per-tensor rows: "
+                "regenerate with python -m experiments --update-docs")
+  return tables[0], tables[1], tables[2]
+
+
+def test_sweep_prose_states_the_per_tensor_configuration():
+  text = PAGE.read_text(encoding="utf-8")
+  section = _section(text, SWEEP_TITLE)
+  config = sweep.Config()
+  assert "the embeddings at the peak rate and every other tensor (the\nmatrices" in section
+  assert config.other_rate_factor == 0.1  # "a tenth of it"
+  assert "`og.qk_clip(10)` after it" in section and config.qk_clip_threshold == 10
+  assert set(PER_TENSOR) <= set(config.diagnosed) and "none" in config.diagnosed
+  assert config.steps == 300 and config.warmup_steps == 30  # "300 steps", "step 30"
+  assert config.width == 32 and config.layers == 2 and config.seeds == 2
+  for name in PER_TENSOR:
+    assert sweep.rates(config, name) == config.learning_rates
+
+
+def test_sweep_tables_are_read():
+  text = ("<!-- results: transformer_lr_sweep (written by x) -->\n\nHeld-out:\n\n"
+          "| defence | lr 0.1 | trains at |\n|---|---|---|\n| `none` | 2.138 x | 0.03 |\n\n"
+          "| tensor kind | initial norm |\n|---|---|\n| qkv (kernels, biases) | 13.8 |\n\n"
+          "<!-- results: transformer_lr_sweep end -->")
+  loss, kinds = sweep_tables(text)
+  assert loss == {"none": {"lr 0.1": "2.138 x", "trains at": "0.03"}}
+  assert _value(loss["none"]["lr 0.1"]) == 2.138
+  assert kinds["qkv (kernels, biases)"]["initial norm"] == "13.8"
+
+
+def test_sweep_prose_cites_the_per_tensor_rows_of_its_tables():
+  text = PAGE.read_text(encoding="utf-8")
+  loss, logits, kinds = _sweep_current(text)
+  section = _section(text, "### Learning rates per tensor")
+  pt, ptq = loss["per_tensor_rates"], loss["per_tensor_rates+qk_clip"]
+
+  a, b, none, fail = _says(section, r"The row trains at 0\.1 and 0\.3 \((\d\.\d+) and (\d\.\d+), "
+                                     r"the latter\s+better than the best run of `none`, "
+                                     r"(\d\.\d+) at 0\.03\) and fails at 1 \((\d\.\d+)\)")
+  assert_cited(a, _value(pt["lr 0.1"]), "per_tensor_rates at 0.1")
+  assert_cited(b, _value(pt["lr 0.3"]), "per_tensor_rates at 0.3")
+  assert_cited(none, _value(loss["none"]["lr 0.03"]), "none at 0.03")
+  assert_cited(fail, _value(pt["lr 1"]), "per_tensor_rates at 1")
+  assert pt["trains at"] == "0.1-0.3" and pt["lr 1"].endswith(" x") and float(b) < float(none)
+  high, low = _says(section, r"the attention logits grow again \((\d+), against (\d+) at\s+0\.3\)")
+  assert (high, low) == (logits["per_tensor_rates"]["lr 1"], logits["per_tensor_rates"]["lr 0.3"])
+
+  assert "**the row\ntrains at every rate from 0.1 to 1**" in section
+  assert ptq["trains at"] == "0.1-1" and ptq["fails from"] == "never"
+  lo, hi = _says(section, r"its largest logit at (\d+)-(\d+):")
+  assert (lo, hi) == (logits["per_tensor_rates+qk_clip"]["lr 0.1"],
+                      logits["per_tensor_rates+qk_clip"]["lr 1"])
+  c, d, warm, e = _says(section, r"(\d\.\d+) at 0\.1, (\d\.\d+) at 0\.3 \(as good as the best run "
+                                  r"of the sweep, the\s+100-step warm-up at 0\.03: (\d\.\d+)\) "
+                                  r"and (\d\.\d+) at 1")
+  for cited, lr in ((c, "lr 0.1"), (d, "lr 0.3"), (e, "lr 1")):
+    assert_cited(cited, _value(ptq[lr]), f"per_tensor_rates+qk_clip at {lr}")
+  assert_cited(warm, _value(loss["warmup_100"]["lr 0.03"]), "warmup_100 at 0.03")
+  best = min(_value(v) for row in loss.values() for k, v in row.items()
+             if k.startswith("lr ") and v != "-")
+  assert abs(float(d) - best) <= 0.005, "no longer as good as the best run"
+  lo, hi = _says(section, r"one rate for all tensors ends near uniform guessing "
+                           r"\((\d\.\d+)-(\d\.\d+)\)")
+  single = [_value(row["lr 1"]) for name, row in loss.items()
+            if name not in PER_TENSOR and row["lr 1"] != "-"]
+  assert_cited(lo, min(single), "the lowest single-rate run at 1")
+  assert_cited(hi, max(single), "the highest single-rate run at 1")
+  low01, low03 = _says(section, r"Below 0\.1 both rows fail \((\d\.\d+) at 0\.01, "
+                                 r"(\d\.\d+) at 0\.03\)")
+  for row in (pt, ptq):
+    assert_cited(low01, _value(row["lr 0.01"]), "per-tensor rows at 0.01")
+    assert_cited(low03, _value(row["lr 0.03"]), "per-tensor rows at 0.03")
+    assert row["lr 0.01"].endswith(" x") and row["lr 0.03"].endswith(" x")
+  for name in ("none",):
+    assert loss[name]["trains at"] == "0.03"
+  for name in ("qk_clip", "qk_layernorm", "warmup_100"):
+    assert loss[name]["trains at"] == "0.03-0.1", name
+
+
+def _kind(kinds: dict, word: str) -> dict[str, str]:
+  (row,) = [r for k, r in kinds.items() if k.startswith(word)]
+  return row
+
+
+def _column(row: dict[str, str], *words: str) -> float:
+  (key,) = [k for k in row if all(w in k for w in words)]
+  return float(row[key])
+
+
+def test_sweep_prose_cites_the_per_tensor_diagnosis():
+  text = PAGE.read_text(encoding="utf-8")
+  _, _, kinds = _sweep_current(text)
+  section = _section(text, "### Learning rates per tensor")
+  emb, qkv, lin, head = (_kind(kinds, w) for w in ("embeddings", "qkv", "proj", "head"))
+  step = ("relative step", "`none`")
+  cited = _says(section, r"update of the\s+embeddings was (\d\.\d+) times the learning rate "
+                          r"relative to their norm,\s+against (\d\.\d+) for the qkv layers, "
+                          r"(\d\.\d+) for the other linear layers and (\d\.\d+) for the\s+head")
+  for c, row, what in zip(cited, (emb, qkv, lin, head), ("emb", "qkv", "linear", "head"),
+                          strict=True):
+    assert_cited(c, _column(row, *step), f"relative step of {what}")
+  lo, hi = _says(section, r"head: (\d)-(\d)x more for the matrices")
+  ratios = [_column(r, *step) / _column(emb, *step) for r in (qkv, lin, head)]
+  assert int(lo) <= min(ratios) and max(ratios) <= int(hi) + 0.5, ratios
+  at03 = ("`none` 0.3",)
+  cited = _says(section, r"the qkv layers has grown (\d\.\d+)x, that of the other linear layers "
+                          r"(\d\.\d+)x and the\s+head's (\d\.\d+)x, against (\d\.\d+)x for the "
+                          r"embeddings")
+  for c, row in zip(cited, (qkv, lin, head, emb), strict=True):
+    assert_cited(c, _column(row, *at03), "growth at 0.3")
+  steps = _says(section, r"pass 100 at steps (\d+)\s+and (\d+) \(the two seeds\)")
+  assert f"`none` at 0.3: {steps[0]} and {steps[1]}" in text
+  lo, hi, e = _says(section, r"the matrices barely move before the peak\s+"
+                              r"\((\d\.\d+)x-(\d\.\d+)x\), but neither do the embeddings "
+                              r"\((\d\.\d+)x\)")
+  at003 = ("`none` 0.03",)
+  assert_cited(lo, min(_column(r, *at003) for r in (qkv, lin)), "matrices at 0.03, lowest")
+  assert_cited(hi, max(_column(r, *at003) for r in (qkv, lin)), "matrices at 0.03, highest")
+  assert_cited(e, _column(emb, *at003), "embeddings at 0.03")
+  e, q, m = _says(section, r"the embeddings grow (\d\.\d+)x by step 30 while every other kind "
+                            r"stays as at the\s+single rate 0\.03 \(qkv (\d\.\d+)x, the other "
+                            r"linear layers (\d\.\d+)x\)")
+  pt = ("`per_tensor_rates` 0.3",)
+  for c, row in ((e, emb), (q, qkv), (m, lin)):
+    assert_cited(c, _column(row, *pt), "per_tensor_rates growth at 0.3")
+  assert "`per_tensor_rates` at 0.3: never and never" in text
