@@ -200,8 +200,12 @@ def adagc(
     partials = [num.tensor_partial(x, lead) for x, lead in zip(leaves, leads, strict=True)]
     partials = num.cross_device(partials, 2, axis_name)  # one collective for all tensors
     total = num.combine_partials([jnp.sum(p) for p in partials])
-    gnorm = num.finish_norm(total).astype(f32)
-    finite = jnp.isfinite(total)
+    # Finiteness is read from the norm, not from the sum of squares (the same test for
+    # a sum of squares): XLA computes a square root once, but copies the cheap chain
+    # of additions behind the sum into the fusion of every tensor that reads it,
+    # which made compile time grow as the square of the number of leaves.
+    norm64 = num.finish_norm(total)
+    gnorm, finite = norm64.astype(f32), norm64 < jnp.inf
     warm = state.count < jnp.asarray(warmup_steps, jnp.int32)
     h_abs = num.safe_factor(lambda_abs, gnorm)
     rel, b = jnp.asarray(lambda_rel, f32), jnp.asarray(beta, f32)
