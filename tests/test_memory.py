@@ -92,3 +92,17 @@ def test_skip_nonfinite_step_temporary_is_at_most_one_gradient_copy():
   inner = optax.chain(og.clip_by_global_norm(1.0), optax.adam(1e-3))
   ours = _temp_bytes(og.skip_nonfinite(inner), whole=True)
   assert ours < 1.5 * GRAD_BYTES
+
+
+@pytest.mark.parametrize("name", ["spam", "stable_adamw", "adagc"])
+def test_large_scale_optimizers_need_no_gradient_sized_temporary(name):
+  """The optimizers that read their own moments update them in place like
+  ``optax.adamw``: SPAM's first moment reads the previous second moment, which a
+  careless formulation makes XLA copy whole before overwriting it."""
+  tx = {
+      "spam": og.spam(1e-3, weight_decay=0.1),
+      "stable_adamw": og.stable_adamw(1e-3, weight_decay=0.1),
+      "adagc": optax.chain(og.adagc(), optax.adamw(1e-3, weight_decay=0.1)),
+  }[name]
+  assert _temp_bytes(optax.adamw(1e-3, weight_decay=0.1), whole=True) < NO_GRADIENT_SIZED
+  assert _temp_bytes(tx, whole=True) < NO_GRADIENT_SIZED
