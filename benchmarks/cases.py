@@ -51,6 +51,7 @@ class StepVariant:
   fused: bool = False  # timed through og.update_and_apply
   base: str | None = None  # the unguarded variant this one wraps
   refs: tuple[str, ...] = ()  # variants selected with this one (--only)
+  compile_ref: str | None = None  # the optax chain its compile time is held to
 
 
 def _adam():
@@ -77,7 +78,7 @@ def step_variants() -> list[StepVariant]:
           "og.clip_by_global_norm", "chain(og.clip_by_global_norm(1), adam)",
           lambda: optax.chain(_og("clip_by_global_norm")(MAX_NORM), adam()),
           needs=("clip_by_global_norm",), equiv="optax.clip_by_global_norm",
-          equiv_exact=True,
+          equiv_exact=True, compile_ref="optax.clip_by_global_norm",
       ),
       StepVariant(
           "og.clip_by_norm", "chain(og.clip_by_norm(1), adam)",
@@ -124,7 +125,7 @@ def step_variants() -> list[StepVariant]:
           _guarded("skip_on_spike"),
           needs=("update_and_apply", "skip_on_spike", "clip_by_global_norm"),
           equiv="optax.apply_if_finite", extra_passes=2, fused=True, base=CHAIN,
-          refs=("og.skip_on_spike",),
+          refs=("og.skip_on_spike",), compile_ref="optax.clip_by_global_norm",
       ),
       StepVariant(
           "og.monitor", "chain(og.monitor(), adam)",
@@ -135,16 +136,19 @@ def step_variants() -> list[StepVariant]:
           "og.stable_adamw", "og.stable_adamw(1e-3, weight_decay=0.1)",
           lambda: _og("stable_adamw")(LEARNING_RATE, weight_decay=0.1),
           needs=("stable_adamw",), equiv="optax.adamw", base="optax.adamw",
+          refs=("optax.adamw+clip",), compile_ref="optax.adamw+clip",
       ),
       StepVariant(
           "og.spam", "og.spam(1e-3, weight_decay=0.1)",
           lambda: _og("spam")(LEARNING_RATE, weight_decay=0.1),
           needs=("spam",), equiv="optax.adamw", base="optax.adamw",
+          refs=("optax.adamw+clip",), compile_ref="optax.adamw+clip",
       ),
       StepVariant(
           "og.adagc", "chain(og.adagc(), adam)",
           lambda: optax.chain(_og("adagc")(), adam()),
           needs=("adagc",), equiv="optax.clip_by_global_norm", base="adam",
+          compile_ref="optax.clip_by_global_norm",
       ),
       StepVariant(
           "og.clip_by_historical_norm",
@@ -156,6 +160,13 @@ def step_variants() -> list[StepVariant]:
       StepVariant(
           "optax.adamw", "optax.adamw(1e-3, weight_decay=0.1)",
           lambda: optax.adamw(LEARNING_RATE, weight_decay=0.1), extra_passes=0, group="optax",
+      ),
+      StepVariant(
+          "optax.adamw+clip", "chain(optax.clip_by_global_norm(1), optax.adamw(1e-3, "
+          "weight_decay=0.1))",
+          lambda: optax.chain(optax.clip_by_global_norm(MAX_NORM),
+                              optax.adamw(LEARNING_RATE, weight_decay=0.1)),
+          group="optax",
       ),
       StepVariant(
           "optax.clip_by_global_norm", "chain(optax.clip_by_global_norm(1), adam)",

@@ -61,6 +61,15 @@ MIN_COMPILE_ROUNDS = 3
 # adam, optax's clip and the unfused skip_nonfinite come with them).
 WIDE_ONLY = ("og.clip_by_global_norm,og.skip_nonfinite:fused,og.skip_on_spike:fused,"
              "og.skip_on_spike,optax.apply_if_finite,og.monitor,scale (bound)")
+# The chains and trees of --compile unless --only / --compile-trees say otherwise
+# (each with its compile_ref: the closest optax chain).
+COMPILE_ONLY = ("og.clip_by_global_norm,og.skip_on_spike:fused,og.stable_adamw,og.spam,"
+                "og.adagc")
+COMPILE_TREES = "uniform:250,uniform:500"
+# A chain's compile time may grow from the smallest to the largest compile tree
+# by at most this much more than its reference's, and take at most
+# COMPILE_VS_REF times its reference's on the largest.
+COMPILE_GROWTH, COMPILE_VS_REF = 1.25, 1.5
 
 
 # ----------------------------------------------------------------------------
@@ -443,6 +452,33 @@ def smoke_run(config: dict[str, Any]) -> dict[str, bool]:
   }
 
 
+def add_compile_targets(comp: dict[str, Any], add: Callable[..., None]) -> None:
+  """Each chain with a ``compile_ref``: its compile time on the largest compile
+  tree against its reference's (at most ``COMPILE_VS_REF``), and its growth from
+  the smallest tree to the largest against its reference's (``COMPILE_GROWTH``)."""
+  trees = sorted(comp.values(), key=lambda c: c["leaves"])
+  if not trees:
+    return
+  small, large = trees[0], trees[-1]
+
+  def total(c, name):
+    return c["results"].get(name, {}).get("total_s")
+
+  for v in cs.step_variants():
+    if not v.compile_ref or total(large, v.name) is None:
+      continue
+    add(f"compile {v.name} vs {v.compile_ref} ({large['leaves']} leaves)",
+        _ratio(total(large, v.name), total(large, v.compile_ref)), COMPILE_VS_REF, "ratio",
+        section="compile")
+    if small is large:
+      continue
+    ours = _ratio(total(large, v.name), total(small, v.name))
+    ref = _ratio(total(large, v.compile_ref), total(small, v.compile_ref))
+    add(f"compile growth {v.name} vs {v.compile_ref} ({small['leaves']} -> "
+        f"{large['leaves']} leaves)", _ratio(ours, ref), COMPILE_GROWTH, "ratio",
+        section="compile")
+
+
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
   """The targets, each PASS / MISS (SKIP when not measured, NOISY in a smoke run).
 
@@ -489,15 +525,24 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add(f"{variant}: XLA temporaries / one copy of the updates",
         _ratio(temp, tree) if temp is not None else None, 0.01, "share")
 
+  def add_base(variant, limit_pct):
+    v = cs.variant(variant)
+    r = _ratio(med(step, variant), med(step, v.base))
+    add(f"{variant}: overhead over `{cs.variant(v.base).code}`",
+        None if r is None else 100 * (r - 1), limit_pct, "pct")
+
   add_overhead("og.clip_by_global_norm", 20.0)
+  for variant, limit in (("og.spam", 25.0), ("og.stable_adamw", 35.0), ("og.adagc", 20.0)):
+    add_base(variant, limit)
   add("og.clip_by_global_norm + adam vs optax.clip_by_global_norm + adam",
       _ratio(med(step, "og.clip_by_global_norm"), med(step, "optax.clip_by_global_norm")),
       0.8, "ratio")
   add_overhead("og.skip_nonfinite", 25.0)
   for v in ("og.zclip", "og.autoclip", "og.skip_on_spike"):
     add_overhead(v, 25.0)
+  many = results.get("config", {}).get("tree_leaves", 0) >= 1000
   add_fused("og.skip_nonfinite:fused", 25.0)
-  add_fused("og.skip_on_spike:fused", 25.0)
+  add_fused("og.skip_on_spike:fused", 10.0 if many else 25.0)
   add("standalone global norm (og) vs in-place scale",
       _ratio(med(alone, "norm:og"), med(alone, "scale (bound)")), 1.0, "ratio")
   add("standalone clip (og) vs in-place scale",
@@ -513,6 +558,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
       b = rs.get(theirs, {}).get("total_s")
       add(f"compile {ours} vs {theirs} ({c['leaves']} leaves)", _ratio(a, b), 1.1, "ratio",
           section="compile")
+  add_compile_targets(comp, add)
   # The goal: never slower than optax's equivalent (same semantics).
   for ours, theirs in (("og.clip_by_value", "optax.clip"),
                        ("og.skip_nonfinite", "optax.apply_if_finite")):
@@ -538,6 +584,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "uniform:N (N leaves of 10k), wide (8 leaves of 8192x8192, 2 GiB in "
                  "float32; times the cases of WIDE_ONLY unless --only is given) or "
                  "wide:N (default gpt2)")
+  p.add_argument("--leaves", type=int, default=None, metavar="N",
+                 help="the number of leaves of a many, uniform or wide tree "
+                 "(e.g. --tree many --leaves 500)")
   p.add_argument("--leaf-size", type=int, default=None, metavar="N",
                  help="make every leaf of a many, uniform or wide tree N x N "
                  "(e.g. --tree wide --leaf-size 64 for a quick run on a CPU)")
@@ -556,10 +605,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default=str(DEFAULT_OUT),
                  help="directory for the JSON and Markdown results")
   p.add_argument("--compile-only", action="store_true", help="only measure compile time")
+  p.add_argument("--compile", action="store_true",
+                 help="compile time only, of the chains of COMPILE_ONLY and their optax "
+                 f"references on the trees {COMPILE_TREES} (2,048 floats a leaf) unless "
+                 "--only / --compile-trees say otherwise")
   p.add_argument("--no-compile", action="store_true", help="skip the compile-time section")
-  p.add_argument("--compile-trees", default="gpt2,many",
+  p.add_argument("--compile-trees", default=None,
                  help="trees for the compile-time section (default gpt2,many = "
-                 "148 and 2,000 leaves)")
+                 f"148 and 2,000 leaves; with --compile {COMPILE_TREES})")
   p.add_argument("--compile-rounds", type=int, default=3,
                  help="fresh compiles per chain and tree, median (default 3)")
   p.add_argument("--memory", choices=("auto", "keep", "recreate"), default="auto",
@@ -574,10 +627,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error("--rounds, --steps and --compile-rounds must be >= 1, --warmup >= 0")
   if not 0 < args.scale <= 1:
     p.error(f"--scale must be in (0, 1], got {args.scale}")
-  for tree, size in [(args.tree, args.leaf_size),
-                     *((t, None) for t in args.compile_trees.split(","))]:
+  if args.compile:
+    args.compile_only = True
+    args.only = args.only or COMPILE_ONLY
+  if args.compile_trees is None:
+    args.compile_trees = COMPILE_TREES if args.compile else "gpt2,many"
+  for tree, size, leaves in [(args.tree, args.leaf_size, args.leaves),
+                             *((t, None, None) for t in args.compile_trees.split(","))]:
     try:
-      tr.tree_shapes(tree, size)
+      tr.tree_shapes(tree, size, leaves)
     except ValueError as e:
       p.error(str(e))
   if args.only is None and is_wide(args.tree):
@@ -625,7 +683,7 @@ def _select(cases: list[Any], patterns: list[str] | None, always: str,
 
 def select_steps(patterns):
   return _select(cs.step_variants(), patterns, "adam",
-                 lambda v: (v.equiv, v.base, *v.refs), cs.missing)
+                 lambda v: (v.equiv, v.base, v.compile_ref, *v.refs), cs.missing)
 
 
 def select_standalone(patterns):
@@ -729,12 +787,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   for s in skipped:
     log(f"note: skipping {s['name']}: {s['reason']}")
 
-  abstract = tr.abstract_tree(args.tree, args.dtype, args.scale, args.leaf_size)
+  abstract = tr.abstract_tree(args.tree, args.dtype, args.scale, args.leaf_size, args.leaves)
   info = tr.describe(abstract)
   results: dict[str, Any] = {
       "config": {
           "tree": args.tree, "dtype": args.dtype, "scale": args.scale,
-          "leaf_size": args.leaf_size,
+          "leaf_size": args.leaf_size, "leaves": args.leaves,
           "rounds": args.rounds, "warmup": args.warmup, "steps": args.steps,
           "compile_trees": args.compile_trees.split(","),
           "compile_rounds": args.compile_rounds, "compile_only": args.compile_only,
@@ -814,6 +872,8 @@ def base_name(args: argparse.Namespace) -> str:
   if args.name:
     return args.name
   name = f"{args.tree.replace(':', '')}-{args.dtype}"
+  if args.leaves is not None:
+    name += f"-{args.leaves}leaves"
   if args.leaf_size is not None:
     name += f"-leaf{args.leaf_size}"
   if args.scale != 1:

@@ -4,14 +4,15 @@
   out as the Hugging Face / Flax checkpoint: token and position embeddings,
   12 blocks of (``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``,
   ``mlp.c_fc``, ``mlp.c_proj``) with a weight and a bias each, and ``ln_f``.
-* ``many``: 2,000 leaves of 10,000 parameters (100 x 100): the many-small-leaves
+* ``many``: 2,000 leaves of 2,048 parameters (32 x 64): the many-small-leaves
   case where per-leaf overheads (fusions, kernel launches, dispatch) dominate.
-* ``uniform:N``: N leaves of 10,000 parameters (used for quick compile tests).
+* ``uniform:N``: N leaves of 2,048 parameters (the compile-time trees).
 * ``wide``: 8 leaves of 8192 x 8192 (2 GiB per copy in float32), ``wide:N``
   N of them: few, large leaves, where the step is bound by memory bandwidth
   and not by per-leaf launch or dispatch costs (an accelerator's regime).
 
-``leaf_size`` makes every leaf of ``many``, ``uniform:N`` and ``wide`` a
+``leaves`` changes the number of leaves of ``many``, ``uniform:N`` and
+``wide``; ``leaf_size`` makes every leaf of them a
 ``leaf_size x leaf_size`` matrix (``--leaf-size 64`` gives a wide tree that a
 small CPU runs in seconds). ``scale`` shrinks every leaf's element count by about that factor (each
 dimension by ``scale ** (1 / ndim)``, at least 1) for quick runs; the number of
@@ -29,6 +30,7 @@ import numpy as np
 
 GPT2_VOCAB, GPT2_CTX, GPT2_WIDTH, GPT2_LAYERS = 50257, 1024, 768, 12
 WIDE_LEAVES, WIDE_SIZE = 8, 8192
+MANY_LEAVES, SMALL_LEAF = 2000, (32, 64)
 
 
 def gpt2_shapes() -> dict[str, Any]:
@@ -58,8 +60,8 @@ def gpt2_shapes() -> dict[str, Any]:
   }
 
 
-def uniform_shapes(num_leaves: int, leaf_shape=(100, 100)) -> dict[str, Any]:
-  """``num_leaves`` leaves of the same shape (default 10,000 parameters)."""
+def uniform_shapes(num_leaves: int, leaf_shape=SMALL_LEAF) -> dict[str, Any]:
+  """``num_leaves`` leaves of the same shape (default 2,048 parameters)."""
   return {f"layer_{i:05d}": tuple(leaf_shape) for i in range(num_leaves)}
 
 
@@ -73,12 +75,19 @@ def _count(tree: str) -> int:
   return n
 
 
-def tree_shapes(tree: str, leaf_size: int | None = None) -> dict[str, Any]:
+def tree_shapes(tree: str, leaf_size: int | None = None,
+                leaves: int | None = None) -> dict[str, Any]:
   """Shapes of a named tree: ``gpt2``, ``many``, ``uniform:N``, ``wide`` or ``wide:N``.
 
-  ``leaf_size``: square leaves of that size instead of the tree's own (not
-  for ``gpt2``, whose shapes are the model's).
+  ``leaf_size``: square leaves of that size instead of the tree's own;
+  ``leaves``: that many leaves (neither for ``gpt2``, whose shapes are the
+  model's).
   """
+  if leaves is not None:
+    if leaves < 1:
+      raise ValueError(f"leaves must be >= 1, got {leaves}")
+    if tree == "gpt2":
+      raise ValueError("leaves does not apply to the gpt2 tree (its shapes are the model's)")
   if leaf_size is not None:
     if leaf_size < 1:
       raise ValueError(f"leaf_size must be >= 1, got {leaf_size}")
@@ -88,11 +97,11 @@ def tree_shapes(tree: str, leaf_size: int | None = None) -> dict[str, Any]:
   if tree == "gpt2":
     return gpt2_shapes()
   if tree == "many":
-    return uniform_shapes(2000, square or (100, 100))
+    return uniform_shapes(leaves or MANY_LEAVES, square or SMALL_LEAF)
   if tree.startswith("uniform:"):
-    return uniform_shapes(_count(tree), square or (100, 100))
+    return uniform_shapes(leaves or _count(tree), square or SMALL_LEAF)
   if tree == "wide" or tree.startswith("wide:"):
-    n = WIDE_LEAVES if tree == "wide" else _count(tree)
+    n = leaves or (WIDE_LEAVES if tree == "wide" else _count(tree))
     return uniform_shapes(n, square or (WIDE_SIZE, WIDE_SIZE))
   raise ValueError(
       f"unknown tree {tree!r}; expected 'gpt2', 'many', 'uniform:N', 'wide' or 'wide:N'")
@@ -111,11 +120,11 @@ def scaled(shape: tuple[int, ...], scale: float) -> tuple[int, ...]:
 
 
 def abstract_tree(tree: str, dtype: Any, scale: float = 1.0,
-                  leaf_size: int | None = None) -> Any:
+                  leaf_size: int | None = None, leaves: int | None = None) -> Any:
   """The tree as ``jax.ShapeDtypeStruct`` leaves."""
   return jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(scaled(s, scale), jnp.dtype(dtype)),
-      tree_shapes(tree, leaf_size),
+      tree_shapes(tree, leaf_size, leaves),
       is_leaf=_is_shape,
   )
 

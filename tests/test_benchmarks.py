@@ -45,8 +45,16 @@ def test_trees_gpt2_small_shapes():
 
 def test_trees_many_and_uniform():
   info = trees.describe(trees.abstract_tree("many", "bfloat16"))
-  assert info == {"leaves": 2000, "params": 20_000_000, "bytes": 40_000_000}
+  assert info == {"leaves": 2000, "params": 2000 * 2048, "bytes": 2000 * 2048 * 2}
   assert trees.describe(trees.abstract_tree("uniform:3", "float32"))["leaves"] == 3
+  assert trees.describe(trees.abstract_tree("many", "float32", leaves=250)) == {
+      "leaves": 250, "params": 250 * 2048, "bytes": 250 * 2048 * 4}
+  assert trees.describe(trees.abstract_tree("uniform:3", "float32", leaves=5))["leaves"] == 5
+  for bad in (0, -2):
+    with pytest.raises(ValueError, match="leaves must be >= 1"):
+      trees.tree_shapes("many", leaves=bad)
+  with pytest.raises(ValueError, match="gpt2"):
+    trees.tree_shapes("gpt2", leaves=10)
   with pytest.raises(ValueError, match="unknown tree"):
     trees.tree_shapes("resnet")
 
@@ -283,7 +291,8 @@ def test_runner_end_to_end_tiny(tmp_path):
   assert "NOISY" in proc.stdout and "MISS" not in proc.stdout
 
   res = json.loads((tmp_path / "tiny.json").read_text())
-  assert res["config"]["tree_leaves"] == 4 and res["config"]["tree_params"] == 400
+  # 4 leaves of 32 x 64 at 1% of the elements: 3 x 6 each
+  assert res["config"]["tree_leaves"] == 4 and res["config"]["tree_params"] == 4 * 3 * 6
   assert res["config"]["rounds"] == 2
   assert res["environment"]["jax"] == jax.__version__
   steps = ["adam", "og.clip_by_global_norm", "optax.clip_by_global_norm",
