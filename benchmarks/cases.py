@@ -128,6 +128,21 @@ def step_variants() -> list[StepVariant]:
           refs=("og.skip_on_spike",), compile_ref="optax.clip_by_global_norm",
       ),
       StepVariant(
+          "flat:og.clip_by_global_norm",
+          "optax.flatten(chain(og.clip_by_global_norm(1), adam))",
+          lambda: optax.flatten(optax.chain(_og("clip_by_global_norm")(MAX_NORM), adam())),
+          needs=("clip_by_global_norm",), base=CHAIN,
+      ),
+      StepVariant(
+          "flat:og.skip_on_spike:fused",
+          "og.update_and_apply(og.skip_on_spike(optax.flatten(chain(og.clip_by_global_norm(1), "
+          "adam))))",
+          lambda: _og("skip_on_spike")(
+              optax.flatten(optax.chain(_og("clip_by_global_norm")(MAX_NORM), adam()))),
+          needs=("update_and_apply", "skip_on_spike", "clip_by_global_norm"), fused=True,
+          base=CHAIN, refs=("og.skip_on_spike:fused",),
+      ),
+      StepVariant(
           "og.monitor", "chain(og.monitor(), adam)",
           lambda: optax.chain(_og("monitor")(), adam()),
           needs=("monitor",),
