@@ -10,16 +10,18 @@
 #
 #   1. nvidia-smi -L, the versions and jax's devices;
 #   2. python3 -m benchmarks on the GPT-2-small tree (float32, fewer rounds than
-#      the documented run; bfloat16 with the clip only) and on the wide tree;
+#      the documented run, StableAdamW, SPAM and AdaGC included; bfloat16 with the
+#      clip only), on the wide tree and on a tree of 500 small leaves (the clip,
+#      the fused spike guard and both inside optax.flatten);
 #   3. python3 -m experiments --quick, timed;
 #   4. pytest over every test file and the doctests (one pytest per file with
 #      its own timeout, -m "not slow", a few files at a time, JAX_PLATFORMS=cuda),
 #      with python3 -m benchmarks.false_skips --quick on the CPU alongside;
 #   5. optionally (GPU_CHECK_WHOLE_STEP=1) the whole-step transformer benchmark.
 #
-# Files written to $OUT (8, each as soon as its piece ends; a run cut short
+# Files written to $OUT (9, each as soon as its piece ends; a run cut short
 # keeps what it wrote): gpu_check.log (everything printed), timings.tsv (piece,
-# status, seconds, timeout), bench-gpt2.md, bench-wide.md,
+# status, seconds, timeout), bench-gpt2.md, bench-wide.md, bench-many.md,
 # experiments-summary.md, false_skips.log, pytest.log (per-file results and
 # totals) and results.tar.gz (the JSON results, junit XML and per-file logs).
 #
@@ -140,10 +142,14 @@ if ((DRY)); then
   GPT2_ARGS=(--tree uniform:4 --scale 0.01 --rounds 1 --warmup 0 --only 'og.clip_by_global_norm')
   BF16_ARGS=(--tree uniform:2 --scale 0.01 --rounds 1 --warmup 0 --only 'og.clip_by_global_norm')
   WIDE_ARGS=(--tree wide --leaf-size 16 --rounds 1 --warmup 0)
+  MANY_ARGS=(--tree many --leaves 8 --rounds 1 --warmup 0 --only 'og.clip_by_global_norm,flat:*')
 else
   GPT2_ARGS=(--tree gpt2 --rounds 7 --warmup 2 --steps 5)
   BF16_ARGS=(--tree gpt2 --rounds 7 --warmup 2 --steps 5 --only 'og.clip_by_global_norm')
   WIDE_ARGS=(--tree wide --rounds 7 --warmup 2 --steps 10)
+  # 500 leaves, not 2,000: each of the 2,000-leaf steps takes about a minute to compile
+  MANY_ARGS=(--tree many --leaves 500 --rounds 9 --warmup 2 --steps 5
+             --only 'og.clip_by_global_norm,og.skip_on_spike:fused,flat:*')
 fi
 piece bench-gpt2 90 30 env JAX_PLATFORMS=$PLATFORM "$PY" -m benchmarks "${GPT2_ARGS[@]}" \
   --no-compile --out "$WORK/bench" --name gpt2-float32
@@ -153,6 +159,9 @@ piece bench-gpt2-bf16 45 20 env JAX_PLATFORMS=$PLATFORM "$PY" -m benchmarks "${B
 piece bench-wide 100 40 env JAX_PLATFORMS=$PLATFORM "$PY" -m benchmarks "${WIDE_ARGS[@]}" \
   --no-compile --out "$WORK/bench" --name wide-float32
 bench_md wide-float32 bench-wide.md
+piece bench-many 90 30 env JAX_PLATFORMS=$PLATFORM "$PY" -m benchmarks "${MANY_ARGS[@]}" \
+  --no-compile --out "$WORK/bench" --name many-float32
+bench_md many-float32 bench-many.md
 
 # ---------------------------------------------------------------------------
 # 3. Experiments, quick profile (timed: the wall time is in timings.tsv)

@@ -428,10 +428,11 @@ def test_gpu_check_dry_run(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   out = tmp_path / "out"
   files = sorted(p.name for p in out.iterdir())
-  assert files == ["bench-gpt2.md", "bench-wide.md", "false_skips.log", "gpu_check.log",
+  assert files == ["bench-gpt2.md", "bench-many.md", "bench-wide.md", "false_skips.log",
+                   "gpu_check.log",
                    "pytest.log", "results.tar.gz", "timings.tsv"]  # + the experiments' summary
   rows = [line.split("\t") for line in (out / "timings.tsv").read_text().splitlines()[1:]]
   assert {r[0]: r[1] for r in rows} == {
       "versions": "ok", "bench-gpt2": "ok", "bench-gpt2-bf16": "ok", "bench-wide": "ok",
-      "experiments": "ok", "pytest": "done", "false_skips": "ok"}
+      "bench-many": "ok", "experiments": "ok", "pytest": "done", "false_skips": "ok"}
   assert "0 failed, 0 errors" in (out / "pytest.log").read_text()
