@@ -57,7 +57,7 @@ what happens).
                         every device (and every process with --coordinator), asserted
                         to match one device.
 
-The default run takes under 5 minutes on 2 idle CPU cores (about 330 s of CPU
+The default run takes under 5 minutes on 2 idle CPU cores (about 360 s of CPU
 time), --quick under 2 (about 115 s); --full goes further (the adding problem at
 T=50 and 100; about 25 minutes of CPU time).
 Output goes to a new folder runs/<timestamp>/ unless --out is given.
