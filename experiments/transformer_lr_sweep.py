@@ -408,9 +408,8 @@ def diagnose(runs: Sequence[C.Run], config: dict[str, Any]) -> dict[str, Any]:
   unit = unit_schedule(Config(steps=int(config["steps"]), warmup_steps=peak))
   logged = [r for r in runs if any(k.startswith("tensor_norm/") for k in r.extra)]
   out: dict[str, Any] = {"initial": {}, "step_per_lr": {}, "growth": {}, "logit_step": {}}
-  for r in logged:
-    out["initial"] = {k: float(np.mean(r.extra[f"tensor_norm/{k}"][:, 0])) for k in KINDS}
-    break
+  if logged:  # every defence starts from the same parameters
+    out["initial"] = {k: float(np.mean(logged[0].extra[f"tensor_norm/{k}"][:, 0])) for k in KINDS}
   for name in dict.fromkeys(r.defence for r in logged):
     lr = min(lr_of(r) for r in logged if r.defence == name)
     r = _cell(logged, name, lr)
