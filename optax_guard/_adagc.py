@@ -56,28 +56,55 @@ class AdagcState(NamedTuple):
   total_clipped: jax.Array
 
 
-def _clip_tensor(
-    x: jax.Array, partial: jax.Array, gamma: jax.Array, *, warm: jax.Array, finite: jax.Array,
+def _factors(
+    norm: jax.Array, gamma: jax.Array, *, warm: jax.Array, finite: jax.Array,
     h_abs: jax.Array, rel: jax.Array, b: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One tensor's step: its clipped values, its new ``gamma`` and how many of
-  its layer slices were scaled down."""
+) -> tuple[jax.Array, jax.Array]:
+  """Every tensor's factor and new ``gamma``, on the vectors of all tensors at once."""
   f32 = jnp.float32
-  norm = num.finish_norm(partial).astype(f32)  # shape: layer axes + (1,)*rest, or ()
-  gamma_b = gamma.reshape(norm.shape)
-  seen = gamma_b > 0
-  bound = rel * gamma_b
+  seen = gamma > 0
+  bound = rel * gamma
   h_rel = jnp.where(seen, num.safe_factor(bound, norm), jnp.ones((), f32))
   factor = jnp.where(warm, h_abs, h_rel)
-  num_clipped = jnp.sum((factor < 1) & (norm > 0), dtype=jnp.int32)
   # the clipped norm, recorded when finite and nonzero
   clipped = jnp.where(warm, h_abs * norm, jnp.where(seen, jnp.minimum(norm, bound), norm))
   record = jnp.isfinite(norm) & jnp.isfinite(clipped) & (clipped > 0) & (
       finite | jnp.logical_not(warm))
-  during = jnp.where(seen, jnp.minimum(gamma_b, clipped), clipped)
-  after = jnp.where(seen, b * gamma_b + (1 - b) * clipped, clipped)
-  new = jnp.where(record, jnp.where(warm, during, after), gamma_b)
-  return num.scale_leaf(x, factor), new.reshape(gamma.shape).astype(f32), num_clipped
+  during = jnp.where(seen, jnp.minimum(gamma, clipped), clipped)
+  after = jnp.where(seen, b * gamma + (1 - b) * clipped, clipped)
+  new = jnp.where(record, jnp.where(warm, during, after), gamma)
+  return factor, new.astype(f32)
+
+
+def _flat(parts: list[jax.Array]) -> jax.Array:
+  """Every tensor's value (one per layer slice) as one float32 vector, leaf order."""
+  if not parts:
+    return jnp.zeros((0,), jnp.float32)
+  return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in parts])
+
+
+def _pieces(vector: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
+  """:func:`_flat`'s vector cut back into pieces of the given shapes."""
+  out, start = [], 0
+  for shape in shapes:
+    size = math.prod(shape)
+    out.append(vector[start:start + size].reshape(shape))
+    start += size
+  return out
+
+
+def _split(pred, vectors, shapes):
+  """The vectors cut into the pieces of ``shapes``, each a buffer of its own.
+
+  Through a ``lax.cond`` whose two branches are the same: its results are
+  computed once, so each tensor's arithmetic reads a scalar buffer (and
+  compiles to the same kernel for every tensor of a shape), where a slice
+  would be fused into it with its offset (a kernel per tensor) or the vector
+  arithmetic copied into each tensor's fusion (a program quadratic in the
+  number of tensors).
+  """
+  cut = lambda vs: tuple(tuple(_pieces(v, s)) for v, s in zip(vs, shapes, strict=True))
+  return jax.lax.cond(pred, cut, cut, vectors)
 
 
 def adagc(
@@ -210,17 +237,18 @@ def adagc(
     h_abs = num.safe_factor(lambda_abs, gnorm)
     rel, b = jnp.asarray(lambda_rel, f32), jnp.asarray(beta, f32)
 
-    out, gammas, num_clipped = [], [], jnp.zeros((), jnp.int32)
-    for x, p, gamma in zip(leaves, partials, jax.tree.leaves(state.gamma), strict=True):
-      y, new, clipped = _clip_tensor(x, p, gamma, warm=warm, finite=finite, h_abs=h_abs,
-                                     rel=rel, b=b)
-      out.append(y)
-      gammas.append(new)
-      num_clipped += clipped
+    gamma_leaves = jax.tree.leaves(state.gamma)
+    norms = _flat([num.finish_norm(p) for p in partials])
+    factor, gamma = _factors(norms, _flat(gamma_leaves), warm=warm, finite=finite, h_abs=h_abs,
+                             rel=rel, b=b)
+    num_clipped = jnp.sum((factor < 1) & (norms > 0), dtype=jnp.int32)
+    factors, gammas = _split(warm, (factor, gamma),
+                             ([p.shape for p in partials], [g.shape for g in gamma_leaves]))
+    out = [num.scale_leaf(x, f) for x, f in zip(leaves, factors, strict=True)]
 
     count = jnp.where(finite, optax.safe_increment(state.count), state.count)
     return jax.tree.unflatten(treedef, out), AdagcState(
-        count=count, gamma=jax.tree.unflatten(jax.tree.structure(state.gamma), gammas),
+        count=count, gamma=jax.tree.unflatten(jax.tree.structure(state.gamma), list(gammas)),
         norm=gnorm, num_clipped=num_clipped,
         total_clipped=num.saturating_add(state.total_clipped, num_clipped),
     )
