@@ -228,9 +228,8 @@ def adagc(
     partials = num.cross_device(partials, 2, axis_name)  # one collective for all tensors
     total = num.combine_partials([jnp.sum(p) for p in partials])
     # Finiteness is read from the norm, not from the sum of squares (the same test for
-    # a sum of squares): XLA computes a square root once, but copies the cheap chain
-    # of additions behind the sum into the fusion of every tensor that reads it,
-    # which made compile time grow as the square of the number of leaves.
+    # a sum of squares): XLA computes a square root once, where it copies the cheap
+    # chain of additions behind the sum into every fusion that reads it.
     norm64 = num.finish_norm(total)
     gnorm, finite = norm64.astype(f32), norm64 < jnp.inf
     warm = state.count < jnp.asarray(warmup_steps, jnp.int32)
