@@ -514,22 +514,18 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add(f"{variant} + adam: overhead over adam", None if r is None else 100 * (r - 1),
         limit_pct, "pct")
 
-  def add_fused(variant, limit_pct):
-    v = cs.variant(variant)
-    base = cs.variant(v.base) if v.base else None
-    r = _ratio(med(step, variant), med(step, v.base)) if v.base else None
-    add(f"{variant}: overhead over `{base.code if base else '?'}`",
-        None if r is None else 100 * (r - 1), limit_pct, "pct")
-    temp = step.get(variant, {}).get("temp_bytes")
-    tree = results.get("config", {}).get("tree_bytes")
-    add(f"{variant}: XLA temporaries / one copy of the updates",
-        _ratio(temp, tree) if temp is not None else None, 0.01, "share")
-
   def add_base(variant, limit_pct):
     v = cs.variant(variant)
     r = _ratio(med(step, variant), med(step, v.base))
     add(f"{variant}: overhead over `{cs.variant(v.base).code}`",
         None if r is None else 100 * (r - 1), limit_pct, "pct")
+
+  def add_fused(variant, limit_pct):
+    add_base(variant, limit_pct)
+    temp = step.get(variant, {}).get("temp_bytes")
+    tree = results.get("config", {}).get("tree_bytes")
+    add(f"{variant}: XLA temporaries / one copy of the updates",
+        _ratio(temp, tree) if temp is not None else None, 0.01, "share")
 
   add_overhead("og.clip_by_global_norm", 20.0)
   for variant, limit in (("og.spam", 25.0), ("og.stable_adamw", 35.0), ("og.adagc", 20.0)):

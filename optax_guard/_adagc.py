@@ -76,23 +76,6 @@ def _factors(
   return factor, new.astype(f32)
 
 
-def _flat(parts: list[jax.Array]) -> jax.Array:
-  """Every tensor's value (one per layer slice) as one float32 vector, leaf order."""
-  if not parts:
-    return jnp.zeros((0,), jnp.float32)
-  return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in parts])
-
-
-def _pieces(vector: jax.Array, shapes: list[tuple[int, ...]]) -> list[jax.Array]:
-  """:func:`_flat`'s vector cut back into pieces of the given shapes."""
-  out, start = [], 0
-  for shape in shapes:
-    size = math.prod(shape)
-    out.append(vector[start:start + size].reshape(shape))
-    start += size
-  return out
-
-
 def _split(pred, vectors, shapes):
   """The vectors cut into the pieces of ``shapes``, each a buffer of its own.
 
@@ -103,7 +86,7 @@ def _split(pred, vectors, shapes):
   arithmetic copied into each tensor's fusion (a program quadratic in the
   number of tensors).
   """
-  cut = lambda vs: tuple(tuple(_pieces(v, s)) for v, s in zip(vs, shapes, strict=True))
+  cut = lambda vs: tuple(tuple(num.split_flat(v, s)) for v, s in zip(vs, shapes, strict=True))
   return jax.lax.cond(pred, cut, cut, vectors)
 
 
@@ -227,19 +210,16 @@ def adagc(
     partials = [num.tensor_partial(x, lead) for x, lead in zip(leaves, leads, strict=True)]
     partials = num.cross_device(partials, 2, axis_name)  # one collective for all tensors
     total = num.combine_partials([jnp.sum(p) for p in partials])
-    # Finiteness is read from the norm, not from the sum of squares (the same test for
-    # a sum of squares): XLA computes a square root once, where it copies the cheap
-    # chain of additions behind the sum into every fusion that reads it.
-    norm64 = num.finish_norm(total)
-    gnorm, finite = norm64.astype(f32), norm64 < jnp.inf
+    gnorm = num.finish_norm(total).astype(f32)
+    finite = jnp.isfinite(total)
     warm = state.count < jnp.asarray(warmup_steps, jnp.int32)
     h_abs = num.safe_factor(lambda_abs, gnorm)
     rel, b = jnp.asarray(lambda_rel, f32), jnp.asarray(beta, f32)
 
     gamma_leaves = jax.tree.leaves(state.gamma)
-    norms = _flat([num.finish_norm(p) for p in partials])
-    factor, gamma = _factors(norms, _flat(gamma_leaves), warm=warm, finite=finite, h_abs=h_abs,
-                             rel=rel, b=b)
+    norms = num.concat_flat([num.finish_norm(p) for p in partials], f32)
+    factor, gamma = _factors(norms, num.concat_flat(gamma_leaves, f32), warm=warm,
+                             finite=finite, h_abs=h_abs, rel=rel, b=b)
     num_clipped = jnp.sum((factor < 1) & (norms > 0), dtype=jnp.int32)
     factors, gammas = _split(warm, (factor, gamma),
                              ([p.shape for p in partials], [g.shape for g in gamma_leaves]))

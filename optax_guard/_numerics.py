@@ -228,13 +228,29 @@ def cross_device(partials: Any, ord: NormOrd = 2, axis_name: AxisName = None) ->
     if len(group) == 1:
       out[group[0]] = collective(leaves[group[0]], axis_name)
       continue
-    flat = collective(jnp.concatenate([jnp.ravel(leaves[i]) for i in group]), axis_name)
-    start = 0
-    for i in group:
-      size = leaves[i].size
-      out[i] = flat[start:start + size].reshape(leaves[i].shape)
-      start += size
+    flat = collective(concat_flat([leaves[i] for i in group]), axis_name)
+    for i, piece in zip(group, split_flat(flat, [leaves[i].shape for i in group]), strict=True):
+      out[i] = piece
   return jax.tree.unflatten(treedef, out)
+
+
+def concat_flat(parts: Sequence[jax.Array], dtype: Any = None) -> jax.Array:
+  """The arrays ``parts``, raveled and concatenated into one vector (cast to
+  ``dtype`` if given); an empty vector for none."""
+  if not parts:
+    return jnp.zeros((0,), dtype or jnp.float32)
+  return jnp.concatenate([jnp.ravel(p) if dtype is None else jnp.ravel(p).astype(dtype)
+                          for p in parts])
+
+
+def split_flat(vector: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list[jax.Array]:
+  """:func:`concat_flat`'s vector cut back into pieces of ``shapes``, in order."""
+  out, start = [], 0
+  for shape in shapes:
+    size = math.prod(shape)
+    out.append(vector[start:start + size].reshape(shape))
+    start += size
+  return out
 
 
 # The keyword extra through which a guard hands its measured sum of squares
