@@ -576,8 +576,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       "transforms against adam alone and optax's own clipping.",
   )
   p.add_argument("--tree", default="gpt2",
-                 help="gpt2 (124M params, 148 leaves), many (2,000 leaves of 10k), "
-                 "uniform:N (N leaves of 10k), wide (8 leaves of 8192x8192, 2 GiB in "
+                 help="gpt2 (124M params, 148 leaves), many (2,000 leaves of 32 x 64), "
+                 "uniform:N (N leaves of 32 x 64), wide (8 leaves of 8192x8192, 2 GiB in "
                  "float32; times the cases of WIDE_ONLY unless --only is given) or "
                  "wide:N (default gpt2)")
   p.add_argument("--leaves", type=int, default=None, metavar="N",

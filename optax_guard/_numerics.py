@@ -319,8 +319,65 @@ def local_partial(tree: Any, ord: NormOrd = None, axis_name: AxisName = None) ->
   The leaves' partials each become this device's share (see
   :func:`device_shares`) before they are combined: a replicated leaf must
   count once even where its partial is added to a sharded leaf's.
+
+  Compiled for a CPU platform of one device, the sums of squares of the
+  leaves under ``_SMALL_LEAF`` elements are taken over one concatenation of
+  them (:func:`_partials`); on other platforms, and when the CPU has several
+  devices, leaf by leaf. The two differ only in the rounding of the sum.
   """
-  partials = [partial_norm(x, ord) for x in jax.tree.leaves(tree)]
+  leaves = jax.tree.leaves(tree)
+  if canonical_ord(ord) == 2 and sum(_is_small(x) for x in leaves) > 1 and _one_cpu_device():
+    per_leaf = functools.partial(_partials, ord=ord, axis_name=axis_name)
+    grouped = functools.partial(_partials, ord=ord, axis_name=axis_name, group_small=True)
+    return jax.lax.platform_dependent(leaves, cpu=grouped, default=per_leaf)
+  return _partials(leaves, ord, axis_name)
+
+
+# Below this many elements XLA:CPU reduces a leaf with a generic loop: the
+# squares are written out and summed by a second kernel, two kernels per leaf
+# whose launch costs more than the data they read.
+_SMALL_LEAF = 4096
+
+
+def _is_small(x: jax.Array) -> bool:
+  return 0 < jnp.size(x) < _SMALL_LEAF
+
+
+def _one_cpu_device() -> bool:
+  """Whether the CPU platform has a single device (in every process together).
+
+  Small leaves are grouped on CPU only then: a concatenation of leaves that
+  ``jit`` shards over several devices would gather them first.
+  """
+  try:
+    return len(jax.devices("cpu")) == 1
+  except RuntimeError:  # no CPU platform (JAX_PLATFORMS excludes it)
+    return False
+
+
+def _partials(leaves: Sequence[jax.Array], ord: NormOrd, axis_name: AxisName,
+              group_small: bool = False) -> jax.Array:
+  """The combined device shares of the leaves' partials.
+
+  ``group_small`` (sums of squares on CPU): leaves under ``_SMALL_LEAF``
+  elements that share a dtype and, under ``shard_map``, the
+  axes they vary over (so the same device share) are concatenated into one
+  vector and summed by one reduction: two kernels for any number of small
+  leaves, at the price of one copy of them. The optimization barrier keeps
+  XLA from splitting the sum of the concatenation back into one sum per leaf.
+  """
+  partials, groups = [], {}
+  for x in leaves:
+    if group_small and _is_small(x):
+      groups.setdefault((jnp.dtype(x.dtype), varying_axes(x)), []).append(x)
+    else:
+      partials.append(partial_norm(x, ord))
+  for group in groups.values():
+    # in the leaves' own dtype: a convert or abs per leaf would be a kernel per leaf
+    flat = jax.lax.optimization_barrier(concat_flat(group))
+    flat = _magnitude(flat) if jnp.iscomplexobj(flat) else flat.astype(
+        accumulation_dtype(flat.dtype))
+    partials.append(jnp.sum(flat * flat))  # varies over the axes its leaves vary over
   return combine_partials(device_shares(partials, axis_name, ord), ord)
 
 

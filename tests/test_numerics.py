@@ -181,6 +181,65 @@ def test_cross_device_sums_or_maxes_partials_over_the_axis(ord, want, devices): 
   np.testing.assert_array_equal(local["b"], partials["b"])
 
 
+@given(leaves=st.lists(arrays(shapes=((1,), (5,), (2, 3), (3, 1, 4), (70, 64))),
+                      min_size=2, max_size=6))
+def test_grouped_small_leaves_give_the_sum_of_squares(leaves):
+  """The CPU path (small leaves concatenated, one sum) against NumPy float64."""
+  got = jax.jit(lambda xs: num._partials(xs, 2, None, group_small=True))(leaves)
+  want = sum(float(np.sum(f64(x) ** 2)) for x in leaves)
+  np.testing.assert_allclose(f64(got), want, rtol=_rtol(None), atol=0)
+
+
+def test_grouped_small_leaves_compile_to_one_reduction():
+  """Fifty small leaves: one concatenation and one reduction, no square written per leaf."""
+  leaves = [jnp.full((32, 64), 0.5)] * 50
+  compiled = jax.jit(lambda xs: num._partials(xs, 2, None, group_small=True)).lower(
+      leaves).compile()
+  text = compiled.as_text()
+  assert text.count("concatenate(") == 1 and "reduce-window" not in text
+  assert compiled.memory_analysis().temp_size_in_bytes <= 50 * 32 * 64 * 4 + 1024
+  assert float(compiled(leaves)) == 50 * 32 * 64 * 0.25
+
+
+@pytest.mark.parametrize("axis_name", ["model", ("data", "model")], ids=str)
+def test_grouped_small_leaves_count_a_replicated_leaf_once(axis_name, devices):
+  """Under shard_map the sharded and the replicated small leaves form separate groups,
+  each counted as its own device share: 4 * 16 + 3 * 9 = 91, the bias once."""
+  mesh = Mesh(np.array(devices).reshape(2, 4), ("data", "model"))
+  leaves = {"kernel": jnp.full((8, 4), 4.0), "bias": jnp.full((3,), 3.0),
+            "scale": jnp.full((8,), 0.0)}
+  specs = {"kernel": P("model"), "bias": P(), "scale": P("model")}
+  fn = jax.jit(jax.shard_map(
+      lambda t: num.cross_device(num._partials(jax.tree.leaves(t), 2, axis_name,
+                                               group_small=True), 2, axis_name),
+      mesh=mesh, in_specs=(specs,), out_specs=P()))
+  assert float(fn(leaves)) == 8 * 4 * 16.0 + 3 * 9.0
+
+
+def test_a_cpu_device_alone_groups_small_leaves_in_the_compiled_step():
+  """With one CPU device (a fresh process), the global norm of many small leaves is
+  one reduction of their concatenation; the other test processes simulate 8 devices,
+  where leaves are never concatenated (jit could shard them)."""
+  import os
+  import subprocess
+  import sys
+  code = (
+      "import jax, jax.numpy as jnp\n"
+      "from optax_guard import _numerics as num\n"
+      "xs = [jnp.full((32, 64), 0.5)] * 40\n"
+      "f = jax.jit(lambda xs: num.global_norm(xs))\n"
+      "t = f.lower(xs).compile().as_text()\n"
+      "print(t.count('concatenate('), t.count('reduce-window('), float(f(xs)))\n"
+  )
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, timeout=300, check=True).stdout.split()
+  assert out[:2] == ["1", "0"]
+  np.testing.assert_allclose(float(out[2]), math.sqrt(40 * 32 * 64 * 0.25), rtol=1e-6)
+  assert not num._one_cpu_device()  # this process: 8 simulated devices, leaf by leaf
+
+
 def test_canonical_ord_and_accumulation_dtype():
   assert num.canonical_ord(None) == 2
   assert num.canonical_ord("inf") == math.inf
