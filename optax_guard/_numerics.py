@@ -366,7 +366,8 @@ def _partials(leaves: Sequence[jax.Array], ord: NormOrd, axis_name: AxisName,
   leaves, at the price of one copy of them. The optimization barrier keeps
   XLA from splitting the sum of the concatenation back into one sum per leaf.
   """
-  partials, groups = [], {}
+  partials: list[jax.Array] = []
+  groups: dict[tuple[Any, frozenset[str]], list[jax.Array]] = {}
   for x in leaves:
     if group_small and _is_small(x):
       groups.setdefault((jnp.dtype(x.dtype), varying_axes(x)), []).append(x)
