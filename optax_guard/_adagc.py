@@ -207,9 +207,11 @@ def adagc(
     f32 = jnp.float32
     leads = num.stacked_counts(owner, updates, stacked)
     leaves, treedef = jax.tree.flatten(updates)
-    partials = [num.tensor_partial(x, lead) for x, lead in zip(leaves, leads, strict=True)]
+    partials = num.tensor_partials(leaves, leads)
     partials = num.cross_device(partials, 2, axis_name)  # one collective for all tensors
-    total = num.combine_partials([jnp.sum(p) for p in partials])
+    # every tensor's partial in one vector: one sum and one square root for all
+    squares = num.concat_flat(partials)
+    total = jnp.sum(squares)
     gnorm = num.finish_norm(total).astype(f32)
     finite = jnp.isfinite(total)
     warm = state.count < jnp.asarray(warmup_steps, jnp.int32)
@@ -217,7 +219,7 @@ def adagc(
     rel, b = jnp.asarray(lambda_rel, f32), jnp.asarray(beta, f32)
 
     gamma_leaves = jax.tree.leaves(state.gamma)
-    norms = num.concat_flat([num.finish_norm(p) for p in partials], f32)
+    norms = num.finish_norm(squares).astype(f32)
     factor, gamma = _factors(norms, num.concat_flat(gamma_leaves, f32), warm=warm,
                              finite=finite, h_abs=h_abs, rel=rel, b=b)
     num_clipped = jnp.sum((factor < 1) & (norms > 0), dtype=jnp.int32)

@@ -579,6 +579,45 @@ def tensor_partial(x: jax.Array, lead: int = 0, ord: NormOrd = 2) -> jax.Array: 
   return partial_norm(x, ord, axis=tuple(range(lead, x.ndim)), keepdims=True)
 
 
+def tensor_partials(
+    leaves: Sequence[jax.Array], leads: Sequence[int], ord: NormOrd = 2  # noqa: A002
+) -> list[jax.Array]:
+  """:func:`tensor_partial` of each leaf, in order.
+
+  Compiled for a CPU platform of one device (as :func:`local_partial`), the
+  sums of squares of whole small leaves (``lead`` 0, under ``_SMALL_LEAF``
+  elements) of the same size, dtype and varying axes are the row sums of one
+  concatenation of them: two kernels for the group instead of two per leaf.
+  They differ from the leaf-by-leaf sums only in rounding.
+  """
+  leaves, leads = list(leaves), list(leads)
+  small = sum(n == 0 and _is_small(x) for x, n in zip(leaves, leads, strict=True))
+  if canonical_ord(ord) == 2 and small > 1 and _one_cpu_device():
+    per_leaf = functools.partial(_tensor_partials, leads=leads, ord=ord)
+    grouped = functools.partial(_tensor_partials, leads=leads, ord=ord, group_small=True)
+    return jax.lax.platform_dependent(leaves, cpu=grouped, default=per_leaf)
+  return _tensor_partials(leaves, leads, ord)
+
+
+def _tensor_partials(leaves: Sequence[jax.Array], leads: Sequence[int], ord: NormOrd,  # noqa: A002
+                     group_small: bool = False) -> list[jax.Array]:
+  out: list[Any] = [None] * len(leaves)
+  groups: dict[tuple[Any, int, frozenset[str]], list[int]] = {}
+  for i, (x, lead) in enumerate(zip(leaves, leads, strict=True)):
+    if group_small and lead == 0 and _is_small(x):
+      groups.setdefault((jnp.dtype(x.dtype), jnp.size(x), varying_axes(x)), []).append(i)
+    else:
+      out[i] = tensor_partial(x, lead, ord)
+  for (dtype, size, _), members in groups.items():
+    rows = jax.lax.optimization_barrier(concat_flat([leaves[i] for i in members]))
+    rows = rows.reshape(len(members), size)
+    rows = _magnitude(rows) if jnp.iscomplexobj(rows) else rows.astype(accumulation_dtype(dtype))
+    sums = jnp.sum(rows * rows, axis=1)
+    for j, i in enumerate(members):
+      out[i] = sums[j]
+  return out
+
+
 def tensor_norms(
     tree: Any, leads: Sequence[int], ord: NormOrd = None, axis_name: AxisName = None  # noqa: A002
 ) -> list[jax.Array]:

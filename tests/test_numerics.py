@@ -190,6 +190,19 @@ def test_grouped_small_leaves_give_the_sum_of_squares(leaves):
   np.testing.assert_allclose(f64(got), want, rtol=_rtol(None), atol=0)
 
 
+@given(leaves=st.lists(arrays(shapes=((1,), (5,), (2, 3), (3, 2), (4, 5, 3))), min_size=2,
+                      max_size=6))
+def test_grouped_tensor_partials_are_each_tensors_sum_of_squares(leaves):
+  """Per-tensor partials on the CPU path (equal-size small leaves as the rows of one
+  concatenation; 3-d leaves stacked, one partial per layer) against NumPy float64."""
+  leads = [1 if x.ndim == 3 else 0 for x in leaves]
+  got = jax.jit(lambda xs: num._tensor_partials(xs, leads, 2, group_small=True))(leaves)
+  for g, x, lead in zip(got, leaves, leads, strict=True):
+    want = np.sum(f64(x) ** 2, axis=tuple(range(lead, x.ndim)), keepdims=lead > 0)
+    assert g.shape == np.shape(want) and g.dtype == jnp.float32
+    np.testing.assert_allclose(f64(g), want, rtol=_rtol(None), atol=0)
+
+
 def test_grouped_small_leaves_compile_to_one_reduction():
   """Fifty small leaves: one concatenation and one reduction, no square written per leaf."""
   leaves = [jnp.full((32, 64), 0.5)] * 50
@@ -231,12 +244,14 @@ def test_a_cpu_device_alone_groups_small_leaves_in_the_compiled_step():
       "f = jax.jit(lambda xs: num.global_norm(xs))\n"
       "t = f.lower(xs).compile().as_text()\n"
       "print(t.count('concatenate('), t.count('reduce-window('), float(f(xs)))\n"
+      "t = jax.jit(lambda xs: num.tensor_partials(xs, [0] * 40)).lower(xs).compile().as_text()\n"
+      "print(t.count('concatenate('), t.count('reduce-window('))\n"
   )
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                        text=True, timeout=300, check=True).stdout.split()
-  assert out[:2] == ["1", "0"]
+  assert out[:2] == ["1", "0"] and out[3:] == ["1", "0"]  # the global and per-tensor sums
   np.testing.assert_allclose(float(out[2]), math.sqrt(40 * 32 * 64 * 0.25), rtol=1e-6)
 
 
