@@ -326,11 +326,9 @@ def local_partial(tree: Any, ord: NormOrd = None, axis_name: AxisName = None) ->
   devices, leaf by leaf. The two differ only in the rounding of the sum.
   """
   leaves = jax.tree.leaves(tree)
-  if canonical_ord(ord) == 2 and sum(_is_small(x) for x in leaves) > 1 and _one_cpu_device():
-    per_leaf = functools.partial(_partials, ord=ord, axis_name=axis_name)
-    grouped = functools.partial(_partials, ord=ord, axis_name=axis_name, group_small=True)
-    return jax.lax.platform_dependent(leaves, cpu=grouped, default=per_leaf)
-  return _partials(leaves, ord, axis_name)
+  small = sum(_is_small(x) for x in leaves)
+  return _grouped_on_cpu(functools.partial(_partials, leaves, ord, axis_name),
+                         canonical_ord(ord) == 2 and small > 1)
 
 
 # Below this many elements XLA:CPU reduces a leaf with a generic loop: the
@@ -341,6 +339,31 @@ _SMALL_LEAF = 4096
 
 def _is_small(x: jax.Array) -> bool:
   return 0 < jnp.size(x) < _SMALL_LEAF
+
+
+def _grouped_on_cpu(compute: Any, worth_it: bool) -> Any:
+  """``compute(group_small=...)``: grouped where compiled for a one-device CPU.
+
+  ``jax.lax.platform_dependent`` picks the branch at lowering; with
+  ``worth_it`` false, or several CPU devices, only the leaf-by-leaf one is
+  traced.
+  """
+  if worth_it and _one_cpu_device():
+    return jax.lax.platform_dependent(cpu=lambda: compute(group_small=True),
+                                      default=lambda: compute(group_small=False))
+  return compute(group_small=False)
+
+
+def _sum_ready(group: Sequence[jax.Array]) -> jax.Array:
+  """The leaves of ``group`` (one dtype) concatenated, in the accumulation dtype.
+
+  Concatenated in their own dtype, since a convert or an ``abs`` per leaf
+  would be a kernel per leaf; the optimization barrier keeps XLA from
+  splitting a sum over the concatenation back into one sum per leaf.
+  """
+  flat = jax.lax.optimization_barrier(concat_flat(group))
+  return _magnitude(flat) if jnp.iscomplexobj(flat) else flat.astype(
+      accumulation_dtype(flat.dtype))
 
 
 def _one_cpu_device() -> bool:
@@ -363,8 +386,7 @@ def _partials(leaves: Sequence[jax.Array], ord: NormOrd, axis_name: AxisName,
   elements that share a dtype and, under ``shard_map``, the
   axes they vary over (so the same device share) are concatenated into one
   vector and summed by one reduction: two kernels for any number of small
-  leaves, at the price of one copy of them. The optimization barrier keeps
-  XLA from splitting the sum of the concatenation back into one sum per leaf.
+  leaves, at the price of one copy of them.
   """
   partials: list[jax.Array] = []
   groups: dict[tuple[Any, frozenset[str]], list[jax.Array]] = {}
@@ -374,10 +396,7 @@ def _partials(leaves: Sequence[jax.Array], ord: NormOrd, axis_name: AxisName,
     else:
       partials.append(partial_norm(x, ord))
   for group in groups.values():
-    # in the leaves' own dtype: a convert or abs per leaf would be a kernel per leaf
-    flat = jax.lax.optimization_barrier(concat_flat(group))
-    flat = _magnitude(flat) if jnp.iscomplexobj(flat) else flat.astype(
-        accumulation_dtype(flat.dtype))
+    flat = _sum_ready(group)
     partials.append(jnp.sum(flat * flat))  # varies over the axes its leaves vary over
   return combine_partials(device_shares(partials, axis_name, ord), ord)
 
@@ -590,13 +609,9 @@ def tensor_partials(
   concatenation of them: two kernels for the group instead of two per leaf.
   They differ from the leaf-by-leaf sums only in rounding.
   """
-  leaves, leads = list(leaves), list(leads)
   small = sum(n == 0 and _is_small(x) for x, n in zip(leaves, leads, strict=True))
-  if canonical_ord(ord) == 2 and small > 1 and _one_cpu_device():
-    per_leaf = functools.partial(_tensor_partials, leads=leads, ord=ord)
-    grouped = functools.partial(_tensor_partials, leads=leads, ord=ord, group_small=True)
-    return jax.lax.platform_dependent(leaves, cpu=grouped, default=per_leaf)
-  return _tensor_partials(leaves, leads, ord)
+  return _grouped_on_cpu(functools.partial(_tensor_partials, leaves, leads, ord),
+                         canonical_ord(ord) == 2 and small > 1)
 
 
 def _tensor_partials(leaves: Sequence[jax.Array], leads: Sequence[int], ord: NormOrd,  # noqa: A002
@@ -608,10 +623,8 @@ def _tensor_partials(leaves: Sequence[jax.Array], leads: Sequence[int], ord: Nor
       groups.setdefault((jnp.dtype(x.dtype), jnp.size(x), varying_axes(x)), []).append(i)
     else:
       out[i] = tensor_partial(x, lead, ord)
-  for (dtype, size, _), members in groups.items():
-    rows = jax.lax.optimization_barrier(concat_flat([leaves[i] for i in members]))
-    rows = rows.reshape(len(members), size)
-    rows = _magnitude(rows) if jnp.iscomplexobj(rows) else rows.astype(accumulation_dtype(dtype))
+  for (_, size, _), members in groups.items():
+    rows = _sum_ready([leaves[i] for i in members]).reshape(len(members), size)
     sums = jnp.sum(rows * rows, axis=1)
     for j, i in enumerate(members):
       out[i] = sums[j]
