@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -341,7 +341,7 @@ def _is_small(x: jax.Array) -> bool:
   return 0 < jnp.size(x) < _SMALL_LEAF
 
 
-def _grouped_on_cpu(compute: Any, worth_it: bool) -> Any:
+def _grouped_on_cpu(compute: Callable[..., Any], worth_it: bool) -> Any:
   """``compute(group_small=...)``: grouped where compiled for a one-device CPU.
 
   ``jax.lax.platform_dependent`` picks the branch at lowering; with
@@ -616,6 +616,8 @@ def tensor_partials(
 
 def _tensor_partials(leaves: Sequence[jax.Array], leads: Sequence[int], ord: NormOrd,  # noqa: A002
                      group_small: bool = False) -> list[jax.Array]:
+  """:func:`tensor_partials` leaf by leaf, or (``group_small``) with the whole
+  small leaves of one size, dtype and varying axes summed as rows of one array."""
   out: list[Any] = [None] * len(leaves)
   groups: dict[tuple[Any, int, frozenset[str]], list[int]] = {}
   for i, (x, lead) in enumerate(zip(leaves, leads, strict=True)):
