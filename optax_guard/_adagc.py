@@ -76,18 +76,21 @@ def _factors(
   return factor, new.astype(f32)
 
 
-def _split(pred, vectors, shapes):
-  """The vectors cut into the pieces of ``shapes``, each a buffer of its own.
+def _split(pred, factor, gamma, factor_shapes, gamma_shapes):
+  """Each tensor's factor and ``gamma``, cut out of the vectors of all tensors.
 
-  Through a ``lax.cond`` whose two branches are the same: its results are
-  computed once, so each tensor's arithmetic reads a scalar buffer (and
-  compiles to the same kernel for every tensor of a shape), where a slice
-  would be fused into it with its offset (a kernel per tensor) or the vector
-  arithmetic copied into each tensor's fusion (a program quadratic in the
-  number of tensors).
+  The two vectors are the columns of one array, cut by
+  ``_numerics.split_rows`` (whose compile time does not grow with the
+  number of tensors) into one buffer per tensor: each tensor's arithmetic
+  then reads its own small buffer and compiles to the same kernel for every
+  tensor of a shape, where a slice at each tensor's offset would make every
+  tensor's kernel distinct, and the vector arithmetic copied into each
+  tensor's fusion would make the program quadratic in the number of tensors.
   """
-  cut = lambda vs: tuple(tuple(num.split_flat(v, s)) for v, s in zip(vs, shapes, strict=True))
-  return jax.lax.cond(pred, cut, cut, vectors)
+  sizes = [math.prod(s) for s in gamma_shapes]
+  pieces = num.split_rows(pred, jnp.stack([factor, gamma], axis=1), sizes)
+  return ([p[:, 0].reshape(s) for p, s in zip(pieces, factor_shapes, strict=True)],
+          [p[:, 1].reshape(s) for p, s in zip(pieces, gamma_shapes, strict=True)])
 
 
 def adagc(
@@ -223,8 +226,8 @@ def adagc(
     factor, gamma = _factors(norms, num.concat_flat(gamma_leaves, f32), warm=warm,
                              finite=finite, h_abs=h_abs, rel=rel, b=b)
     num_clipped = jnp.sum((factor < 1) & (norms > 0), dtype=jnp.int32)
-    factors, gammas = _split(warm, (factor, gamma),
-                             ([p.shape for p in partials], [g.shape for g in gamma_leaves]))
+    factors, gammas = _split(warm, factor, gamma, [p.shape for p in partials],
+                             [g.shape for g in gamma_leaves])
     out = [num.scale_leaf(x, f) for x, f in zip(leaves, factors, strict=True)]
 
     count = jnp.where(finite, optax.safe_increment(state.count), state.count)

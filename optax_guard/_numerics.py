@@ -253,6 +253,64 @@ def split_flat(vector: jax.Array, shapes: Sequence[tuple[int, ...]]) -> list[jax
   return out
 
 
+# How many consecutive parts split_rows cuts a segment into per level.
+_SPLIT_ARITY = 16
+
+
+def _split_plan(sizes: Sequence[int]) -> list[list[int]]:
+  """``sizes`` cut into at most ``_SPLIT_ARITY`` consecutive runs of equal count."""
+  step = -(-len(sizes) // _SPLIT_ARITY)
+  return [list(sizes[i:i + step]) for i in range(0, len(sizes), step)]
+
+
+def split_rows(pred: jax.Array, array: jax.Array, sizes: Sequence[int]) -> list[jax.Array]:
+  """``array`` cut along its first axis into consecutive pieces of ``sizes``
+  rows, each piece a buffer of its own, for a compile time that does not
+  grow with the number of pieces.
+
+  A slice at a constant offset compiles to a kernel of its own, and XLA
+  shares a kernel between two operations only when their code is the same:
+  cutting ``n`` pieces directly compiles ``n`` distinct kernels, and for a
+  few hundred tensors those dominate the compile time of the whole step.
+  (A slice fused into its consumer instead makes every consumer distinct.)
+  Here the pieces are cut by levels: each level cuts every segment into at
+  most ``_SPLIT_ARITY`` consecutive runs of pieces, inside a ``lax.cond``
+  whose two branches are the same, so that each level's segments are
+  buffers XLA cannot see through (it would merge the levels' slices back
+  into one slice per piece). The slices of a level repeat a few (length,
+  offset) pairs, so the distinct kernels number about ``_SPLIT_ARITY`` per
+  distinct segment length, and the copies about ``n * 16 / 15`` rows
+  (``log_16 n`` levels). ``pred`` is any traced boolean scalar: both
+  branches are the same, so it only chooses which copy of them runs.
+
+  The values are moved, never computed: the pieces are bitwise ``array``'s
+  rows.
+  """
+  sizes = [int(s) for s in sizes]
+  if not sizes:
+    return []
+  if sum(sizes) != array.shape[0]:
+    raise ValueError(f"split_rows: sizes add up to {sum(sizes)}, the array has "
+                     f"{array.shape[0]} rows")
+  segments, buffers = [sizes], (array,)
+  while any(len(s) > 1 for s in segments):
+    plan = [_split_plan(s) if len(s) > 1 else [s] for s in segments]
+
+    def level(bufs: tuple[jax.Array, ...], plan: list[list[list[int]]] = plan
+              ) -> tuple[jax.Array, ...]:
+      out = []
+      for buf, runs in zip(bufs, plan, strict=True):
+        start = 0
+        for run in runs:
+          out.append(buf[start:start + sum(run)] if len(runs) > 1 else buf)
+          start += sum(run)
+      return tuple(out)
+
+    buffers = jax.lax.cond(pred, level, level, buffers)
+    segments = [run for runs in plan for run in runs]
+  return list(buffers)
+
+
 # The keyword extra through which a guard hands its measured sum of squares
 # to the transformation it wraps (see SharedNorm).
 SHARED_NORM = "shared_norm"

@@ -8,6 +8,7 @@ expected value.
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -253,6 +254,41 @@ def test_a_cpu_device_alone_groups_small_leaves_in_the_compiled_step():
                        text=True, timeout=300, check=True).stdout.split()
   assert out[:2] == ["1", "0"] and out[3:] == ["1", "0"]  # the global and per-tensor sums
   np.testing.assert_allclose(float(out[2]), math.sqrt(40 * 32 * 64 * 0.25), rtol=1e-6)
+
+
+@given(sizes=st.lists(st.integers(0, 3), min_size=0, max_size=300))
+def test_split_rows_gives_the_pieces_bitwise(sizes):
+  """Pieces of any sizes (empty ones too, more than one level's worth) are the rows."""
+  rows = np.random.default_rng(len(sizes)).standard_normal((sum(sizes), 2)).astype(np.float32)
+  got = num.split_rows(jnp.asarray(True), jnp.asarray(rows), sizes)
+  want = np.split(rows, np.cumsum(sizes)[:-1]) if sizes else []
+  assert len(got) == len(want)
+  for g, w in zip(got, want, strict=True):
+    assert g.shape == w.shape
+    np.testing.assert_array_equal(np.asarray(g), w)
+
+
+def test_split_rows_rejects_sizes_that_do_not_add_up():
+  with pytest.raises(ValueError, match="add up to 3"):
+    num.split_rows(jnp.asarray(True), jnp.zeros((4, 2)), [1, 2])
+
+
+def _distinct_slices(fn, *args) -> int:
+  """How many distinct slices (result shape and bounds) the compiled ``fn`` holds."""
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  return len(set(re.findall(r"= (\S+) slice\([^)]*\), slice=(\{[^}]*\})", text)))
+
+
+def test_split_rows_compiles_few_distinct_slices():
+  """Three hundred pieces: a direct cut compiles a slice of its own per piece (each a
+  distinct kernel); the cut by levels repeats a few."""
+  sizes = [1] * 300
+  rows = jnp.arange(600.0, dtype=jnp.float32).reshape(300, 2)
+  direct = _distinct_slices(lambda r: num.split_flat(r.reshape(-1), [(2,)] * 300), rows)
+  by_levels = _distinct_slices(
+      lambda r: num.split_rows(r[0, 0] > 0, r, sizes), rows)
+  assert direct >= 300
+  assert by_levels <= 64, by_levels
 
 
 def test_canonical_ord_and_accumulation_dtype():
