@@ -63,15 +63,22 @@ def _tensor_rms(
   the update or with another tensor's reduction, v_hat or the broadcasts of
   the scalars would become full-size temporaries; separate, the reduction is
   one more read of g and nu, and the update fuses as in adamw.
+
+  The bias correction ``bc = 1 - b2^t`` is taken out of the elementwise
+  part: ``g^2 / max(v / bc, eps^2) = bc * g^2 / max(v, eps^2 bc)``, so each
+  element costs a square, a maximum and one division (XLA:CPU's fused
+  reductions are bound by their arithmetic here: each elementwise operation
+  dropped is about a tenth of the step). It rounds differently from the
+  textbook form, by an ulp or so of each term.
   """
   sums, sizes = [], []
   for g, v, lead in zip(jax.tree.leaves(updates), jax.tree.leaves(nu), leads, strict=True):
     g, v, bc, e = jax.lax.optimization_barrier((g, v, bc2, jnp.asarray(eps, jnp.float32)))
     acc = num.accumulation_dtype(g.dtype)
-    a = jnp.abs(g).astype(acc)
-    v_hat = jnp.real(v).astype(acc) / bc.astype(acc)
-    ratio = a * a / jnp.maximum(v_hat, e.astype(acc) * e.astype(acc))
-    sums.append(jnp.sum(ratio, axis=tuple(range(lead, g.ndim)), keepdims=lead > 0))
+    a = (jnp.abs(g) if jnp.iscomplexobj(g) else g).astype(acc)  # |g|^2 = g * g when real
+    bc, e = bc.astype(acc), e.astype(acc)
+    ratio = a * a / jnp.maximum(jnp.real(v).astype(acc), e * e * bc)
+    sums.append(jnp.sum(ratio, axis=tuple(range(lead, g.ndim)), keepdims=lead > 0) * bc)
     sizes.append(jnp.asarray(math.prod(g.shape[lead:]), acc))
   # an element count belongs to its tensor: counted once where the tensor is replicated
   sizes = num.device_shares(sizes, axis_name, like=jax.tree.leaves(updates))
