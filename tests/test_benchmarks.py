@@ -405,6 +405,30 @@ def test_guard_in_step_transformer_tiny(capsys):
   assert "decoder-only transformer, width 16, 1 layers" in out
 
 
+def test_reductions_tiny(capsys):
+  from benchmarks import reductions
+
+  assert reductions.main(["--size", "8", "--rounds", "1"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert "two 8 x 8 float32 arrays" in lines[0]
+  assert [line.split("ms  ", 1)[1] for line in lines[1:]] == list(reductions.EXPRESSIONS)
+  with pytest.raises(SystemExit):
+    reductions.main(["--rounds", "0"])
+
+
+def test_reductions_expressions_agree():
+  """The RMS forms are the same sum up to rounding (bias correction folded or not)."""
+  from benchmarks import reductions
+
+  rng = np.random.default_rng(0)
+  g = jax.numpy.asarray(rng.standard_normal((16, 16)), "float32")
+  v = jax.numpy.asarray(rng.random((16, 16)) * 1e-3, "float32")
+  bc, floor = jax.numpy.float32(0.001), jax.numpy.float32(1e-16)
+  sums = [float(f(g, v, bc, floor)) for name, f in reductions.EXPRESSIONS.items() if "RMS" in name]
+  want = float(np.sum(np.float64(g) ** 2 / np.maximum(np.float64(v) / 0.001, 1e-16)))
+  np.testing.assert_allclose(sums, [want] * 3, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # The GPU check script
 
