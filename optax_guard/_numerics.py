@@ -279,9 +279,10 @@ def split_rows(pred: jax.Array, array: jax.Array, sizes: Sequence[int]) -> list[
   buffers XLA cannot see through (it would merge the levels' slices back
   into one slice per piece). The slices of a level repeat a few (length,
   offset) pairs, so the distinct kernels number about ``_SPLIT_ARITY`` per
-  distinct segment length, and the copies about ``n * 16 / 15`` rows
-  (``log_16 n`` levels). ``pred`` is any traced boolean scalar: both
-  branches are the same, so it only chooses which copy of them runs.
+  distinct segment length. At run time each of the ``ceil(log_16 n)``
+  levels copies every row once, in about ``n * 16 / 15`` small copies in
+  all. ``pred`` is any traced boolean scalar: both branches are the same, so
+  it only chooses which copy of them runs.
 
   The values are moved, never computed: the pieces are bitwise ``array``'s
   rows.

@@ -68,8 +68,9 @@ def _tensor_rms(
   part: ``g^2 / max(v / bc, eps^2) = bc * g^2 / max(v, eps^2 bc)``, so each
   element costs a square, a maximum and one division (XLA:CPU's fused
   reductions are bound by their arithmetic here: each elementwise operation
-  dropped is about a tenth of the step). It rounds differently from the
-  textbook form, by an ulp or so of each term.
+  dropped saves a few percent of the step; see ``python -m
+  benchmarks.reductions``). It rounds differently from the textbook form,
+  by an ulp or so of each term.
   """
   sums, sizes = [], []
   for g, v, lead in zip(jax.tree.leaves(updates), jax.tree.leaves(nu), leads, strict=True):
