@@ -258,7 +258,8 @@ _SPLIT_ARITY = 16
 
 
 def _split_plan(sizes: Sequence[int]) -> list[list[int]]:
-  """``sizes`` cut into at most ``_SPLIT_ARITY`` consecutive runs of equal count."""
+  """``sizes`` cut into at most ``_SPLIT_ARITY`` consecutive runs, each of
+  ``ceil(len(sizes) / _SPLIT_ARITY)`` pieces (the last one may have fewer)."""
   step = -(-len(sizes) // _SPLIT_ARITY)
   return [list(sizes[i:i + step]) for i in range(0, len(sizes), step)]
 
@@ -301,9 +302,12 @@ def split_rows(pred: jax.Array, array: jax.Array, sizes: Sequence[int]) -> list[
               ) -> tuple[jax.Array, ...]:
       out = []
       for buf, runs in zip(bufs, plan, strict=True):
+        if len(runs) == 1:  # a single piece, or a run this level leaves whole
+          out.append(buf)
+          continue
         start = 0
         for run in runs:
-          out.append(buf[start:start + sum(run)] if len(runs) > 1 else buf)
+          out.append(buf[start:start + sum(run)])
           start += sum(run)
       return tuple(out)
 
