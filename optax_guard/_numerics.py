@@ -820,3 +820,38 @@ def saturating_add(total: jax.Array, n: jax.Array) -> jax.Array:
   top = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
   total, n = jnp.asarray(total, jnp.int32), jnp.asarray(n, jnp.int32)
   return jnp.where(total > top - n, top, total + n)
+
+
+def ordered_after(value: jax.Array, first: jax.Array) -> jax.Array:
+  """``value``, bitwise, computed only once ``first`` (same shape) is.
+
+  For a loop that overwrites a donated buffer in place while an earlier loop,
+  the one that produces ``first``, still reads the old buffer: with this
+  order in the program XLA writes in place; without it, it keeps a whole copy
+  of the old buffer.
+
+  With ``d = f - f`` (``+0`` when ``f`` is finite, NaN when not), the result
+  is ``value + d`` where ``d == d`` and ``value`` elsewhere: ``value``
+  itself, as ``value`` is ``>= +0`` or NaN (a second moment; a ``-0`` would
+  come back ``+0``). XLA folds the integer forms of this identity
+  (``f ^ f``) away, and the order with them.
+
+  On a single device ``f`` is one element of ``first``, taken behind an
+  optimization barrier so that XLA cannot compute that element from
+  ``first``'s inputs instead (which would drop the order): the loop reads no
+  more of ``first``. With several devices ``first`` may be sharded, and its first
+  element would be sent from one device to all; there ``f`` is ``first``
+  elementwise, one more read of it.
+  """
+  if not jnp.size(first):
+    return value
+  f = first
+  if _single_device():
+    f = jax.lax.optimization_barrier(first).reshape(-1)[0]
+  d = (f - f).astype(value.dtype)
+  return jnp.where(d == d, value + d, value)
+
+
+def _single_device() -> bool:
+  """Whether the default backend has one device (in every process together)."""
+  return jax.device_count() == 1

@@ -118,16 +118,12 @@ def _clipped_moments(updates, mu_prev, nu_prev, theta, clip_on, b1, b2):
     spike, bound = spiked(g, v)
     return jnp.where(spike, bound.astype(g.dtype), g**2)
 
-  def after(v, m):
-    # v >= 0 or NaN: maximum(v, 0 or -1) is v. It makes the second moment read the
-    # new first moment, so that XLA writes it (in place, the state donated) only after
-    # the first moment has read the old one; without that order it copies it whole.
-    return jnp.maximum(v, jnp.where(m != m, -1.0, 0.0).astype(v.dtype))
-
   grads = jax.tree.map(clipped, updates, nu_prev)
   mu = optax.tree.update_moment(grads, mu_prev, b1, 1)
   nu = jax.tree.map(lambda g, v: (1 - b2) * clipped_sq(g, v) + b2 * v, updates, nu_prev)
-  nu = jax.tree.map(after, nu, mu)
+  # the second moment is written in place over the old one, which the first moment's
+  # loop reads: ordered after it, XLA keeps no copy of the old one
+  nu = jax.tree.map(num.ordered_after, nu, mu)
   return mu, nu
 
 

@@ -106,3 +106,68 @@ def test_large_scale_optimizers_need_no_gradient_sized_temporary(name):
   }[name]
   assert _temp_bytes(optax.adamw(1e-3, weight_decay=0.1), whole=True) < NO_GRADIENT_SIZED
   assert _temp_bytes(tx, whole=True) < NO_GRADIENT_SIZED
+
+
+_ONE_DEVICE_SPAM = """
+import jax, jax.numpy as jnp, numpy as np, optax, optax_guard as og
+from optax_guard import _numerics as num
+assert jax.device_count() == 1
+rng = np.random.default_rng(0)
+params = {"w": jnp.asarray(rng.standard_normal((256, 64)), jnp.float32),
+          "b": jnp.zeros(64), "s": jnp.ones(()), "e": jnp.zeros((0, 3))}
+grads = []
+for k in range(7):
+  g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape) * 1e-2, p.dtype), params)
+  if k == 4:  # spikes, and a non-finite first element
+    g["w"] = g["w"].at[0, 0].set(jnp.inf).at[3].multiply(1e4)
+  grads.append(g)
+
+def step_of(tx):
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  return jax.jit(step, donate_argnums=(0, 1))
+
+def cost(tx):
+  c = step_of(tx).lower(params, tx.init(params), params).compile()
+  ca = c.cost_analysis()
+  ca = ca[0] if isinstance(ca, list) else ca
+  return ca["bytes accessed"], c.memory_analysis().temp_size_in_bytes
+
+def run():
+  tx = og.spam(1e-2, weight_decay=0.1, threshold=4.0, reset_interval=5, warmup_steps=2,
+               clip_delay=1)
+  step, p = step_of(tx), jax.tree.map(jnp.copy, params)
+  s = tx.init(p)
+  for g in grads:
+    p, s = step(p, s, g)
+  out = b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves((p, s)))
+  adamw = cost(optax.adamw(1e-2, eps=1e-6, weight_decay=0.1))
+  spam = cost(tx)
+  return out, spam[0] / adamw[0], spam[1]
+
+one, one_ratio, one_temp = run()
+num._single_device = lambda: False  # as with several devices: the whole first moment
+every, every_ratio, every_temp = run()
+print(one == every, round(one_ratio, 3), round(every_ratio, 3), one_temp, every_temp)
+"""
+
+
+def test_spam_orders_its_moments_through_one_element_on_one_device():
+  """On a single device (a fresh process) SPAM's second-moment loop reads one element
+  of the new first moment, not all of it: XLA's bytes accessed are adamw's plus one
+  read of the old second moment (1.1x), against 1.2x when every element orders its
+  own (what several devices compile, where the moment may be sharded). Both write the
+  second moment in place (no temporary) and give the same bits, through spikes, a
+  non-finite gradient and a moment reset."""
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _ONE_DEVICE_SPAM], env=env, capture_output=True,
+                       text=True, timeout=300, check=True).stdout.split()
+  same, one_ratio, every_ratio, one_temp, every_temp = out
+  assert same == "True"
+  assert float(one_ratio) < 1.15 < float(every_ratio) < 1.25, (one_ratio, every_ratio)
+  assert int(one_temp) < NO_GRADIENT_SIZED and int(every_temp) < NO_GRADIENT_SIZED

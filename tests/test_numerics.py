@@ -410,3 +410,21 @@ def test_is_finite_scalar():
   assert bool(num.is_finite_scalar(jnp.float32(1.0)))
   assert not bool(num.is_finite_scalar(jnp.float32(jnp.inf)))
   assert not bool(num.is_finite_scalar(jnp.float32(jnp.nan)))
+
+
+@pytest.mark.parametrize("first0", [1.5, -0.0, np.inf, -np.inf, np.nan])
+def test_ordered_after_returns_the_value_bitwise(first0):
+  """Whatever the first array holds (finite, a signed zero, +-inf, NaN), the value (a
+  second moment: zeros, numbers, inf, NaN) comes back bitwise. These processes
+  simulate 8 devices, so every element orders its own; tests/test_memory.py checks
+  the one-device form through SPAM."""
+  value = np.array([0.0, 1.5, 3e-45, np.inf, np.nan, 7.0], np.float32)
+  first = np.array([first0, np.nan, np.inf, 2.0, -1.0, -0.0], np.float32)
+  got = jax.jit(num.ordered_after)(jnp.asarray(value), jnp.asarray(first))
+  assert np.asarray(got).tobytes() == value.tobytes()
+  for dtype in (jnp.bfloat16, jnp.float16):
+    got = jax.jit(num.ordered_after)(jnp.asarray(value, dtype), jnp.asarray(first, jnp.float32))
+    assert got.dtype == dtype
+    assert np.asarray(got).tobytes() == np.asarray(jnp.asarray(value, dtype)).tobytes()
+  empty = jnp.zeros((0, 3))
+  assert num.ordered_after(empty, empty).shape == (0, 3)

@@ -452,6 +452,22 @@ def test_scale_by_spam_nan_passes_inf_is_clipped():
   assert np.isnan(mu[0]) and mu[1] == -2.0 and mu[2] == 1.0
 
 
+def test_scale_by_spam_second_moment_is_exact_beside_a_non_finite_first_moment():
+  """The second moment is ordered after the first through an operation that returns it
+  bitwise; a non-finite first moment (or gradient) leaves it optax's value, inf not NaN."""
+  g = jnp.array([0.5, -2.0, 3.0, jnp.inf, 1.0], jnp.float32)
+  mu0 = jnp.array([jnp.inf, jnp.nan, -jnp.inf, 0.0, 1.0], jnp.float32)
+  nu0 = jnp.array([1.0, 0.25, 0.0, 1.0, 2.0], jnp.float32)
+  tx = og.scale_by_spam(threshold=None, reset_interval=None)
+  state = tx.init(jnp.zeros(5))._replace(mu=mu0, nu=nu0)
+  _, got = jax.jit(tx.update)(g, state)
+  ref = optax.scale_by_adam(eps=1e-6).init(jnp.zeros(5))._replace(mu=mu0, nu=nu0)
+  _, ref = jax.jit(optax.scale_by_adam(eps=1e-6).update)(g, ref)
+  assert_bitwise_equal(got.nu, ref.nu)
+  assert np.isinf(got.nu[3]) and not np.isnan(np.asarray(got.nu)).any()
+  assert_bitwise_equal(got.mu, ref.mu)
+
+
 def test_scale_by_spam_zero_second_moment_is_not_frozen():
   """An element first seen after the delay (v = 0) learns (the reference would zero it)."""
   tx = og.scale_by_spam(b1=0.0, threshold=4.0, clip_delay=1)
