@@ -54,15 +54,19 @@ class ScaleByStableAdamState(NamedTuple):
 def _tensor_rms(
     updates: optax.Updates, nu: optax.Updates, leads: list[int], bc2: jax.Array, eps: Any,
     axis_name: val.AxisName,
-) -> list[jax.Array]:
-  """``RMS = sqrt(mean(g^2 / max(v_hat, eps^2)))`` per tensor (layer slice).
+) -> jax.Array:
+  """``RMS = sqrt(mean(g^2 / max(v_hat, eps^2)))`` of every tensor, as one vector.
 
-  One collective for the partial sums and element counts of every tensor.
-  Each tensor's reduction reads g and the new moment (written to the state
-  anyway) behind its own optimization barrier, scalars included: shared with
-  the update or with another tensor's reduction, v_hat or the broadcasts of
-  the scalars would become full-size temporaries; separate, the reduction is
-  one more read of g and nu, and the update fuses as in adamw.
+  The tensors (layer slices of stacked leaves) in leaf order; in float32, or
+  float64 when a leaf is. One collective for the partial sums and element
+  counts of every tensor. Each tensor's reduction reads g and the new moment
+  (written to the state anyway) behind its own optimization barrier, scalars
+  included: shared with the update or with another tensor's reduction, v_hat
+  or the broadcasts of the scalars would become full-size temporaries;
+  separate, the reduction is one more read of g and nu, and the update fuses
+  as in adamw. What follows the sums is one vector computation for all
+  tensors, not a few scalar operations per tensor (a compile time that grows
+  with the number of tensors).
 
   The bias correction ``bc = 1 - b2^t`` is taken out of the elementwise
   part: ``g^2 / max(v / bc, eps^2) = bc * g (g / max(v, eps^2 bc))``, so each
@@ -72,37 +76,45 @@ def _tensor_rms(
   than ``g * g / x``; see ``python -m benchmarks.reductions``). It rounds
   differently from the textbook form, by an ulp or so of each term.
   """
+  leaves = jax.tree.leaves(updates)
   sums, sizes = [], []
-  for g, v, lead in zip(jax.tree.leaves(updates), jax.tree.leaves(nu), leads, strict=True):
+  for g, v, lead in zip(leaves, jax.tree.leaves(nu), leads, strict=True):
     g, v, bc, e = jax.lax.optimization_barrier((g, v, bc2, jnp.asarray(eps, jnp.float32)))
     acc = num.accumulation_dtype(g.dtype)
     a = (jnp.abs(g) if jnp.iscomplexobj(g) else g).astype(acc)  # |g|^2 = g * g when real
     bc, e = bc.astype(acc), e.astype(acc)
     ratio = a * (a / jnp.maximum(jnp.real(v).astype(acc), e * e * bc))
-    sums.append(jnp.sum(ratio, axis=tuple(range(lead, g.ndim)), keepdims=lead > 0) * bc)
+    sums.append(jnp.sum(ratio, axis=tuple(range(lead, g.ndim))))
     sizes.append(jnp.asarray(math.prod(g.shape[lead:]), acc))
   # an element count belongs to its tensor: counted once where the tensor is replicated
-  sizes = num.device_shares(sizes, axis_name, like=jax.tree.leaves(updates))
+  sizes = num.device_shares(sizes, axis_name, like=leaves)
   sums, sizes = num.cross_device((sums, sizes), 2, axis_name)
-  return [jnp.sqrt(s / jnp.maximum(n, 1)) for s, n in zip(sums, sizes, strict=True)]
+  dtype = jnp.result_type(jnp.float32, *sums)
+  total = num.concat_flat(sums, dtype)
+  count = num.concat_flat([jnp.broadcast_to(n, s.shape) for s, n in zip(sums, sizes,
+                                                                          strict=True)], dtype)
+  return jnp.sqrt(total * bc2.astype(dtype) / jnp.maximum(count, 1))
 
 
 def _cut_rates(
-    direction: optax.Updates, rms: list[jax.Array]
+    direction: optax.Updates, rms: jax.Array, leads: list[int], pred: jax.Array
 ) -> tuple[optax.Updates, jax.Array, jax.Array]:
   """Each tensor divided by ``max(1, RMS)``, with ``num_cut`` and ``max_rms``.
 
-  The factor is exactly 1 where ``RMS <= 1`` (a comparison decides).
+  ``rms`` is :func:`_tensor_rms`'s vector. The factor is exactly 1 where
+  ``RMS <= 1`` (a comparison decides). The factors are cut into one small
+  buffer per leaf by ``_numerics.split_rows`` (``pred``: any traced boolean),
+  so every leaf of a shape scales by the same kernel.
   """
-  factors = [num.safe_factor(1.0, r) for r in rms]
+  factors = num.safe_factor(1.0, rms)
   leaves, treedef = jax.tree.flatten(direction)
-  out = jax.tree.unflatten(
-      treedef, [num.scale_leaf(u, f) for u, f in zip(leaves, factors, strict=True)]
-  )
-  num_cut = sum((jnp.sum(r > 1.0, dtype=jnp.int32) for r in rms), jnp.zeros((), jnp.int32))
-  max_rms = jnp.zeros((), jnp.float32)
-  for r in rms:
-    max_rms = jnp.maximum(max_rms, jnp.max(r).astype(jnp.float32))
+  counts = [math.prod(u.shape[:lead]) for u, lead in zip(leaves, leads, strict=True)]
+  pieces = num.split_rows(pred, factors[:, None], counts)
+  out = jax.tree.unflatten(treedef, [
+      num.scale_leaf(u, f.reshape(u.shape[:lead] + (1,) * (u.ndim - lead)))
+      for u, f, lead in zip(leaves, pieces, leads, strict=True)])
+  num_cut = jnp.sum(rms > 1.0, dtype=jnp.int32)
+  max_rms = jnp.max(rms, initial=0.0).astype(jnp.float32)
   return out, num_cut, max_rms
 
 
@@ -141,7 +153,7 @@ def _stable_adam(
     direction, _ = adam_direction(mu, nu, b1, b2, eps, eps_root, count_inc)
     direction = decay(owner, direction, params, state.count, weight_decay, mask)
     rms = _tensor_rms(updates, nu, leads, 1 - b2**count_inc, eps, axis_name)
-    out, num_cut, max_rms = _cut_rates(direction, rms)
+    out, num_cut, max_rms = _cut_rates(direction, rms, leads, count_inc > 0)
     mu = optax.tree.cast(mu, mu_dtype)
     nu = optax.tree.cast_like(nu, state.nu)
     total_cut = num.saturating_add(state.total_cut, num_cut)
